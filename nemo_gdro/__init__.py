@@ -1,0 +1,3 @@
+"""nemo_gdro: GDRO, DynaMO and R2VPO for GRPO-style RL post-training."""
+
+__version__ = "0.1.0"

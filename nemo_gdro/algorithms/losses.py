@@ -1,0 +1,510 @@
+"""Token-level policy losses: GRPO/DAPO clipped loss, k3 KL, layout-invariant
+aggregation, and R²VPO (ratio-variance regularised policy optimisation).
+
+Specs: ``shared/spec/grpo_base.md`` §4-§5 and ``shared/spec/r2vpo.md``.
+
+Shapes follow ``CONVENTIONS.md``: token tensors are padded ``[R, L]`` with a
+``mask [R, L]`` (bool or 0/1 float) marking valid response tokens; per-response
+tensors are ``[R]``. Log-probabilities are natural-log nats per token.
+
+Everything here is pure torch and layout-agnostic: global counts (tokens,
+sequences) and the ratio-variance statistics are either passed in already
+reduced or reduced over an explicit process group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "LOSS_AGG_MODES",
+    "LOG_RATIO_CLAMP",
+    "policy_ratio",
+    "clipped_policy_loss",
+    "k3_kl",
+    "per_sequence_mean",
+    "aggregate_token_loss",
+    "PolicyLossConfig",
+    "r2vpo_token_loss",
+    "ratio_variance",
+    "R2VPOConfig",
+    "DualVariableController",
+]
+
+# exp(20) ~ 4.9e8: large enough never to bind for a sane update, small enough
+# that the ratio (and its square in R²VPO) stays finite in float32.
+LOG_RATIO_CLAMP = 20.0
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+Number = int | float
+Scalar = Number | torch.Tensor
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def _check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def _check_token_tensor(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a [R, L] token tensor, got shape {tuple(t.shape)}")
+
+
+def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    # Accept bool or 0/1 float masks; torch.where needs bool, and selecting
+    # (rather than multiplying by 0) keeps NaN/inf in padding from leaking.
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast ``[R]`` (or ``[R, 1]``) advantages to ``[R, L]``; pass ``[R, L]`` through."""
+    R = like.shape[0]
+    if advantages.dim() == 1:
+        if advantages.shape[0] != R:
+            raise ValueError(f"advantages of shape [R] must have R={R} rows, got {tuple(advantages.shape)}")
+        return advantages.unsqueeze(-1).to(like.dtype).expand_as(like)
+    if advantages.dim() == 2 and advantages.shape[0] == R and advantages.shape[1] in (1, like.shape[1]):
+        return advantages.to(like.dtype).expand_as(like)
+    raise ValueError(f"advantages must have shape [R] or [R, L] = {tuple(like.shape)}, got {tuple(advantages.shape)}")
+
+
+def _count_divisor(count: Scalar, like: torch.Tensor) -> torch.Tensor:
+    # A step (or rank) with no valid tokens has a zero numerator; dividing by
+    # max(count, 1) returns 0 instead of NaN without changing any real count.
+    c = torch.as_tensor(count, dtype=like.dtype, device=like.device).detach()
+    return c.clamp_min(1.0)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+# --------------------------------------------------------------------------- #
+# GRPO / DAPO baseline (grpo_base.md §4)
+# --------------------------------------------------------------------------- #
+def policy_ratio(logp: torch.Tensor, logp_old: torch.Tensor) -> torch.Tensor:
+    """Importance ratio ``exp(clamp(logp - logp_old, -20, 20))``, shape ``[R, L]``.
+
+    Differentiable w.r.t. ``logp`` (and ``logp_old`` if it requires grad;
+    callers normally pass it detached).
+    """
+    _check_same_shape("logp", logp, "logp_old", logp_old)
+    return torch.exp(torch.clamp(logp - logp_old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = 3.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO/DAPO clipped surrogate with dual clip, per token (to be minimised).
+
+    Args:
+        logp, logp_old: ``[R, L]`` per-token log-probs of the current and the
+            rollout (old) policy.
+        advantages: ``[R]`` (broadcast over tokens) or ``[R, L]``.
+        mask: ``[R, L]`` valid-token mask (bool or 0/1 float).
+        eps_low, eps_high: asymmetric clip range ``[1 - eps_low, 1 + eps_high]``.
+        dual_clip: constant ``c > 1`` bounding the loss of negative-advantage
+            tokens by ``-A * c``; ``None`` disables it.
+
+    Returns:
+        ``token_loss [R, L]`` (0 at masked positions) and detached 0-d metrics
+        over valid tokens: ``clip_frac`` (tokens whose clipped branch is
+        active, i.e. zero gradient), ``dual_clip_frac`` (A < 0 tokens bounded
+        by the dual clip), ``ratio_mean``.
+    """
+    _check_token_tensor("logp", logp)
+    _check_same_shape("logp", logp, "mask", mask)
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
+    valid = _bool_mask(mask)
+    adv = _token_advantages(advantages, logp)
+
+    ratio = policy_ratio(logp, logp_old)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(loss_unclipped, loss_clipped)
+
+    if dual_clip is not None:
+        negative = adv < 0
+        loss_dual = torch.minimum(loss, -adv * dual_clip)
+        dual_fired = negative & (loss > loss_dual)
+        loss = torch.where(negative, loss_dual, loss)
+    else:
+        dual_fired = torch.zeros_like(valid)
+
+    # Strict '>' so ties (rho exactly at the boundary) count as unclipped. The
+    # two clips never fire together: the ordinary clip binds an A < 0 token
+    # only at rho < 1 - eps_low, where -A * rho < -A * c.
+    clip_fired = loss_clipped > loss_unclipped
+    token_loss = torch.where(valid, loss, torch.zeros_like(loss))
+
+    with torch.no_grad():
+        n = _count_divisor(valid.sum(), logp)
+        metrics = {
+            "clip_frac": (clip_fired & valid).sum().to(logp.dtype) / n,
+            "dual_clip_frac": (dual_fired & valid).sum().to(logp.dtype) / n,
+            "ratio_mean": torch.where(valid, ratio, torch.zeros_like(ratio)).sum() / n,
+        }
+    return token_loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token, ``[R, L]``, always ``>= 0``.
+
+    ``exp(d) - d - 1`` with ``d = clamp(logp_ref - logp, -20, 20)``. Unmasked:
+    the caller aggregates with its mask.
+    """
+    _check_same_shape("logp", logp, "logp_ref", logp_ref)
+    d = torch.clamp(logp_ref - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # expm1(d) - d instead of exp(d) - d - 1: no cancellation near d = 0, and
+    # (with expm1 >= d and monotone rounding) never a tiny negative value.
+    return (torch.expm1(d) - d).clamp_min(0.0)
+
+
+# --------------------------------------------------------------------------- #
+# Aggregation (grpo_base.md §5)
+# --------------------------------------------------------------------------- #
+def per_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values [R, L]`` over each row's valid tokens, ``[R]``.
+
+    A fully masked row gives 0. Gradients flow; detach at the call site if
+    the result is only for logging.
+    """
+    _check_token_tensor("values", values)
+    _check_same_shape("values", values, "mask", mask)
+    valid = _bool_mask(mask)
+    sums = torch.where(valid, values, torch.zeros_like(values)).sum(dim=-1)
+    counts = valid.sum(dim=-1).to(values.dtype).clamp_min(1.0)
+    return sums / counts
+
+
+def aggregate_token_loss(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    *,
+    global_num_tokens: Scalar | None = None,
+    global_num_seqs: Scalar | None = None,
+    norm_constant: float | None = None,
+) -> torch.Tensor:
+    """Reduce ``token_loss [R, L]`` to a scalar whose sum over micro-batches
+    and data-parallel ranks is the full optimizer-step loss.
+
+    Modes (S = global number of sequences, N = global number of tokens):
+      * ``token-mean``: ``sum_valid(loss) / N``.
+      * ``seq-mean-token-mean``: ``sum_rows(mean_valid_tokens(loss)) / S``.
+      * ``seq-mean-token-sum-norm`` (Dr.GRPO):
+        ``sum_rows(sum_valid_tokens(loss) / norm_constant) / S``.
+
+    ``global_num_tokens`` / ``global_num_seqs`` are the counts of the whole
+    step (summed over micro-batches, all-reduced over DP). ``None`` means the
+    local count, i.e. this call sees the whole step. The local sequence count
+    is the number of rows with at least one valid token, so padding rows
+    added by batching never dilute the mean.
+    """
+    _check_token_tensor("token_loss", token_loss)
+    _check_same_shape("token_loss", token_loss, "mask", mask)
+    valid = _bool_mask(mask)
+    masked = torch.where(valid, token_loss, torch.zeros_like(token_loss))
+
+    if mode == "token-mean":
+        n = valid.sum() if global_num_tokens is None else global_num_tokens
+        return masked.sum() / _count_divisor(n, token_loss)
+
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
+
+    s = valid.any(dim=-1).sum() if global_num_seqs is None else global_num_seqs
+    if mode == "seq-mean-token-mean":
+        seq_values = per_sequence_mean(token_loss, valid)
+    else:
+        if norm_constant is None:
+            raise ValueError("norm_constant is required for loss_agg_mode 'seq-mean-token-sum-norm'")
+        if not norm_constant > 0:
+            raise ValueError(f"norm_constant must be > 0, got {norm_constant}")
+        seq_values = masked.sum(dim=-1) / norm_constant
+    return seq_values.sum() / _count_divisor(s, token_loss)
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """``policy_loss`` config (grpo_base.md §4-§5)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float | None = 3.0
+    kl_coef: float = 0.0
+    loss_agg_mode: str = "token-mean"
+    norm_constant: float | None = None
+
+    def __post_init__(self) -> None:
+        p = "policy_loss"
+        if not (_is_real(self.eps_low) and 0.0 <= self.eps_low < 1.0):
+            raise ValueError(f"{p}.eps_low must be in [0, 1), got {self.eps_low}")
+        if not (_is_real(self.eps_high) and 0.0 <= self.eps_high < math.inf):
+            raise ValueError(f"{p}.eps_high must be a finite number >= 0, got {self.eps_high}")
+        if self.dual_clip is not None and not (_is_real(self.dual_clip) and 1.0 < self.dual_clip < math.inf):
+            raise ValueError(f"{p}.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
+        if not (_is_real(self.kl_coef) and 0.0 <= self.kl_coef < math.inf):
+            raise ValueError(f"{p}.kl_coef must be a finite number >= 0, got {self.kl_coef}")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"{p}.loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
+        if self.norm_constant is not None and not (_is_real(self.norm_constant) and 0.0 < self.norm_constant < math.inf):
+            raise ValueError(f"{p}.norm_constant must be > 0 (or null), got {self.norm_constant}")
+        if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.norm_constant is None:
+            raise ValueError(f"{p}.norm_constant is required when {p}.loss_agg_mode is 'seq-mean-token-sum-norm'")
+
+
+# --------------------------------------------------------------------------- #
+# R²VPO (r2vpo.md)
+# --------------------------------------------------------------------------- #
+R2VPO_CENTERS = ("one", "batch_mean")
+R2VPO_DUAL_UPDATES = ("additive", "multiplicative")
+
+
+def r2vpo_token_loss(
+    logp: torch.Tensor,
+    logp_mu: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    lam: Scalar,
+    *,
+    center: str = "one",
+    ratio_mean: Scalar | None = None,
+    max_ratio: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """R²VPO primal loss per token: ``-r * A + lam * (r - c)^2`` (minimised).
+
+    ``r = policy_ratio(logp, logp_mu)`` against the behaviour policy; no
+    clipping of the objective. Per-token gradient w.r.t. ``logp`` is
+    ``-r (A - 2 lam (r - c))``.
+
+    Args:
+        logp, logp_mu: ``[R, L]`` current and behaviour per-token log-probs.
+        advantages: ``[R]`` or ``[R, L]``.
+        mask: ``[R, L]`` valid-token mask.
+        lam: dual variable (float or 0-d tensor); treated as a constant.
+        center: ``"one"`` (c = 1) or ``"batch_mean"`` (c = ``ratio_mean``, the
+            detached global mean of r, required in that case).
+        max_ratio: numerical guard, ``None`` = off. Tokens with r > max_ratio
+            get zero loss and are left out of the variance statistics; they
+            still count in ``num_tokens`` (the step's N is a layout quantity
+            fixed before the forward pass).
+
+    Returns:
+        ``token_loss [R, L]`` (0 at masked/excluded positions) and detached
+        0-d stats: ``sum_sq_dev`` (float64, sum of (r - c)^2 over kept
+        tokens), ``num_tokens`` (valid tokens), ``num_kept``, ``ratio_sum``
+        (float64, over kept tokens; global ratio_sum / num_kept is the
+        ``batch_mean`` centre), ``max_ratio_fired`` (fraction of valid tokens
+        excluded), and ``mask`` (the bool mask of kept tokens).
+    """
+    _check_token_tensor("logp", logp)
+    _check_same_shape("logp", logp, "mask", mask)
+    if center not in R2VPO_CENTERS:
+        raise ValueError(f"center must be one of {R2VPO_CENTERS}, got {center!r}")
+    if center == "batch_mean":
+        if ratio_mean is None:
+            raise ValueError("center='batch_mean' requires ratio_mean (the detached global mean of r)")
+        c = torch.as_tensor(ratio_mean, dtype=logp.dtype, device=logp.device).detach()
+    else:
+        if ratio_mean is not None:
+            raise ValueError("ratio_mean is only used with center='batch_mean'; got center='one'")
+        c = torch.ones((), dtype=logp.dtype, device=logp.device)
+    if _is_real(lam) and not (0.0 <= float(lam) < math.inf):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    if max_ratio is not None and not max_ratio > 0:
+        raise ValueError(f"max_ratio must be > 0 or None, got {max_ratio}")
+    # lam is controller state: it must not receive (or pass) gradient.
+    lam_t = torch.as_tensor(lam, dtype=logp.dtype, device=logp.device).detach()
+
+    valid = _bool_mask(mask)
+    adv = _token_advantages(advantages, logp)
+    ratio = policy_ratio(logp, logp_mu)
+
+    if max_ratio is not None:
+        fired = valid & (ratio.detach() > max_ratio)
+        keep = valid & ~fired
+    else:
+        fired = torch.zeros_like(valid)
+        keep = valid
+
+    loss = -ratio * adv + lam_t * (ratio - c) ** 2
+    token_loss = torch.where(keep, loss, torch.zeros_like(loss))
+
+    with torch.no_grad():
+        # float64 statistics: they are summed over many tokens and ranks and
+        # feed the dual update, where float32 round-off would be visible.
+        r64 = ratio.detach().double()
+        zero = torch.zeros_like(r64)
+        num_tokens = valid.sum()
+        stats = {
+            "sum_sq_dev": torch.where(keep, (r64 - c.double()) ** 2, zero).sum(),
+            "num_tokens": num_tokens,
+            "num_kept": keep.sum(),
+            "ratio_sum": torch.where(keep, r64, zero).sum(),
+            "max_ratio_fired": fired.sum().double() / num_tokens.double().clamp_min(1.0),
+            "mask": keep,
+        }
+    return token_loss, stats
+
+
+def ratio_variance(sum_sq_dev: Scalar, num_tokens: Scalar, group: Any = None) -> float:
+    """Global ratio variance ``V_hat = sum(sum_sq_dev) / sum(num_tokens)``.
+
+    With ``group`` not ``None`` both numbers are summed over that
+    ``torch.distributed`` group in a single all-reduce of a float64 pair
+    (on the device of ``sum_sq_dev`` when it is a tensor, so NCCL works with
+    GPU stats). ``group=None`` uses the local values. Returns 0.0 when there
+    are no tokens.
+    """
+    device = sum_sq_dev.device if isinstance(sum_sq_dev, torch.Tensor) else torch.device("cpu")
+    buf = torch.stack(
+        [
+            torch.as_tensor(sum_sq_dev, dtype=torch.float64, device=device).detach().reshape(()),
+            torch.as_tensor(num_tokens, dtype=torch.float64, device=device).detach().reshape(()),
+        ]
+    )
+    if group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ratio_variance: a process group was given but torch.distributed is not initialised")
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    total_sq, total_n = buf.tolist()
+    return total_sq / total_n if total_n > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class R2VPOConfig:
+    """``r2vpo`` config (r2vpo.md §1-§3)."""
+
+    delta: float = 0.04
+    dual_update: str = "additive"
+    eta_lam: float = 10.0
+    eta_mult: float = 0.2
+    lam_init: float | None = None
+    lam_max: float = 100.0
+    lam_min: float = 1e-3
+    center: str = "one"
+    max_ratio: float | None = None
+    staleness: int = 1
+    replay_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        p = "r2vpo"
+
+        def finite(x: Any) -> bool:
+            return _is_real(x) and math.isfinite(x)
+
+        if not (finite(self.delta) and self.delta > 0):
+            raise ValueError(f"{p}.delta must be > 0, got {self.delta}")
+        if self.dual_update not in R2VPO_DUAL_UPDATES:
+            raise ValueError(f"{p}.dual_update must be one of {R2VPO_DUAL_UPDATES}, got {self.dual_update!r}")
+        # 0 is allowed for both step sizes: a frozen lam is the fixed-penalty
+        # (CFPO-style) comparison run.
+        if not (finite(self.eta_lam) and self.eta_lam >= 0):
+            raise ValueError(f"{p}.eta_lam must be a finite number >= 0, got {self.eta_lam}")
+        if not (finite(self.eta_mult) and self.eta_mult >= 0):
+            raise ValueError(f"{p}.eta_mult must be a finite number >= 0, got {self.eta_mult}")
+        if not (finite(self.lam_max) and self.lam_max > 0):
+            raise ValueError(f"{p}.lam_max must be a finite number > 0, got {self.lam_max}")
+        if not (finite(self.lam_min) and 0 < self.lam_min <= self.lam_max):
+            raise ValueError(f"{p}.lam_min must be in (0, lam_max={self.lam_max}], got {self.lam_min}")
+        if self.lam_init is not None:
+            lo = self.lam_min if self.dual_update == "multiplicative" else 0.0
+            if not (finite(self.lam_init) and lo <= self.lam_init <= self.lam_max):
+                raise ValueError(
+                    f"{p}.lam_init must be in [{lo}, lam_max={self.lam_max}] for dual_update "
+                    f"{self.dual_update!r} (or null for the default), got {self.lam_init}"
+                )
+        if self.center not in R2VPO_CENTERS:
+            raise ValueError(f"{p}.center must be one of {R2VPO_CENTERS}, got {self.center!r}")
+        if self.max_ratio is not None and not (finite(self.max_ratio) and self.max_ratio > 1):
+            raise ValueError(f"{p}.max_ratio must be > 1 (or null to disable), got {self.max_ratio}")
+        if not (isinstance(self.staleness, int) and not isinstance(self.staleness, bool) and self.staleness >= 0):
+            raise ValueError(f"{p}.staleness must be an integer >= 0, got {self.staleness!r}")
+        if not (finite(self.replay_ratio) and self.replay_ratio >= 0):
+            raise ValueError(f"{p}.replay_ratio must be a finite number >= 0, got {self.replay_ratio}")
+
+    @property
+    def initial_lam(self) -> float:
+        """``lam_init``, or its per-rule default (0.0 additive, 0.1 multiplicative)."""
+        if self.lam_init is not None:
+            return float(self.lam_init)
+        return 0.0 if self.dual_update == "additive" else 0.1
+
+
+class DualVariableController:
+    """Holds the R²VPO dual variable ``lam`` and updates it once per optimizer step.
+
+    ``update(v_hat)`` takes the detached global ratio variance of the step just
+    taken (see :func:`ratio_variance`) and applies the configured rule:
+
+    * additive: ``lam <- clip(lam + eta_lam (V_hat - delta), 0, lam_max)``
+    * multiplicative: ``lam <- clip(lam exp(eta_mult (V_hat/delta - 1)), lam_min, lam_max)``
+    """
+
+    _STATE_KEYS = ("lam", "num_updates", "last_v_hat")
+
+    def __init__(self, config: R2VPOConfig) -> None:
+        self.config = config
+        self._lam = config.initial_lam
+        self.num_updates = 0
+        # NaN until the first update, so a logged value is never a fake 0.
+        self.last_v_hat = math.nan
+
+    @property
+    def lam(self) -> float:
+        """Current dual variable (>= 0), to pass to :func:`r2vpo_token_loss`."""
+        return self._lam
+
+    def update(self, v_hat: float) -> float:
+        """Apply one dual step with the global ``V_hat``; returns the new ``lam``."""
+        v = float(v_hat)
+        if not (math.isfinite(v) and v >= 0):
+            # A NaN here would silently poison lam for the rest of the run.
+            raise ValueError(f"v_hat must be a finite number >= 0, got {v_hat}")
+        cfg = self.config
+        if cfg.dual_update == "additive":
+            lam = self._lam + cfg.eta_lam * (v - cfg.delta)
+            lam = min(max(lam, 0.0), cfg.lam_max)
+        else:
+            # Cap the exponent: math.exp overflows past ~709, and any value
+            # this large is clipped to lam_max anyway.
+            expo = min(cfg.eta_mult * (v / cfg.delta - 1.0), 700.0)
+            lam = self._lam * math.exp(expo)
+            lam = min(max(lam, cfg.lam_min), cfg.lam_max)
+        self._lam = float(lam)
+        self.num_updates += 1
+        self.last_v_hat = v
+        return self._lam
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"lam": float(self._lam), "num_updates": int(self.num_updates), "last_v_hat": float(self.last_v_hat)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [k for k in self._STATE_KEYS if k not in state]
+        if missing:
+            raise KeyError(f"DualVariableController.load_state_dict: missing keys {missing} (expected {list(self._STATE_KEYS)})")
+        lam = float(state["lam"])
+        if not (math.isfinite(lam) and 0.0 <= lam <= self.config.lam_max):
+            raise ValueError(f"DualVariableController.load_state_dict: lam must be in [0, {self.config.lam_max}], got {lam}")
+        self._lam = lam
+        self.num_updates = int(state["num_updates"])
+        self.last_v_hat = float(state["last_v_hat"])

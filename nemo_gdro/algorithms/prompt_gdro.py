@@ -1,0 +1,265 @@
+"""Prompt-GDRO: the data adversary over difficulty bins (gdro.md §2).
+
+A soft worst-group objective ``(1/eta) log sum_b exp(eta L_b)`` whose best
+response is ``q_b ~ exp(eta L_b)``. Each step:
+
+1. weights for this step come from the scores ``S_b`` up to the previous step;
+2. after the actor update, the per-response loss signal of this step updates
+   the scores of the bins present in the batch ("EMA-debiased exponential
+   weights": bin mean divided by the bin's batch share, then an EMA).
+
+``q`` acts on training either by scaling advantages (``advantage_weight``, the
+paper's mode) or by choosing which prompts are drawn (``resample``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from nemo_gdro.algorithms.bin_index import BinIndex
+from nemo_gdro.algorithms.losses import per_sequence_mean
+from nemo_gdro.algorithms.segments import check_segment_index, segment_count, segment_mean, segment_sum
+
+ApplyMode = Literal["advantage_weight", "resample"]
+WeightForm = Literal["normalized", "paper"]
+Signal = Literal["surrogate", "failure", "learnability"]
+
+
+@dataclass(frozen=True)
+class PromptGDROConfig:
+    """Prompt-GDRO options; defaults are the paper's (gdro.md §2).
+
+    beta: EMA rate of the bin scores. eta: exponential-weights temperature.
+    gamma: uniform mixing of ``q``. score_clip: ``C`` (``None``: no clip).
+    share_floor: floor of a bin's batch share in the frequency debias.
+    apply: ``advantage_weight`` | ``resample``.
+    weight_form: ``normalized`` (``q_b`` rescaled to mean 1 over the batch's
+        responses, capped at ``w_max``) | ``paper`` (``min(omega_b, w_max)``).
+    signal: ``surrogate`` | ``failure`` | ``learnability``.
+    signal_include_kl: add ``kl_coef * KL`` to the surrogate signal.
+    importance_correct: in ``resample`` mode, scale advantages by
+        ``uniform_share_b / q_b`` (capped at ``importance_cap``).
+    reward_range: ``(r_min, r_max)`` used to rescale rewards for ``failure``.
+    """
+
+    beta: float = 0.12
+    eta: float = 0.65
+    gamma: float = 0.01
+    score_clip: float | None = None
+    share_floor: float = 1e-3
+    apply: ApplyMode = "advantage_weight"
+    weight_form: WeightForm = "normalized"
+    w_max: float = 15.0
+    signal: Signal = "surrogate"
+    signal_include_kl: bool = False
+    importance_correct: bool = False
+    importance_cap: float = 15.0
+    reward_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reward_range", tuple(float(r) for r in self.reward_range))
+        checks = [
+            (0.0 < self.beta <= 1.0, f"prompt_gdro.beta must be in (0, 1], got {self.beta}"),
+            (self.eta >= 0.0, f"prompt_gdro.eta must be >= 0, got {self.eta}"),
+            (0.0 <= self.gamma <= 1.0, f"prompt_gdro.gamma must be in [0, 1], got {self.gamma}"),
+            (self.score_clip is None or self.score_clip > 0, f"prompt_gdro.score_clip must be > 0 or null, got {self.score_clip}"),
+            (0.0 < self.share_floor <= 1.0, f"prompt_gdro.share_floor must be in (0, 1], got {self.share_floor}"),
+            (self.apply in ("advantage_weight", "resample"), f"prompt_gdro.apply must be 'advantage_weight' or 'resample', got {self.apply!r}"),
+            (self.weight_form in ("normalized", "paper"), f"prompt_gdro.weight_form must be 'normalized' or 'paper', got {self.weight_form!r}"),
+            (self.w_max > 0, f"prompt_gdro.w_max must be > 0, got {self.w_max}"),
+            (self.signal in ("surrogate", "failure", "learnability"), f"prompt_gdro.signal must be 'surrogate', 'failure' or 'learnability', got {self.signal!r}"),
+            (self.importance_cap > 0, f"prompt_gdro.importance_cap must be > 0, got {self.importance_cap}"),
+            (len(self.reward_range) == 2 and self.reward_range[0] < self.reward_range[1], f"prompt_gdro.reward_range must be [r_min, r_max] with r_min < r_max, got {list(self.reward_range)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+# --------------------------------------------------------------------------- signals
+def surrogate_signal(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """Paper signal: detached token mean of the clipped surrogate per response ``[R]``.
+
+    ``token_loss [R, L]`` must be computed with UNWEIGHTED advantages. On an
+    exactly on-policy mini-batch it equals ``-A`` per response, whose bin means
+    vanish (GRPO advantages sum to zero within each group).
+    """
+    total = token_loss.detach()
+    if kl is not None and kl_coef:
+        total = total + kl_coef * kl.detach()
+    return per_sequence_mean(total, mask).to(torch.float64)
+
+
+def failure_signal(rewards: torch.Tensor, reward_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """``1 - rescaled reward`` per response ``[R]``; its bin mean is the bin's failure rate."""
+    lo, hi = reward_range
+    scaled = ((rewards.to(torch.float64) - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return 1.0 - scaled
+
+
+def learnability_signal(
+    rewards: torch.Tensor, group_index: torch.Tensor, num_groups: int, correct_threshold: float = 0.5
+) -> torch.Tensor:
+    """``p (1 - p)`` of each response's prompt this step (``p`` = its group's success rate) ``[R]``."""
+    check_segment_index(group_index, num_groups)
+    p = segment_mean((rewards > correct_threshold).to(torch.float64), group_index, num_groups)
+    return (p * (1.0 - p))[group_index]
+
+
+# ------------------------------------------------------------------------ controller
+class PromptGDRO:
+    """Bin scores ``S [B]`` and the distribution ``q`` they induce."""
+
+    def __init__(self, config: PromptGDROConfig, num_bins: int, seed: int = 0) -> None:
+        if num_bins < 1:
+            raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+        self.config = config
+        self.num_bins = int(num_bins)
+        self.scores = torch.zeros(num_bins, dtype=torch.float64)
+        self.observed = torch.zeros(num_bins, dtype=torch.bool)
+        self.num_updates = 0
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    # -------------------------------------------------------------- distribution
+    def omega(self) -> torch.Tensor:
+        """Unnormalised weights ``exp(eta * clip(S, -C, C))`` ``[B]``."""
+        s = self.scores
+        if self.config.score_clip is not None:
+            s = s.clamp(-self.config.score_clip, self.config.score_clip)
+        return torch.exp(self.config.eta * s)
+
+    def distribution(self, active: torch.Tensor) -> torch.Tensor:
+        """``q [B]`` over the active bins (bool ``[B]``), zero elsewhere.
+
+        ``q_b = (1 - gamma) omega_b / sum_active omega + gamma / |active|``.
+        The max-shift keeps ``exp`` finite for large scores without changing q.
+        """
+        if not bool(active.any()):
+            raise ValueError("Prompt-GDRO needs at least one active bin")
+        s = self.scores
+        if self.config.score_clip is not None:
+            s = s.clamp(-self.config.score_clip, self.config.score_clip)
+        logits = torch.where(active, self.config.eta * s, torch.full_like(s, -torch.inf))
+        soft = torch.softmax(logits, dim=0)
+        gamma = self.config.gamma
+        q = (1.0 - gamma) * soft + gamma / float(active.sum())
+        return torch.where(active, q, torch.zeros_like(q))
+
+    def response_weights(self, response_bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advantage weights per response (``advantage_weight`` mode).
+
+        Args:
+            response_bins: int64 ``[R]`` bin of each response's prompt this step.
+        Returns:
+            ``(w [R] float64, w_bin [B])``: the weight applied to each response and
+            per bin (0 for bins absent from the batch).
+        """
+        check_segment_index(response_bins, self.num_bins)
+        counts = segment_count(response_bins, self.num_bins)
+        active = counts > 0
+        if self.config.weight_form == "paper":
+            w_bin = torch.where(active, self.omega().clamp(max=self.config.w_max), torch.zeros_like(self.scores))
+        else:
+            q = self.distribution(active)
+            # Rescale so the mean weight over the batch's responses is 1, then cap.
+            mean_q = float((q * counts.to(torch.float64)).sum()) / float(counts.sum())
+            w_bin = (q / mean_q).clamp(max=self.config.w_max)
+        return w_bin[response_bins], w_bin
+
+    # ---------------------------------------------------------------------- update
+    def observe(self, response_bins: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """Update bin scores from this step's per-response loss signal.
+
+        Args:
+            response_bins: int64 ``[R]``; signal: float ``[R]`` (detached).
+        Returns:
+            the debiased bin losses ``m~ [B]`` of this step (0 for absent bins).
+        """
+        check_segment_index(response_bins, self.num_bins)
+        if signal.shape != response_bins.shape:
+            raise ValueError(f"signal {tuple(signal.shape)} and response_bins {tuple(response_bins.shape)} differ")
+        sig = signal.detach().to(torch.float64)
+        counts = segment_count(response_bins, self.num_bins)
+        present = counts > 0
+        mean = segment_sum(sig, response_bins, self.num_bins) / counts.clamp_min(1).to(torch.float64)
+        share = counts.to(torch.float64) / float(counts.sum())
+        debiased = mean / share.clamp_min(self.config.share_floor)
+        beta = self.config.beta
+        ema = torch.where(self.observed, (1.0 - beta) * self.scores + beta * debiased, debiased)
+        self.scores = torch.where(present, ema, self.scores)
+        self.observed = self.observed | present
+        self.num_updates += 1
+        return torch.where(present, debiased, torch.zeros_like(debiased))
+
+    # ------------------------------------------------------------------ resampling
+    def sample_prompts(self, index: BinIndex, num_prompts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``resample`` mode: draw bins from ``q`` over non-empty bins, then a prompt in each.
+
+        Returns ``(prompt_ids [P], bins [P], q [B])``.
+        """
+        active = index.counts() > 0
+        q = self.distribution(active)
+        bins = torch.from_numpy(self.rng.choice(self.num_bins, size=num_prompts, p=(q / q.sum()).numpy()))
+        return index.sample_in_bins(bins, self.rng), bins.to(torch.int64), q
+
+    def importance_weights(self, response_bins: torch.Tensor, q: torch.Tensor, index: BinIndex) -> torch.Tensor:
+        """``uniform_share_b / q_b`` per response (capped), making the resampled gradient
+        unbiased for the average objective. ``[R]`` float64."""
+        counts = index.counts().to(torch.float64)
+        uniform = counts / counts.sum()
+        ratio = torch.where(q > 0, uniform / q.clamp_min(1e-300), torch.zeros_like(q))
+        return ratio.clamp(max=self.config.importance_cap)[response_bins]
+
+    # -------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "scores": self.scores.clone(),
+            "observed": self.observed.clone(),
+            "num_updates": self.num_updates,
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("scores", "observed", "num_updates", "rng"):
+            if key not in state:
+                raise KeyError(f"Prompt-GDRO checkpoint is missing {key!r}")
+        if state["scores"].shape != (self.num_bins,):
+            raise ValueError(
+                f"Prompt-GDRO checkpoint has {state['scores'].numel()} bins, this run has {self.num_bins}"
+            )
+        self.scores = state["scores"].clone().to(torch.float64)
+        self.observed = state["observed"].clone().to(torch.bool)
+        self.num_updates = int(state["num_updates"])
+        self.rng.bit_generator.state = state["rng"]
+
+    def diagnostics(self, response_bins: torch.Tensor, weights_per_bin: torch.Tensor | None = None) -> dict[str, float]:
+        """Per-bin score/omega/q/share and the data-vs-weight lead-lag gap (gdro.md §4)."""
+        counts = segment_count(response_bins, self.num_bins).to(torch.float64)
+        share = counts / counts.sum().clamp_min(1.0)
+        active = counts > 0
+        q = self.distribution(active) if bool(active.any()) else torch.zeros_like(share)
+        idx = torch.arange(self.num_bins, dtype=torch.float64)
+        out = {
+            "prompt_gdro/weight_entropy": float(-(q[q > 0] * q[q > 0].log()).sum()),
+            "prompt_gdro/mean_bin_data": float((idx * share).sum()),
+            "prompt_gdro/mean_bin_weight": float((idx * q).sum()),
+        }
+        out["prompt_gdro/lead_lag_gap"] = out["prompt_gdro/mean_bin_weight"] - out["prompt_gdro/mean_bin_data"]
+        omega = self.omega()
+        for b in range(self.num_bins):
+            out[f"prompt_gdro/score/{b}"] = float(self.scores[b])
+            out[f"prompt_gdro/omega/{b}"] = float(omega[b])
+            out[f"prompt_gdro/q/{b}"] = float(q[b])
+            out[f"prompt_gdro/response_share/{b}"] = float(share[b])
+            if weights_per_bin is not None:
+                out[f"prompt_gdro/weight/{b}"] = float(weights_per_bin[b])
+        return out
