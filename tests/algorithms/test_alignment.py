@@ -65,3 +65,23 @@ def test_shuffled_ragged_batches_give_the_same_results(seed, steps):
     for name in ("window_bits", "window_sum", "rollouts", "correct", "last_bin"):
         assert torch.equal(getattr(ref[0], name), getattr(shuf[0], name)), name
     torch.testing.assert_close(ref[2].scores, shuf[2].scores)
+
+
+def test_controllers_sharing_the_store_only_read_it():
+    """gdro.md §6.3: one statistic must not be updated twice per step. The store is
+    written once per step by the loop; every controller only reads it."""
+    from nemo_gdro.algorithms.dynamo import DynamoAllocationConfig, DynamoAllocator
+    from nemo_gdro.algorithms.rollout_gdro import RolloutGDRO, RolloutGDROConfig
+
+    store = PromptStatsStore(NUM_PROMPTS, StatsConfig(window=8))
+    store.observe(torch.arange(10), torch.full((10,), 4), torch.arange(10) % 5)
+    clf = DifficultyClassifier(DifficultyConfig(), store)
+    ids = torch.arange(12)
+    bins = clf.classify(ids)  # writes last bins only
+    before = {k: v.clone() for k, v in store.state_dict().items() if isinstance(v, torch.Tensor)}
+    RolloutGDRO(RolloutGDROConfig(), clf.num_bins, store).allocate(ids, bins)
+    DynamoAllocator(DynamoAllocationConfig(n_bar=4, n_min=2, n_max=8), store).allocate(ids)
+    clf.classify(ids)
+    for name, value in store.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[name]), name
