@@ -9,8 +9,14 @@ def test_no_command_prints_help(capsys):
     assert "train" in capsys.readouterr().out
 
 
-def test_train_is_honest_about_not_existing_yet(capsys):
-    assert main(["train", "trainer.max_steps=2"]) == 2
+def test_train_config_errors_are_reported_with_the_key(capsys):
+    assert main(["train", "trainer.max_stepz=2"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and "trainer.max_stepz" in err
+
+
+def test_plot_is_honest_about_not_existing_yet(capsys):
+    assert main(["plot"]) == 2
     assert "not yet available" in capsys.readouterr().err
 
 

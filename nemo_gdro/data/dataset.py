@@ -1,0 +1,276 @@
+"""Prompt datasets with stable integer prompt ids (grpo_base.md §1).
+
+Every prompt has a ``prompt_id`` in ``[0, N)`` that keys all per-prompt
+statistics. It is the dataset's explicit ``uid``/``index`` column when there is
+one, otherwise the row index. Explicit ids that are not already ``0..N-1``
+(arbitrary unique ints, or strings) are remapped to dense ids in *sorted* order
+of the original ids -- so the mapping does not depend on the file's row order --
+and the original id is kept in ``meta["orig_id"]``.
+
+A dataset with missing or duplicated ids, or without a string prompt and a
+string answer on every row, is rejected at load time with a ``DatasetError``
+naming the offending rows (``row i`` for in-memory rows, 0-based; ``line n``
+for JSONL files, 1-based). Silently falling back to a shared or random id
+breaks every per-prompt statistic.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nemo_gdro.data.arithmetic import ArithmeticConfig, ArithmeticProblem, make_problems
+
+
+class DatasetError(ValueError):
+    """A dataset violates the prompt-identity or schema rules; the message names the rows."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: its dense id, text, ground-truth answer and any other fields."""
+
+    prompt_id: int
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+_MAX_LISTED = 10
+
+
+def _list(labels: Sequence[str]) -> str:
+    shown = ", ".join(labels[:_MAX_LISTED])
+    more = len(labels) - _MAX_LISTED
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _as_index(i: object) -> int:
+    """An integer index from int / numpy int / 0-d tensor; rejects bools and floats."""
+    if isinstance(i, bool):
+        raise TypeError(f"prompt id must be an integer, got bool {i!r}")
+    return operator.index(i)  # type: ignore[arg-type]
+
+
+class PromptDataset:
+    """Records indexed by dense ``prompt_id`` in ``[0, len)``.
+
+    ``PromptDataset(records)`` accepts records in any order but requires their
+    ids to be exactly ``0..N-1``.
+    """
+
+    def __init__(self, records: Iterable[PromptRecord]) -> None:
+        recs = sorted(records, key=lambda r: r.prompt_id)
+        bad = [f"position {k} has prompt_id {r.prompt_id}" for k, r in enumerate(recs) if r.prompt_id != k]
+        if bad:
+            raise DatasetError(f"PromptDataset ids must be exactly 0..{len(recs) - 1}: {_list(bad)}")
+        self._records: list[PromptRecord] = recs
+
+    # ------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, prompt_id: int) -> PromptRecord:
+        i = _as_index(prompt_id)
+        if not 0 <= i < len(self._records):
+            raise IndexError(f"prompt_id {i} out of range [0, {len(self._records)})")
+        return self._records[i]
+
+    def __iter__(self) -> Iterator[PromptRecord]:
+        return iter(self._records)
+
+    def get_many(self, ids: Iterable[int] | torch.Tensor) -> list[PromptRecord]:
+        """Records for ``ids`` (a list or an int tensor ``[P]``), in the given order."""
+        seq = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return [self[i] for i in seq]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r.prompt for r in self._records]
+
+    @property
+    def answers(self) -> list[str]:
+        return [r.answer for r in self._records]
+
+    def __repr__(self) -> str:
+        return f"PromptDataset(num_prompts={len(self)})"
+
+    # ------------------------------------------------------- constructors
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[Mapping[str, Any]],
+        id_field: str | None = "auto",
+        *,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+    ) -> PromptDataset:
+        """Build from dict rows.
+
+        Args:
+            id_field: ``"auto"`` uses ``uid`` if any row has it, else ``index`` if
+                any row has it, else the row index; a column name forces that
+                column; ``None`` forces the row index.
+            prompt_field / answer_field: names of the string prompt and answer columns.
+
+        Every other column goes to ``meta``; the original explicit id is kept as
+        ``meta["orig_id"]``.
+        """
+        return cls._build(rows, [f"row {i}" for i in range(len(rows))], id_field, prompt_field, answer_field)
+
+    @classmethod
+    def from_jsonl(
+        cls,
+        path: str | os.PathLike[str],
+        id_field: str | None = "auto",
+        *,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+    ) -> PromptDataset:
+        """Build from a JSON-lines file (one object per line; blank lines are skipped).
+
+        Errors name 1-based line numbers of ``path``.
+        """
+        rows: list[Any] = []
+        labels: list[str] = []
+        bad: list[str] = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    bad.append(f"line {lineno} ({e.msg})")
+                    continue
+                labels.append(f"line {lineno}")
+        if bad:
+            raise DatasetError(f"{path}: invalid JSON on {_list(bad)}")
+        try:
+            return cls._build(rows, labels, id_field, prompt_field, answer_field)
+        except DatasetError as e:
+            raise DatasetError(f"{path}: {e}") from None
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """Rows with explicit ``uid`` = prompt_id (round-trips through ``from_rows``)."""
+        return [{**r.meta, "uid": r.prompt_id, "prompt": r.prompt, "answer": r.answer} for r in self._records]
+
+    def to_jsonl(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for row in self.to_rows():
+                f.write(json.dumps(row) + "\n")
+
+    @classmethod
+    def _build(
+        cls,
+        rows: Sequence[Any],
+        labels: Sequence[str],
+        id_field: str | None,
+        prompt_field: str,
+        answer_field: str,
+    ) -> PromptDataset:
+        not_dict = [lab for row, lab in zip(rows, labels, strict=True) if not isinstance(row, Mapping)]
+        if not_dict:
+            raise DatasetError(f"rows must be JSON objects / dicts: {_list(not_dict)}")
+
+        errors: list[str] = []
+        for fname in (prompt_field, answer_field):
+            missing = [lab for row, lab in zip(rows, labels, strict=True) if fname not in row]
+            if missing:
+                errors.append(f"missing field {fname!r} on {_list(missing)}")
+            wrong = [
+                f"{lab} ({type(row[fname]).__name__})"
+                for row, lab in zip(rows, labels, strict=True)
+                if fname in row and not isinstance(row[fname], str)
+            ]
+            if wrong:
+                errors.append(f"field {fname!r} must be a string, not on {_list(wrong)}")
+
+        if id_field == "auto":
+            id_field = next((c for c in ("uid", "index") if any(c in row for row in rows)), None)
+
+        orig_ids: list[Any] | None = None
+        if id_field is not None:
+            orig_ids = [row.get(id_field) for row in rows]
+            missing = [lab for v, lab in zip(orig_ids, labels, strict=True) if v is None]
+            if missing:
+                errors.append(f"missing id {id_field!r} on {_list(missing)}")
+            bad_type = [
+                f"{lab} ({v!r})"
+                for v, lab in zip(orig_ids, labels, strict=True)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int | str))
+            ]
+            if bad_type:
+                errors.append(f"id {id_field!r} must be an int or a string, not on {_list(bad_type)}")
+            kinds = {type(v) for v in orig_ids if isinstance(v, int | str) and not isinstance(v, bool)}
+            if len(kinds) > 1:
+                errors.append(f"id {id_field!r} mixes ints and strings")
+            where: dict[Any, list[str]] = {}
+            for v, lab in zip(orig_ids, labels, strict=True):
+                if v is not None:
+                    where.setdefault(v, []).append(lab)
+            dups = [f"{v!r} on {', '.join(labs)}" for v, labs in where.items() if len(labs) > 1]
+            if dups:
+                errors.append(f"duplicate id {id_field!r}: {_list(dups)}")
+        if errors:
+            raise DatasetError("; ".join(errors))
+
+        n = len(rows)
+        if orig_ids is None:
+            dense = list(range(n))
+        elif all(isinstance(v, int) for v in orig_ids) and set(orig_ids) == set(range(n)):
+            dense = list(orig_ids)
+        else:
+            # Sorted order, not row order: the same ids give the same dense ids
+            # however the file is shuffled.
+            rank = {v: k for k, v in enumerate(sorted(orig_ids))}
+            dense = [rank[v] for v in orig_ids]
+
+        records = []
+        for k, row in enumerate(rows):
+            meta = {c: v for c, v in row.items() if c not in (prompt_field, answer_field, id_field)}
+            if orig_ids is not None:
+                meta["orig_id"] = orig_ids[k]
+            records.append(PromptRecord(dense[k], row[prompt_field], row[answer_field], meta))
+        return cls(records)
+
+
+def _problem_rows(problems: Sequence[ArithmeticProblem], split_name: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt": p.text,
+            "answer": p.answer,
+            "difficulty": p.difficulty,
+            "op": p.op,
+            "a": p.a,
+            "b": p.b,
+            "sft_target": p.sft_target,
+            "split": split_name,
+        }
+        for p in problems
+    ]
+
+
+def arithmetic_dataset(
+    num_train: int, num_eval: int, seed: int, config: ArithmeticConfig | None = None
+) -> tuple[PromptDataset, PromptDataset]:
+    """Train and held-out eval datasets of arithmetic problems.
+
+    Eval problems are unique and drawn first (sub-stream 1); train problems are
+    drawn from sub-stream 0 excluding every eval prompt text, so no held-out
+    problem appears in train. Train may repeat a problem (the 1-digit space is
+    small and the heavy-tailed mix is kept); repeats are distinct prompt ids.
+    ``meta`` holds ``difficulty``, ``op``, ``a``, ``b``, ``sft_target``, ``split``.
+    """
+    held = make_problems(num_eval, seed, config=config, unique=True, stream=1)
+    train = make_problems(num_train, seed, config=config, exclude={p.text for p in held}, stream=0)
+    return (
+        PromptDataset.from_rows(_problem_rows(train, "train"), id_field=None),
+        PromptDataset.from_rows(_problem_rows(held, "eval"), id_field=None),
+    )

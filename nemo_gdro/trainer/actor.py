@@ -1,0 +1,436 @@
+"""The policy actor: a Megatron-Core GPT trained with Megatron's forward/backward schedules.
+
+Batch layout
+------------
+``tokens`` is an int64 ``[B, S]`` tensor of right-padded full sequences
+(prompt + response + padding), causal attention, position ids ``0..S-1``.
+Per-token tensors are aligned with the prediction targets and have shape
+``[B, S-1]``: position ``t`` holds the statistics of ``tokens[:, t+1]`` under
+the model's distribution at position ``t``. Masks (which targets are response
+tokens) are the caller's business and travel in ``extras``.
+
+Loss scaling
+------------
+The caller's ``loss_fn`` already normalises by the GLOBAL token count (all
+micro-batches of all data-parallel ranks), so the gradient we want is that of
+the plain SUM of the per-micro-batch losses, summed over DP ranks. Megatron by
+default divides each micro-batch loss by the number of micro-batches and
+averages gradients over DP ranks. Setting
+``TransformerConfig.calculate_per_token_loss=True`` switches both off (no
+division in ``forward_step_calc_loss``, gradient scaling factor 1 in DDP);
+megatron would then divide by the token count it accumulated from the
+``loss_func`` outputs inside ``finalize_model_grads``, so our finalize
+function passes ``num_tokens=None`` to keep the gradient scale at exactly 1.
+The gradient is therefore independent of the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from nemo_gdro.algorithms.dynamo import full_vocab_token_stats
+from nemo_gdro.models.gpt import GPTSpec, build_gpt
+from nemo_gdro.models.hf_mapping import export_to_hf, import_from_hf
+from nemo_gdro.parallel.distributed import preserved_rng_state, seed_everything
+
+__all__ = ["OptimConfig", "MegatronActor", "LossFn", "TokenStatsFn"]
+
+#: ``loss_fn(stats, extras_mb) -> (loss, metrics)``: ``stats`` holds ``logp``, ``entropy``
+#: (with grad) and ``ebar`` (detached), each ``[b, S-1]``; ``extras_mb`` the row slices
+#: of ``extras``; ``loss`` a 0-dim tensor already normalised by the global token count.
+LossFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[torch.Tensor, Mapping[str, Any]]]
+
+#: ``(logits [..., V_local], targets [...], temperature) -> (logp, entropy, ebar)``, each
+#: ``[...]`` fp32 nats. The TP=1 default is the full-vocabulary reference; a
+#: vocabulary-parallel implementation plugs in here for TP > 1.
+TokenStatsFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up and global-norm gradient clipping.
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (not applied to biases and 1-D
+            parameters such as norms, Megatron's standard grouping).
+        betas: Adam ``(beta1, beta2)``.
+        eps: Adam epsilon.
+        grad_clip: max global L2 norm of the gradient; ``0`` disables clipping.
+        warmup_steps: optimizer step ``k`` (0-based) uses ``lr * min(1, (k+1) / warmup_steps)``.
+        micro_batch_size: rows per forward/backward pass.
+    """
+
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    micro_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"optim.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        if self.warmup_steps == 0:
+            return self.lr
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps)
+
+
+def _finalize_grads_globally_normalised(model: list[torch.nn.Module], num_tokens: Any = None, **kwargs: Any) -> None:
+    """Megatron's ``finalize_model_grads`` without the division by the token count.
+
+    Performs the DP gradient all-reduce (and the PP embedding / SP norm
+    reductions). ``num_tokens`` is dropped on purpose: see the module doc.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model, None, **kwargs)
+
+
+class MegatronActor:
+    """A Megatron GPT policy: token statistics, training steps, HF export, checkpoints.
+
+    Megatron's parallel state must be initialised
+    (:func:`nemo_gdro.parallel.distributed.init_distributed`). Every rank of
+    the job constructs the actor and calls its methods collectively.
+
+    Args:
+        spec: model architecture.
+        optim: optimizer settings.
+        seed: initialisation seed: two actors built with the same seed start
+            identical; the process's RNG streams are restored afterwards.
+        temperature: sampling temperature applied to logits before all statistics.
+        params_dtype: parameter dtype (fp32 on CPU, bf16 on GPU).
+        token_stats_fn: logits -> per-token statistics (see :data:`TokenStatsFn`).
+    """
+
+    def __init__(
+        self,
+        spec: GPTSpec,
+        optim: OptimConfig,
+        *,
+        seed: int,
+        temperature: float = 1.0,
+        params_dtype: torch.dtype = torch.float32,
+        token_stats_fn: TokenStatsFn = full_vocab_token_stats,
+    ) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.spec = spec
+        self.optim = optim
+        self.temperature = float(temperature)
+        self.token_stats_fn = token_stats_fn
+        self._pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self._dp_group = parallel_state.get_data_parallel_group()
+
+        # The initial weights depend on ``seed`` only; the caller's RNG streams are left as they were.
+        with preserved_rng_state():
+            seed_everything(seed)
+            module = build_gpt(
+                spec,
+                params_dtype=params_dtype,
+                pre_process=parallel_state.is_pipeline_first_stage(),
+                post_process=parallel_state.is_pipeline_last_stage(),
+                config_overrides={"calculate_per_token_loss": True},
+            )
+        config = module.config
+        # Megatron DDP works on CPU with the compat shim (its buffers are placed via
+        # torch.cuda.current_device()); fp32 main grads even for bf16 parameters.
+        self.model = DistributedDataParallel(
+            config=config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+            ),
+            module=module,
+        )
+        # Without a finalize function the schedules never trigger the DP all-reduce.
+        config.finalize_model_grads_func = _finalize_grads_globally_normalised
+        config.no_sync_func = self.model.no_sync
+        self._params_dtype = params_dtype
+        self.optimizer = self._build_optimizer(optim)
+        self.step_count = 0  # optimizer steps taken (drives the LR schedule)
+
+    def _build_optimizer(self, optim: OptimConfig):  # -> megatron.core.optimizer.MegatronOptimizer
+        """Megatron's optimizer for ``optim`` over the DDP model (fresh Adam state).
+
+        Megatron's optimizer runs on CPU with the shim (its clip-by-norm is patched
+        there), so the same code path serves CPU and GPU: AdamW over the DDP main
+        grads (fp32 master weights for bf16), global-norm clipping across
+        model-parallel ranks, and Megatron's parameter grouping (no weight decay
+        on biases / 1-D tensors).
+        """
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        params_dtype = self._params_dtype
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=optim.lr,
+                min_lr=optim.lr,
+                weight_decay=optim.weight_decay,
+                adam_beta1=optim.betas[0],
+                adam_beta2=optim.betas[1],
+                adam_eps=optim.eps,
+                # clip_grad=inf still computes (and returns) the norm but never scales.
+                clip_grad=optim.grad_clip if optim.grad_clip > 0 else math.inf,
+                bf16=params_dtype == torch.bfloat16,
+                params_dtype=params_dtype,
+                use_distributed_optimizer=False,
+            ),
+            [self.model],
+        )
+        self.model.config.grad_scale_func = optimizer.scale_loss
+        return optimizer
+
+    def reset_optimizer(self, optim: OptimConfig) -> None:
+        """Switch to new optimizer settings with fresh Adam state and LR schedule (weights kept).
+
+        For example from the SFT warm start to the RL phase.
+        """
+        self.model.zero_grad_buffer()
+        self.optim = optim
+        self.optimizer = self._build_optimizer(optim)
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def module(self) -> torch.nn.Module:
+        """The bare ``GPTModel`` (no DDP wrapper)."""
+        return self.model.module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def _micro_batches(
+        self, tokens: torch.Tensor, extras: Mapping[str, torch.Tensor], micro_batch_size: int | None
+    ) -> list[dict[str, Any]]:
+        if tokens.dim() != 2 or tokens.dtype != torch.int64:
+            raise ValueError(f"tokens must be int64 [B, S], got {tokens.dtype} {tuple(tokens.shape)}")
+        b, s = tokens.shape
+        if s < 2:
+            raise ValueError(f"sequences need at least 2 tokens, got S={s}")
+        if s > self.spec.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {s} exceeds model.max_position_embeddings={self.spec.max_position_embeddings}"
+            )
+        for key, value in extras.items():
+            if value.shape[0] != b:
+                raise ValueError(f"extras[{key!r}] has {value.shape[0]} rows, tokens has {b}")
+        mbs = self.optim.micro_batch_size if micro_batch_size is None else micro_batch_size
+        if mbs < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {mbs}")
+        if self._pp_size > 1 and b % mbs != 0:
+            # Pipeline p2p exchanges fixed-shape activations.
+            raise ValueError(
+                f"with pipeline parallelism the batch ({b}) must be a multiple of micro_batch_size ({mbs})"
+            )
+        device = self.device
+        return [
+            {
+                "tokens": tokens[i : i + mbs].to(device),
+                "extras": {k: v[i : i + mbs].to(device) for k, v in extras.items()},
+            }
+            for i in range(0, b, mbs)
+        ]
+
+    def _stats(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``logits [b, S, V]`` -> (logp, entropy, ebar), each ``[b, S-1]`` fp32."""
+        return self.token_stats_fn(logits[:, :-1], tokens[:, 1:], self.temperature)
+
+    def _forward_step(
+        self, loss_fn: LossFn | None, data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module
+    ) -> tuple[torch.Tensor, Callable[..., Any]]:
+        """Megatron ``forward_step_func``: returns the logits and the loss closure."""
+        batch = next(data_iterator)
+        tokens = batch["tokens"]
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+        # attention_mask None: the layer spec applies the causal mask itself.
+        logits = model(tokens, position_ids, None)
+        return logits, partial(self._loss_func, loss_fn, batch)
+
+    def _loss_func(
+        self, loss_fn: LossFn | None, batch: dict[str, Any], logits: torch.Tensor, non_loss_data: bool = False
+    ):
+        logp, entropy, ebar = self._stats(logits, batch["tokens"])
+        if non_loss_data:  # compute_token_stats (forward only)
+            return {"logp": logp, "entropy": entropy, "ebar": ebar}
+        assert loss_fn is not None
+        loss, metrics = loss_fn({"logp": logp, "entropy": entropy, "ebar": ebar.detach()}, batch["extras"])
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a 0-dim loss, got shape {tuple(loss.shape)}")
+        reported = {"loss": loss.detach().float()}
+        for key, value in metrics.items():
+            if key == "loss":
+                raise ValueError("loss_fn metrics must not use the reserved key 'loss'")
+            reported[key] = torch.as_tensor(value, dtype=torch.float32).detach()
+        # 3-tuple + calculate_per_token_loss: megatron does not rescale the loss. The count
+        # is only accumulated for finalize_model_grads, which ignores it (module doc).
+        return loss, torch.ones((), dtype=torch.int, device=logits.device), reported
+
+    def _run_schedule(self, micro_batches: list[dict[str, Any]], loss_fn: LossFn | None, forward_only: bool) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        forward_backward = get_forward_backward_func()
+        return forward_backward(
+            forward_step_func=partial(self._forward_step, loss_fn),
+            data_iterator=iter(micro_batches),
+            model=[self.model],
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0]["tokens"].shape[1],
+            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def compute_token_stats(
+        self, tokens: torch.Tensor, *, micro_batch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-token ``logp``, ``entropy``, ``ebar``, each ``[B, S-1]`` fp32 nats, without grad.
+
+        Runs in micro-batches of ``micro_batch_size`` (default: the optimizer
+        config's) through Megatron's schedule
+        (forward only). With pipeline parallelism the result lives on the last stage only.
+        """
+        self.model.eval()
+        try:
+            outputs = self._run_schedule(self._micro_batches(tokens, {}, micro_batch_size), None, forward_only=True)
+        finally:
+            self.model.train()
+        if not outputs:
+            return {}
+        return {key: torch.cat([o[key] for o in outputs]) for key in ("logp", "entropy", "ebar")}
+
+    def forward_backward(
+        self,
+        tokens: torch.Tensor,
+        extras: Mapping[str, torch.Tensor],
+        loss_fn: LossFn,
+        *,
+        micro_batch_size: int | None = None,
+    ) -> dict[str, float]:
+        """Zero the gradients, then accumulate ``grad(sum of loss_fn over micro-batches)``.
+
+        After the call every parameter's ``main_grad`` holds the gradient summed
+        over micro-batches and DP ranks (see :meth:`gradients`). Returns the loss
+        and metrics summed over micro-batches and DP ranks (only meaningful on
+        the last pipeline stage).
+        """
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        micro_batches = self._micro_batches(tokens, extras, micro_batch_size)
+        reported = self._run_schedule(micro_batches, loss_fn, forward_only=False)
+        return self._reduce_reported(reported)
+
+    def _reduce_reported(self, reported: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        if not reported:
+            return {}
+        keys = sorted(reported[0])
+        totals = torch.stack([sum(r[k].to(torch.float64) for r in reported) for k in keys])
+        if dist.get_world_size(self._dp_group) > 1:
+            dist.all_reduce(totals, group=self._dp_group)
+        return {k: float(v) for k, v in zip(keys, totals.tolist())}
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """Copies of the accumulated gradients by parameter name (fp32 ``main_grad``)."""
+        return {name: p.main_grad.detach().clone() for name, p in self.module.named_parameters()}
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip (global norm), step AdamW at the scheduled LR, zero gradients.
+
+        Returns ``grad_norm`` (before clipping, L2 over all parameters and
+        model-parallel ranks) and ``lr``.
+        """
+        lr = self.optim.lr_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            # Megatron leaves lr / weight decay per group to its scheduler (lr_mult, wd_mult).
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.optim.weight_decay * group.get("wd_mult", 1.0)
+        success, grad_norm, _ = self.optimizer.step()
+        if not success:  # only fp16 loss scaling can skip a step
+            raise RuntimeError("optimizer step skipped (inf/nan gradients)")
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.step_count += 1
+        return {"grad_norm": float(grad_norm), "lr": lr}
+
+    def train_step(
+        self,
+        tokens: torch.Tensor,
+        extras: Mapping[str, torch.Tensor],
+        loss_fn: LossFn,
+        *,
+        micro_batch_size: int | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step over the ``B`` rows of ``tokens``.
+
+        Args:
+            tokens: int64 ``[B, S]``.
+            extras: per-row tensors ``[B, ...]`` sliced into micro-batches for ``loss_fn``.
+            loss_fn: see :data:`LossFn`; its loss is normalised by the global token count.
+            micro_batch_size: rows per forward/backward (default ``optim.micro_batch_size``);
+                the gradient does not depend on it.
+        Returns:
+            ``loss`` (sum over micro-batches and DP ranks), ``grad_norm``, ``lr``,
+            ``num_microbatches`` and each metric of ``loss_fn`` summed over
+            micro-batches and DP ranks (so metrics, like the loss, should be
+            normalised by global counts).
+        """
+        out = self.forward_backward(tokens, extras, loss_fn, micro_batch_size=micro_batch_size)
+        mbs = self.optim.micro_batch_size if micro_batch_size is None else micro_batch_size
+        out.update(self.optimizer_step())
+        out["num_microbatches"] = float(math.ceil(tokens.shape[0] / mbs))
+        return out
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    def export_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """HF Qwen2/Qwen3 layout copies of the current weights (TP = PP = 1)."""
+        return export_to_hf(self.module, self.spec)
+
+    def import_hf_state_dict(self, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load HF-layout weights into the model (optimizer state untouched)."""
+        import_from_hf(self.module, self.spec, hf_state_dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer and schedule state (live references; ``torch.save`` or deep-copy it)."""
+        return {
+            "model": {k: v for k, v in self.module.state_dict().items() if not k.endswith("_extra_state")},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"step_count": self.step_count},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; a resumed actor continues bit-identically."""
+        missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"model state mismatch: missing {missing}, unexpected {list(unexpected)}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["schedule"]["step_count"])

@@ -1,0 +1,561 @@
+"""Atomic, verifiable training checkpoints and RNG capture.
+
+Layout of one checkpoint (``root/step_{step:08d}/``)::
+
+    model.pt  optimizer.pt  controllers.pt  sampler.pt  rng.pt  ...  (one torch.save per component)
+    config.yaml                                                    (optional, the resolved config)
+    manifest.json                                                  (written last: size + sha256 of every file)
+
+Write protocol (``CheckpointManager.save``): every file goes to a private temp
+dir ``root/.tmp_step_{step:08d}_{pid}``, each file is fsynced, the manifest is
+written last, the temp dir is fsynced, then ``os.replace`` publishes it under
+its final name and the root dir is fsynced. A crash at any point therefore
+leaves either the previous state or a complete new checkpoint; a half-written
+temp dir is never mistaken for a checkpoint, and ``latest()`` re-hashes the
+files so that a damaged final dir (truncated file, flipped byte, missing
+manifest) is skipped with a warning instead of crashing the resume.
+
+Distributed plan (only ``world_size == 1`` is implemented now): files that
+every rank holds identically (model, optimizer under plain DP, config,
+controllers -- they are deterministic functions of all-reduced statistics)
+are written by rank 0 under their plain names; per-rank shards (for example the
+per-prompt statistics store, sharded by ``prompt_id % dp_size``) will be named
+by :func:`shard_file_name` (``stats.rank00003-of-00008.pt``) so that the
+world size at save time is visible in the file name and a resume with a
+different world size fails loudly instead of silently mixing shards.
+
+One writer per ``root`` is assumed: ``save`` removes any leftover temp dir it
+finds, including one of another live process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+MANIFEST_NAME = "manifest.json"
+CONFIG_NAME = "config.yaml"
+MANIFEST_FORMAT_VERSION = 1
+
+_STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
+_TMP_PREFIX = ".tmp_step_"
+# A final dir displaced by a re-save of the same step lives here until the new
+# one is published; if we crash in between, it is the only copy of that step.
+_OLD_PREFIX = ".old_step_"
+_SIDE_DIR_RE = re.compile(r"^\.(?:tmp|old)_step_(\d{8,})_(\d+)$")
+_COMPONENT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_RESERVED_NAMES = frozenset({"manifest", "config"})
+_HASH_CHUNK = 1 << 22  # 4 MiB reads when re-hashing files
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match its manifest."""
+
+
+def shard_file_name(component: str, rank: int, world_size: int) -> str:
+    """File name of ``component``'s per-rank shard, e.g. ``stats.rank00003-of-00008.pt``.
+
+    With ``world_size == 1`` this is the plain ``{component}.pt``.
+    """
+    if world_size == 1:
+        return f"{component}.pt"
+    return f"{component}.rank{rank:05d}-of-{world_size:05d}.pt"
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint of ``step`` (zero padded so names sort by step)."""
+    return f"step_{step:08d}"
+
+
+# --------------------------------------------------------------------------- #
+# Low-level file helpers
+# --------------------------------------------------------------------------- #
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts bytes as ``torch.save`` writes them.
+
+    Hashing on the way out avoids reading multi-GB files back just to build the
+    manifest.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames/creations inside it survive a power loss."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on dirs
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes_synced(path: Path, data: bytes) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _torch_save_synced(obj: Any, path: Path) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": writer.size, "sha256": writer.sha256.hexdigest()}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """Parse and structurally validate ``path/manifest.json``; raises CheckpointError."""
+    mpath = path / MANIFEST_NAME
+    if not mpath.is_file():
+        raise CheckpointError(f"{path}: missing {MANIFEST_NAME} (save was interrupted or the dir is not a checkpoint)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath}: manifest must be a JSON object")
+    for key in ("format_version", "step", "files", "components"):
+        if key not in manifest:
+            raise CheckpointError(f"{mpath}: manifest lacks key {key!r}")
+    if manifest["format_version"] != MANIFEST_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{mpath}: manifest format_version {manifest['format_version']!r} is not supported "
+            f"(this code reads version {MANIFEST_FORMAT_VERSION})"
+        )
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and "size" in v and "sha256" in v for v in files.values()
+    ):
+        raise CheckpointError(f"{mpath}: 'files' must map file name -> {{size, sha256}}")
+    for name, fname in manifest["components"].items():
+        if fname not in files:
+            raise CheckpointError(f"{mpath}: component {name!r} points at {fname!r}, which is not listed in 'files'")
+    return manifest
+
+
+def verify_checkpoint(path: Path | str, *, check_hashes: bool = True) -> dict[str, Any]:
+    """Check ``path`` against its manifest and return the manifest.
+
+    Args:
+        path: a ``step_XXXXXXXX`` directory.
+        check_hashes: re-hash every file (reads the whole checkpoint; seconds per
+            10 GB). With False only presence and sizes are checked (stat only).
+
+    Raises:
+        CheckpointError: naming the directory/file and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    manifest = _read_manifest(path)
+    for fname, meta in manifest["files"].items():
+        fpath = path / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"{fpath}: listed in the manifest but missing")
+        size = fpath.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(f"{fpath}: size {size} B does not match the manifest ({meta['size']} B); truncated?")
+        if check_hashes:
+            digest = _sha256_file(fpath)
+            if digest != meta["sha256"]:
+                raise CheckpointError(
+                    f"{fpath}: sha256 {digest[:16]}... does not match the manifest ({meta['sha256'][:16]}...); "
+                    "the file is corrupted"
+                )
+    return manifest
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoint manager
+# --------------------------------------------------------------------------- #
+
+
+class CheckpointManager:
+    """Writes, finds, verifies, rotates and loads checkpoints under ``root``.
+
+    Args:
+        root: directory holding the ``step_XXXXXXXX`` checkpoints (created on save).
+        keep_last: how many newest complete checkpoints rotation keeps (>= 1).
+        rank, world_size: this process's data-parallel rank. Only
+            ``world_size == 1`` can save for now (see the module docstring).
+    """
+
+    def __init__(self, root: Path | str, keep_last: int = 3, rank: int = 0, world_size: int = 1) -> None:
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be an int >= 1, got {keep_last!r}")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"checkpoint world_size must be an int >= 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"checkpoint rank must be in [0, {world_size}), got {rank!r}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    # ----------------------------------------------------------------- paths
+    def step_dir(self, step: int) -> Path:
+        """Final directory of the checkpoint of ``step``."""
+        return self.root / step_dir_name(step)
+
+    @staticmethod
+    def step_of(path: Path | str) -> int:
+        """Training step of a checkpoint dir, read from its name (``step_00000120`` -> 120)."""
+        m = _STEP_DIR_RE.match(Path(path).name)
+        if m is None:
+            raise CheckpointError(f"{path}: not a checkpoint directory name (expected step_XXXXXXXX)")
+        return int(m.group(1))
+
+    def _step_dirs(self) -> list[tuple[int, Path]]:
+        """Final checkpoint dirs (complete or not), newest step first."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR_RE.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+        out.sort(key=lambda t: t[0], reverse=True)
+        return out
+
+    def _side_dirs(self, prefix: str) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _SIDE_DIR_RE.match(p.name)
+            if m and p.name.startswith(prefix) and p.is_dir():
+                out.append((int(m.group(1)), p))
+        return out
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, components: dict[str, Any], config_yaml: str | None = None) -> Path:
+        """Write the checkpoint of ``step`` atomically and rotate old ones.
+
+        Args:
+            step: training step the state belongs to (>= 0); resuming from it
+                continues with step ``step + 1``.
+            components: name -> object; each goes to ``{name}.pt`` via
+                ``torch.save`` (e.g. ``model``, ``optimizer``, ``controllers``,
+                ``sampler``, ``rng``). Names: letters, digits, ``_ . -``; not
+                ``manifest``/``config``.
+            config_yaml: the resolved run config, stored as ``config.yaml``.
+
+        Returns:
+            The final checkpoint directory.
+
+        Checkpoints with a larger step than ``step`` belong to an abandoned
+        timeline (the run was resumed from an older checkpoint); they are moved
+        to ``root/abandoned/`` with a warning, so that ``latest()`` keeps
+        following this run. Nothing is deleted except by rotation.
+        """
+        if self.world_size != 1:
+            raise NotImplementedError(
+                "CheckpointManager.save with world_size > 1 needs a cross-rank barrier before the commit; "
+                "only single-process checkpoints are implemented (see the module docstring for the file layout)"
+            )
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
+        if not isinstance(components, dict) or not components:
+            raise ValueError("checkpoint components must be a non-empty dict name -> object")
+        for name in components:
+            if not isinstance(name, str) or not _COMPONENT_NAME_RE.match(name) or name in _RESERVED_NAMES:
+                raise ValueError(
+                    f"checkpoint component name {name!r} is invalid: use letters, digits, '_', '.', '-' "
+                    f"and not one of {sorted(_RESERVED_NAMES)}"
+                )
+        if config_yaml is not None and not isinstance(config_yaml, str):
+            raise TypeError(f"config_yaml must be a str or None, got {type(config_yaml).__name__}")
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._cleanup_side_dirs()
+
+        tmp = self.root / f"{_TMP_PREFIX}{step:08d}_{os.getpid()}"
+        if tmp.exists():  # pragma: no cover - a previous save of this process crashed mid-way
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            files: dict[str, dict[str, Any]] = {}
+            comp_files: dict[str, str] = {}
+            for name, obj in components.items():
+                fname = shard_file_name(name, self.rank, self.world_size)
+                files[fname] = _torch_save_synced(obj, tmp / fname)
+                comp_files[name] = fname
+            if config_yaml is not None:
+                files[CONFIG_NAME] = _write_bytes_synced(tmp / CONFIG_NAME, config_yaml.encode("utf-8"))
+            manifest = {
+                "format_version": MANIFEST_FORMAT_VERSION,
+                "step": step,
+                "world_size": self.world_size,
+                "created_unix_s": time.time(),
+                "components": comp_files,
+                "files": files,
+            }
+            # The manifest is the commit record of the dir's content: written
+            # last, so its presence implies every file above is complete.
+            _write_bytes_synced(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+            _fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        self._move_abandoned(step)
+        final = self.step_dir(step)
+        if final.exists():
+            # POSIX cannot rename a dir over a non-empty dir; move the old copy
+            # aside first. If we die between the two renames, latest() still
+            # finds the old copy (see _OLD_PREFIX) and the next save restores it.
+            old = self.root / f"{_OLD_PREFIX}{step:08d}_{os.getpid()}"
+            if old.exists():  # pragma: no cover - leftover of a crash of this very pid
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        self._rotate(just_written=final)
+        return final
+
+    def _cleanup_side_dirs(self) -> None:
+        """Remove leftover temp dirs; restore or drop dirs displaced by an interrupted re-save."""
+        for _, p in self._side_dirs(_TMP_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+        for step, p in self._side_dirs(_OLD_PREFIX):
+            final = self.step_dir(step)
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, final)
+        _fsync_dir(self.root)
+
+    def _move_abandoned(self, step: int) -> None:
+        newer = [(s, p) for s, p in self._step_dirs() if s > step]
+        if not newer:
+            return
+        dest_root = self.root / "abandoned"
+        dest_root.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for s, p in newer:
+            dest = dest_root / f"{p.name}.{stamp}_{os.getpid()}"
+            warnings.warn(
+                f"checkpoint {p} has a larger step ({s}) than the one being saved ({step}); it belongs to an "
+                f"abandoned timeline and is moved to {dest} so that resume='auto' follows this run",
+                stacklevel=3,
+            )
+            os.replace(p, dest)
+        _fsync_dir(self.root)
+
+    def _rotate(self, just_written: Path) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints; delete older dirs.
+
+        "Complete" here is a stat-only check (manifest present, every file with
+        its recorded size): re-hashing every kept checkpoint on each save would
+        read hundreds of GB for large models.
+        """
+        kept: list[Path] = [just_written]
+        for _, p in self._step_dirs():
+            if len(kept) >= self.keep_last:
+                break
+            if p == just_written:
+                continue
+            try:
+                verify_checkpoint(p, check_hashes=False)
+            except CheckpointError:
+                continue
+            kept.append(p)
+        oldest_kept = min(self.step_of(p) for p in kept)
+        for s, p in self._step_dirs():
+            if s < oldest_kept and p not in kept:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ---------------------------------------------------------------- lookup
+    def list_checkpoints(self) -> list[Path]:
+        """All final checkpoint dirs (not verified), oldest step first."""
+        return [p for _, p in reversed(self._step_dirs())]
+
+    def latest(self) -> Path | None:
+        """Newest checkpoint whose files all match the manifest (size and sha256), or None.
+
+        Corrupt or partial dirs are skipped with a ``warnings.warn`` naming the
+        dir and the reason; leftover temp dirs are reported and ignored. Cost:
+        re-hashes the files of the checkpoints it inspects.
+        """
+        for _, p in self._side_dirs(_TMP_PREFIX):
+            warnings.warn(f"ignoring {p}: leftover temp dir of an interrupted checkpoint save", stacklevel=2)
+        candidates = self._step_dirs()
+        finals = {s for s, _ in candidates}
+        for s, p in self._side_dirs(_OLD_PREFIX):
+            if s not in finals:
+                candidates.append((s, p))
+        candidates.sort(key=lambda t: (t[0], not t[1].name.startswith(_OLD_PREFIX)), reverse=True)
+        for _, p in candidates:
+            try:
+                verify_checkpoint(p)
+            except CheckpointError as e:
+                warnings.warn(f"skipping checkpoint {p}: {e}", stacklevel=2)
+                continue
+            if p.name.startswith(_OLD_PREFIX):
+                warnings.warn(
+                    f"using {p}: the only copy of its step after an interrupted re-save "
+                    "(the next save moves it back into place)",
+                    stacklevel=2,
+                )
+            return p
+        return None
+
+    def resolve_resume(self, resume: str | Path | None) -> Path | None:
+        """Turn the ``resume`` config value into a checkpoint dir.
+
+        ``None``/``"none"`` -> None (fresh run); ``"auto"`` -> :meth:`latest`
+        (None when nothing valid exists); anything else is a path that must be
+        a valid checkpoint dir, else :class:`CheckpointError` explaining why.
+        """
+        if resume is None:
+            return None
+        if isinstance(resume, str):
+            key = resume.strip()
+            if key.lower() in ("none", "null", ""):
+                return None
+            if key.lower() == "auto":
+                return self.latest()
+        path = Path(resume).expanduser()
+        if not path.exists():
+            raise CheckpointError(
+                f"resume={str(resume)!r}: no such checkpoint directory (use 'auto', 'none' or a step_XXXXXXXX dir)"
+            )
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            hint = ""
+            if path.is_dir() and any(_STEP_DIR_RE.match(c.name) for c in path.iterdir()):
+                hint = f" ({path} holds step_XXXXXXXX checkpoints: pass one of them, or resume='auto')"
+            raise CheckpointError(f"resume={str(resume)!r} is not a valid checkpoint: {e}{hint}") from e
+        return path
+
+    # ------------------------------------------------------------------ load
+    def load(self, path: Path | str, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+        """Verify ``path`` against its manifest, then load every component.
+
+        Returns:
+            name -> object as passed to :meth:`save` (tensors on ``map_location``).
+
+        Raises:
+            CheckpointError: naming the file that is missing or does not match.
+        """
+        path = Path(path)
+        manifest = verify_checkpoint(path)
+        if manifest.get("world_size", 1) != self.world_size:
+            raise CheckpointError(
+                f"{path}: saved with world_size={manifest.get('world_size')}, loading with "
+                f"world_size={self.world_size}; resharding is not supported"
+            )
+        out: dict[str, Any] = {}
+        for name, fname in manifest["components"].items():
+            try:
+                # weights_only=False: these files are written by save() above
+                # and hold plain Python objects besides tensors (numpy RNG state,
+                # controller scalars, sampler order). Never point this at
+                # checkpoints from an untrusted source: unpickling runs code.
+                out[name] = torch.load(path / fname, map_location=map_location, weights_only=False)
+            except Exception as e:  # noqa: BLE001 - re-raised with the file named
+                raise CheckpointError(f"{path / fname}: cannot be loaded ({type(e).__name__}: {e})") from e
+        return out
+
+    @staticmethod
+    def read_config(path: Path | str) -> str | None:
+        """The ``config.yaml`` text stored with a checkpoint, or None if it has none."""
+        cpath = Path(path) / CONFIG_NAME
+        return cpath.read_text(encoding="utf-8") if cpath.is_file() else None
+
+
+# --------------------------------------------------------------------------- #
+# RNG state
+# --------------------------------------------------------------------------- #
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot the global RNGs: Python ``random``, numpy's global, torch CPU and (if available) CUDA.
+
+    Explicit ``torch.Generator`` objects owned by controllers are *not* covered:
+    they are part of those controllers' ``state_dict``.
+    """
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=False),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore a :func:`capture_rng_state` snapshot so the next draws repeat.
+
+    Raises:
+        KeyError: a required entry is missing (names it).
+    """
+    missing = [k for k in ("python", "numpy", "torch_cpu") if k not in state]
+    if missing:
+        raise KeyError(f"restore_rng_state: missing entries {missing} (have {sorted(state)})")
+    py = state["python"]
+    # torch.save/load round-trips the tuple but a JSON/YAML detour turns it into lists.
+    if isinstance(py, list):
+        py = (py[0], tuple(py[1]), py[2])
+    random.setstate(py)
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(torch.as_tensor(state["torch_cpu"], dtype=torch.uint8).cpu())
+    cuda = state.get("torch_cuda")
+    if cuda is not None:
+        if not torch.cuda.is_available():
+            warnings.warn("restore_rng_state: checkpoint has CUDA RNG state but CUDA is unavailable; skipped",
+                          stacklevel=2)
+        elif len(cuda) != torch.cuda.device_count():
+            warnings.warn(
+                f"restore_rng_state: checkpoint has {len(cuda)} CUDA RNG states but {torch.cuda.device_count()} "
+                "devices are visible; CUDA RNG not restored",
+                stacklevel=2,
+            )
+        else:
+            torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,136 @@
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nemo_gdro.data.dataset import DatasetError, PromptDataset, PromptRecord
+
+
+def rows(n, **extra):
+    return [{"prompt": f"Q:{i}+1=A:", "answer": str(i + 1), **{k: v[i] for k, v in extra.items()}} for i in range(n)]
+
+
+def write_jsonl(path, items, blank_after=None):
+    with open(path, "w") as f:
+        for k, item in enumerate(items):
+            f.write((item if isinstance(item, str) else json.dumps(item)) + "\n")
+            if blank_after is not None and k == blank_after:
+                f.write("\n")
+
+
+def test_row_index_ids():
+    ds = PromptDataset.from_rows(rows(4, level=[1, 2, 3, 4]))
+    assert len(ds) == 4
+    assert [r.prompt_id for r in ds] == [0, 1, 2, 3]
+    assert ds[2] == PromptRecord(2, "Q:2+1=A:", "3", {"level": 3})
+
+
+def test_explicit_dense_uid_is_used_as_is():
+    ds = PromptDataset.from_rows(rows(3, uid=[2, 0, 1]))
+    assert ds[2].prompt == "Q:0+1=A:" and ds[0].prompt == "Q:1+1=A:"
+    assert ds[2].meta["orig_id"] == 2
+
+
+def test_index_column_when_no_uid():
+    ds = PromptDataset.from_rows(rows(3, index=[1, 2, 0]))
+    assert ds[0].prompt == "Q:2+1=A:"
+
+
+def test_arbitrary_ids_remapped_in_sorted_order():
+    ds = PromptDataset.from_rows(rows(3, uid=[700, 15, 99]))
+    assert [r.meta["orig_id"] for r in ds] == [15, 99, 700]
+    assert ds[0].prompt == "Q:1+1=A:"
+    strs = PromptDataset.from_rows(rows(3, uid=["c", "a", "b"]))
+    assert [r.meta["orig_id"] for r in strs] == ["a", "b", "c"]
+
+
+@given(ids=st.lists(st.integers(-10**9, 10**9), min_size=1, max_size=30, unique=True), seed=st.integers(0, 1000))
+def test_remapping_does_not_depend_on_row_order(ids, seed):
+    base = rows(len(ids), uid=ids)
+    shuffled = base[:]
+    random.Random(seed).shuffle(shuffled)
+    a, b = PromptDataset.from_rows(base), PromptDataset.from_rows(shuffled)
+    assert [r.meta["orig_id"] for r in a] == sorted(ids)
+    assert [(r.prompt_id, r.prompt) for r in a] == [(r.prompt_id, r.prompt) for r in b]
+
+
+def test_missing_ids_rejected_naming_rows():
+    data = rows(5, uid=[0, 1, None, 3, None])
+    del data[4]["uid"]
+    with pytest.raises(DatasetError, match=r"missing id 'uid' on row 2, row 4"):
+        PromptDataset.from_rows(data)
+
+
+def test_duplicate_ids_rejected_naming_rows():
+    with pytest.raises(DatasetError, match=r"duplicate id 'uid': 7 on row 1, row 3"):
+        PromptDataset.from_rows(rows(4, uid=[0, 7, 2, 7]))
+
+
+def test_missing_fields_and_non_string_answers_rejected():
+    data = rows(4)
+    del data[1]["prompt"]
+    del data[3]["answer"]
+    data[2]["answer"] = 3
+    with pytest.raises(DatasetError) as e:
+        PromptDataset.from_rows(data)
+    msg = str(e.value)
+    assert "missing field 'prompt' on row 1" in msg
+    assert "missing field 'answer' on row 3" in msg
+    assert "'answer' must be a string, not on row 2 (int)" in msg
+
+
+def test_bad_id_types_rejected():
+    with pytest.raises(DatasetError, match=r"must be an int or a string.*row 1 \(1.5\)"):
+        PromptDataset.from_rows(rows(2, uid=[0, 1.5]))
+    with pytest.raises(DatasetError, match="mixes ints and strings"):
+        PromptDataset.from_rows(rows(2, uid=[0, "a"]))
+
+
+def test_jsonl_errors_name_line_numbers(tmp_path):
+    path = tmp_path / "d.jsonl"
+    items = rows(4, uid=[10, 11, 12, 11])
+    write_jsonl(path, items, blank_after=0)  # line 2 is blank, so row k is on line k + 2 for k >= 1
+    with pytest.raises(DatasetError, match=r"d.jsonl: duplicate id 'uid': 11 on line 3, line 5"):
+        PromptDataset.from_jsonl(path)
+    write_jsonl(path, [items[0], "{not json", items[1]])
+    with pytest.raises(DatasetError, match=r"invalid JSON on line 2"):
+        PromptDataset.from_jsonl(path)
+    write_jsonl(path, [items[0], {"prompt": "x"}])
+    with pytest.raises(DatasetError, match=r"missing field 'answer' on line 2"):
+        PromptDataset.from_jsonl(path)
+
+
+def test_jsonl_roundtrip(tmp_path):
+    ds = PromptDataset.from_rows(rows(5, level=list(range(5))))
+    path = tmp_path / "rt.jsonl"
+    ds.to_jsonl(path)
+    back = PromptDataset.from_jsonl(path)
+    assert [(r.prompt_id, r.prompt, r.answer, r.meta["level"]) for r in back] == [
+        (r.prompt_id, r.prompt, r.answer, r.meta["level"]) for r in ds
+    ]
+
+
+def test_get_many_and_indexing():
+    ds = PromptDataset.from_rows(rows(6))
+    got = ds.get_many([4, 0, 4])
+    assert [r.prompt_id for r in got] == [4, 0, 4]
+    assert [r.prompt_id for r in ds.get_many(torch.tensor([5, 1]))] == [5, 1]
+    assert ds[torch.tensor(3)].prompt_id == 3
+    with pytest.raises(IndexError):
+        ds[6]
+    with pytest.raises(IndexError):
+        ds[-1]
+
+
+def test_constructor_requires_dense_ids():
+    recs = [PromptRecord(0, "a", "1"), PromptRecord(2, "b", "2")]
+    with pytest.raises(DatasetError, match="exactly 0..1"):
+        PromptDataset(recs)
+    assert [r.prompt_id for r in PromptDataset(reversed([PromptRecord(0, "a", "1"), PromptRecord(1, "b", "2")]))] == [0, 1]
+
+
+def test_dataset_error_is_value_error():
+    assert issubclass(DatasetError, ValueError)

@@ -1,0 +1,235 @@
+"""MegatronActor: gradients through Megatron's schedule, micro-batch invariance, SFT, checkpoints, DP=2."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from nemo_gdro.algorithms.dynamo import full_vocab_token_stats  # noqa: E402
+from nemo_gdro.models.gpt import PRESETS, build_gpt  # noqa: E402
+from nemo_gdro.parallel.distributed import destroy_distributed, init_distributed  # noqa: E402
+from nemo_gdro.trainer.actor import MegatronActor, OptimConfig  # noqa: E402
+
+SPEC = PRESETS["tiny"]
+B, S = 6, 20
+
+
+@pytest.fixture(scope="module")
+def dist_env():
+    info = init_distributed(seed=0)
+    yield info
+    destroy_distributed()
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Right-padded rows: prompt of 4 tokens, responses of varied length, pad id 0."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, SPEC.vocab_size, (B, S), generator=g)
+    lengths = torch.tensor([20, 17, 12, 20, 8, 15])
+    mask = torch.zeros(B, S - 1)
+    for i, n in enumerate(lengths.tolist()):
+        tokens[i, n:] = 0
+        mask[i, 3 : n - 1] = 1.0  # targets tokens[4:n]
+    advantages = torch.randn(B, generator=g)
+    return tokens, {"mask": mask, "advantages": advantages}
+
+
+def _pg_loss(global_tokens: float):
+    """Token-mean policy-gradient-style loss with an entropy bonus, global normalisation."""
+
+    def loss_fn(stats, extras):
+        m = extras["mask"]
+        pg = -(extras["advantages"].unsqueeze(1) * stats["logp"] * m).sum()
+        ent = (stats["entropy"] * m).sum()
+        loss = (pg - 0.01 * ent + 0.1 * (stats["ebar"] * m).sum()) / global_tokens
+        return loss, {"entropy": ent.detach() / global_tokens}
+
+    return loss_fn
+
+
+def _sft_loss(global_tokens: float):
+    def loss_fn(stats, extras):
+        return -(stats["logp"] * extras["mask"]).sum() / global_tokens, {}
+
+    return loss_fn
+
+
+def _reference_gradients(actor: MegatronActor, tokens, extras, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
+    """Autograd gradient of the same loss in ONE plain forward (no Megatron schedule, no DDP)."""
+    plain = build_gpt(SPEC)
+    plain.load_state_dict(actor.module.state_dict())
+    logits = plain(tokens, torch.arange(S).expand_as(tokens), None)
+    logp, entropy, ebar = full_vocab_token_stats(logits[:, :-1], tokens[:, 1:], actor.temperature)
+    loss, _ = loss_fn({"logp": logp, "entropy": entropy, "ebar": ebar.detach()}, extras)
+    loss.backward()
+    return float(loss), {n: p.grad for n, p in plain.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def actor(dist_env):
+    return MegatronActor(SPEC, OptimConfig(lr=1e-2, micro_batch_size=2), seed=5, temperature=0.9)
+
+
+def test_token_stats_match_plain_forward(actor):
+    tokens, _ = _batch()
+    stats = actor.compute_token_stats(tokens, micro_batch_size=4)  # uneven: 4 + 2 rows
+    with torch.no_grad():
+        logits = actor.module(tokens, torch.arange(S).expand_as(tokens), None)
+    expected = full_vocab_token_stats(logits[:, :-1], tokens[:, 1:], 0.9)
+    for key, ref in zip(("logp", "entropy", "ebar"), expected):
+        assert stats[key].shape == (B, S - 1) and not stats[key].requires_grad
+        torch.testing.assert_close(stats[key], ref, rtol=0, atol=1e-6)
+
+
+def test_gradient_equals_plain_autograd_for_any_micro_batch_size(actor):
+    tokens, extras = _batch()
+    loss_fn = _pg_loss(float(extras["mask"].sum()))
+    ref_loss, ref_grads = _reference_gradients(actor, tokens, extras, loss_fn)
+    for mbs in (1, 2, 4, B):  # 4 leaves an uneven last micro-batch
+        out = actor.forward_backward(tokens, extras, loss_fn, micro_batch_size=mbs)
+        assert out["loss"] == pytest.approx(ref_loss, abs=1e-6)
+        grads = actor.gradients()
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=1e-6, msg=f"{name} (mbs={mbs})")
+    actor.model.zero_grad_buffer()
+
+
+def test_sft_steps_reduce_loss(actor):
+    tokens, extras = _batch(seed=1)
+    loss_fn = _sft_loss(float(extras["mask"].sum()))
+    losses = []
+    for _ in range(6):
+        out = actor.train_step(tokens, extras, loss_fn)
+        losses.append(out["loss"])
+        assert out["num_microbatches"] == 3 and out["lr"] == 1e-2 and out["grad_norm"] > 0
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.parametrize("grad_clip", [0.05, 0.0])
+def test_warmup_and_clipping(dist_env, grad_clip):
+    actor = MegatronActor(SPEC, OptimConfig(lr=1e-3, warmup_steps=4, grad_clip=grad_clip, micro_batch_size=3), seed=1)
+    tokens, extras = _batch()
+    loss_fn = _sft_loss(float(extras["mask"].sum()))
+    actor.forward_backward(tokens, extras, loss_fn)
+    norm = sum(g.pow(2).sum() for g in actor.gradients().values()).sqrt().item()
+    out = actor.optimizer_step()
+    assert out["grad_norm"] == pytest.approx(norm, rel=1e-5)  # reported before clipping
+    assert out["lr"] == pytest.approx(2.5e-4)
+    # After Adam's first step exp_avg = (1 - beta1) * (clipped) grad, so its global norm shows the clip.
+    state = actor.optimizer.state_dict()["state"]
+    m_norm = sum(s["exp_avg"].pow(2).sum() for s in state.values()).sqrt().item()
+    clipped = min(norm, grad_clip) if grad_clip > 0 else norm
+    assert norm > 0.05
+    assert m_norm == pytest.approx(0.1 * clipped, rel=1e-4)
+    assert actor.train_step(tokens, extras, loss_fn)["lr"] == pytest.approx(5e-4)
+    assert actor.step_count == 2
+    # Megatron's grouping: no weight decay on 1-D tensors (norms).
+    for group in actor.optimizer.param_groups:
+        for p in group["params"]:
+            assert group["weight_decay"] == (0.0 if p.dim() == 1 else 0.1)
+
+
+def test_state_dict_round_trip_continues_bit_identically(dist_env):
+    optim = OptimConfig(lr=5e-3, warmup_steps=3, micro_batch_size=4)
+    tokens, extras = _batch(seed=2)
+    loss_fn = _pg_loss(float(extras["mask"].sum()))
+    first = MegatronActor(SPEC, optim, seed=9)
+    for _ in range(2):
+        first.train_step(tokens, extras, loss_fn)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    out_first = first.train_step(tokens, extras, loss_fn)
+
+    resumed = MegatronActor(SPEC, optim, seed=123)  # different init, overwritten by the checkpoint
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    out_resumed = resumed.train_step(tokens, extras, loss_fn)
+    assert out_resumed == out_first
+    for (n, a), (_, b) in zip(first.module.named_parameters(), resumed.module.named_parameters()):
+        assert torch.equal(a, b), n
+    assert resumed.step_count == first.step_count == 3
+
+
+def test_reset_optimizer_starts_fresh(dist_env):
+    tokens, extras = _batch(seed=3)
+    loss_fn = _sft_loss(float(extras["mask"].sum()))
+    trained = MegatronActor(SPEC, OptimConfig(lr=1e-2, micro_batch_size=3), seed=4)
+    for _ in range(2):
+        trained.train_step(tokens, extras, loss_fn)
+    rl_optim = OptimConfig(lr=2e-3, warmup_steps=2, weight_decay=0.0, micro_batch_size=2)
+    trained.reset_optimizer(rl_optim)
+    assert trained.step_count == 0 and trained.optim == rl_optim
+    fresh = MegatronActor(SPEC, rl_optim, seed=77)
+    fresh.import_hf_state_dict(trained.export_hf_state_dict())
+    assert trained.train_step(tokens, extras, loss_fn) == fresh.train_step(tokens, extras, loss_fn)
+    for (n, a), (_, b) in zip(trained.module.named_parameters(), fresh.module.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_construction_is_seeded_and_leaves_rng_streams_alone(dist_env):
+    torch.manual_seed(31)
+    expected = torch.rand(3)
+    torch.manual_seed(31)
+    a = MegatronActor(SPEC, OptimConfig(), seed=8)
+    assert torch.equal(torch.rand(3), expected)
+    b = MegatronActor(SPEC, OptimConfig(), seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.module.parameters(), b.module.parameters()))
+
+
+def test_export_hf_state_dict(actor):
+    exported = actor.export_hf_state_dict()
+    assert exported["model.embed_tokens.weight"].shape == (SPEC.vocab_size, SPEC.hidden_size)
+    assert torch.equal(exported["model.norm.weight"], actor.module.decoder.final_layernorm.weight)
+    exported["model.norm.weight"].add_(1.0)  # a copy: the model is unaffected
+    assert not torch.equal(exported["model.norm.weight"], actor.module.decoder.final_layernorm.weight)
+
+
+def test_input_validation(actor):
+    tokens, extras = _batch()
+    with pytest.raises(ValueError, match="int64"):
+        actor.compute_token_stats(tokens.int())
+    with pytest.raises(ValueError, match="extras\\['mask'\\]"):
+        actor.forward_backward(tokens, {"mask": extras["mask"][:3]}, _sft_loss(1.0))
+    with pytest.raises(ValueError, match="optim.lr"):
+        OptimConfig(lr=0.0)
+
+
+# ---------------------------------------------------------------------------- DP = 2 (gloo, 2 processes)
+def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    init_distributed(seed=0, init_method=f"file://{init_file}")
+    try:
+        actor = MegatronActor(SPEC, OptimConfig(lr=1e-2, micro_batch_size=2), seed=5, temperature=0.9)
+        tokens, extras = _batch()
+        loss_fn = _pg_loss(float(extras["mask"].sum()))  # global count over both ranks' rows
+        rows = slice(rank * B // world, (rank + 1) * B // world)
+        out = actor.forward_backward(tokens[rows], {k: v[rows] for k, v in extras.items()}, loss_fn)
+        torch.save({"out": out, "grads": actor.gradients()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        destroy_distributed()
+
+
+def test_data_parallel_two_ranks_sum_gradients(dist_env, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _dp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    fresh = MegatronActor(SPEC, OptimConfig(micro_batch_size=2), seed=5, temperature=0.9)
+    tokens, extras = _batch()
+    loss_fn = _pg_loss(float(extras["mask"].sum()))
+    ref_loss, ref_grads = _reference_gradients(fresh, tokens, extras, loss_fn)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["out"]["loss"] == pytest.approx(ref_loss, abs=1e-6)  # summed over DP ranks
+        for name, g in got["grads"].items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=1e-6, msg=f"{name} rank {rank}")

@@ -1,0 +1,172 @@
+"""End-to-end runs of the real loop: Megatron actor, HF engine, verifier, controllers."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nemo_gdro.algorithms.advantages import grpo_advantages
+from nemo_gdro.trainer.config import compose
+from nemo_gdro.trainer.loop import Trainer
+
+TINY = [
+    "sft.steps=4",
+    "sft.batch_size=8",
+    "trainer.max_steps=2",
+    "data.num_train=48",
+    "data.num_eval=6",
+    "trainer.prompts_per_step=4",
+    "rollout.n=4",
+    "eval.k=2",
+    "rollout.max_new_tokens=4",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=0",
+    "trainer.micro_batch_size=8",
+    "logging.tensorboard=false",
+    "logging.progress=false",
+]
+
+CASES = {
+    "grpo": [],
+    "prompt_gdro_weight": ["algorithm.prompt_gdro.enabled=true"],
+    "prompt_gdro_resample": [
+        "algorithm.prompt_gdro.enabled=true",
+        "algorithm.prompt_gdro.apply=resample",
+        "algorithm.prompt_gdro.importance_correct=true",
+    ],
+    "rollout_gdro_sqrt": ["algorithm.rollout_gdro.enabled=true"],
+    "rollout_gdro_bandit": ["algorithm.rollout_gdro.enabled=true", "algorithm.rollout_gdro.mode=bandit"],
+    "dynamo": [
+        "algorithm.dynamo.allocation.enabled=true",
+        "algorithm.dynamo.allocation.n_min=2",
+        "algorithm.dynamo.allocation.n_max=8",
+        "algorithm.dynamo.modulation.enabled=true",
+    ],
+    "r2vpo_replay": ["algorithm.r2vpo.enabled=true", "algorithm.r2vpo.replay_ratio=1.0"],
+    "all_together": [
+        "algorithm.prompt_gdro.enabled=true",
+        "algorithm.rollout_gdro.enabled=true",
+        "algorithm.rollout_gdro.mode=bandit",
+        "algorithm.dynamo.modulation.enabled=true",
+        "algorithm.r2vpo.enabled=true",
+        "algorithm.r2vpo.replay_ratio=0.5",
+        "algorithm.policy_loss.kl_coef=0.01",
+    ],
+}
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_smoke_run(case, tmp_path):
+    cfg = compose(overrides=TINY + CASES[case] + [f"run.output_dir={tmp_path}"])
+    with Trainer(cfg) as trainer:
+        result = trainer.run()
+        rows = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+        assert result.steps_done == 2 and {1, 2} <= set(rows)
+        for step in (1, 2):
+            assert rows[step]["train/rollouts"] == 16  # compute neutral: P * n_bar every step
+            assert math.isfinite(rows[step]["actor/loss"])
+        assert (tmp_path / "checkpoints" / "step_00000002" / "manifest.json").exists()
+        assert any((tmp_path / "plots").glob("*.png"))
+        # Both engines hold the policy as trained, not a stale copy.
+        trained = trainer.actor.export_hf_state_dict()
+        for engine in (trainer.engine, trainer.eval_engine):
+            held = engine.model.state_dict()
+            for key, value in trained.items():
+                assert torch.equal(held[key], value), key
+        state = trainer.controller_state()
+        assert float(state["store"]["rollouts"].sum()) == 32  # two steps of 16 rollouts, credited once
+        if trainer.prompt_gdro is not None:
+            assert "prompt_gdro/q/0" in rows[2] and trainer.prompt_gdro.num_updates == 2
+        if trainer.rollout_gdro is not None:
+            assert "rollout_gdro/mu" in rows[2] and trainer.rollout_gdro.num_updates == 2
+        if trainer.dual is not None:
+            assert rows[2]["r2vpo/lambda"] >= 0
+        if trainer.replay is not None:
+            assert rows[2]["train/replayed_rows"] > 0
+        if trainer.setup.dynamo_modulation is not None:
+            assert 0.0 < rows[2]["dynamo/beta_stab/mean"] <= 1.0
+
+
+RESUME_CASE = TINY + [
+    "algorithm.prompt_gdro.enabled=true",
+    "algorithm.rollout_gdro.enabled=true",
+    "algorithm.rollout_gdro.mode=bandit",
+    "algorithm.r2vpo.enabled=true",
+    "algorithm.r2vpo.replay_ratio=0.5",
+    "trainer.checkpoint_every=2",
+]
+
+
+@pytest.mark.slow
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    with Trainer(compose(overrides=RESUME_CASE + ["trainer.max_steps=4", f"run.output_dir={straight}"])) as a:
+        a.run()
+        weights_a = {k: v.clone() for k, v in a.actor.export_hf_state_dict().items()}
+        state_a = a.controller_state()
+    with Trainer(compose(overrides=RESUME_CASE + ["trainer.max_steps=2", f"run.output_dir={split}"])) as b:
+        b.run()
+    with Trainer(compose(overrides=RESUME_CASE + ["trainer.max_steps=4", f"run.output_dir={split}", "run.resume=auto"])) as c:
+        c.run()
+        assert c.step == 4
+        weights_c = c.actor.export_hf_state_dict()
+        state_c = c.controller_state()
+    rows_a = {r["step"]: r for r in read_metrics(straight / "metrics.jsonl")}
+    rows_c = {r["step"]: r for r in read_metrics(split / "metrics.jsonl")}
+    for step in (3, 4):
+        for key, value in rows_a[step].items():
+            if not key.startswith("time/"):
+                assert rows_c[step][key] == value, (step, key)
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_c[key]), key
+    for name in ("window_bits", "rollouts", "correct", "last_bin"):
+        assert torch.equal(state_a["store"][name], state_c["store"][name])
+    assert torch.equal(state_a["prompt_gdro"]["scores"], state_c["prompt_gdro"]["scores"])
+    assert torch.equal(state_a["rollout_gdro"]["scores"], state_c["rollout_gdro"]["scores"])
+    assert state_a["rollout_gdro"]["mu"] == state_c["rollout_gdro"]["mu"]
+    assert state_a["dual"] == state_c["dual"]
+    assert len(state_a["replay"]["groups"]) == len(state_c["replay"]["groups"])
+
+
+@pytest.mark.slow
+def test_rows_are_scored_against_their_own_prompt_with_variable_n(tmp_path):
+    overrides = TINY + [
+        f"run.output_dir={tmp_path}",
+        "trainer.prompts_per_step=8",
+        "algorithm.dynamo.allocation.enabled=true",
+        "algorithm.dynamo.allocation.n_min=1",
+        "algorithm.dynamo.allocation.n_max=8",
+        "algorithm.dynamo.allocation.warmup=1",
+    ]
+    with Trainer(compose(overrides=overrides)) as trainer:
+        # Give the prompts distinct histories so DynaMO hands out different n_i.
+        ids = torch.arange(len(trainer.train_ds))
+        trainer.store.observe(ids, torch.full_like(ids, 16), ids % 17)
+        trainer._push_weights()
+        trainer.rl_step(0)
+        batch = trainer.last_batch
+        sizes = torch.bincount(batch.group_index, minlength=batch.num_prompts)
+        assert sizes.unique().numel() > 1, "the allocation should be ragged for this test to mean anything"
+        for r in range(batch.num_rows):
+            record = trainer.train_ds[int(batch.prompt_ids[r])]
+            assert batch.answers[r] == record.answer
+            assert int(batch.step_prompt_ids[batch.group_index[r]]) == int(batch.prompt_ids[r])
+            assert batch.rewards[r] == trainer.verifier.score(batch.responses[r], record.answer)
+        # Shuffle the rows: scores, advantages and per-prompt outcomes follow their rows.
+        perm = torch.randperm(batch.num_rows, generator=torch.Generator().manual_seed(0))
+        shuffled = batch.permute(perm)
+        rescored = trainer.verifier.score_batch(shuffled.responses, shuffled.answers)
+        assert torch.equal(rescored, batch.rewards[perm])
+        adv = grpo_advantages(batch.rewards, batch.group_index, batch.num_prompts)
+        adv_s = grpo_advantages(rescored, shuffled.group_index, shuffled.num_prompts)
+        torch.testing.assert_close(adv_s, adv[perm])
+        # The store credited each prompt with exactly its own rollouts (16 seeded + n_i).
+        g, _ = trainer.store.counters(batch.step_prompt_ids)
+        expected = 16 + torch.zeros(batch.num_prompts).index_add_(0, batch.group_index, torch.ones(batch.num_rows))
+        assert torch.equal(g.float(), expected)
