@@ -11,8 +11,8 @@ def test_default_config_is_the_tiny_cpu_run():
 
 
 def test_nemo_style_overrides():
-    cfg = compose(overrides=["trainer.max_steps=7", "+model.overrides.num_layers=3", "++run.name=abc"])
-    assert cfg.trainer.max_steps == 7 and cfg.model.overrides.num_layers == 3
+    cfg = compose(overrides=["trainer.max_steps=7", "+model.overrides.num_query_groups=4", "model.overrides.num_layers=2", "++run.name=abc"])
+    assert cfg.trainer.max_steps == 7 and cfg.model.overrides.num_query_groups == 4 and cfg.model.overrides.num_layers == 2
     assert cfg.run.output_dir == "outputs/abc"
     setup = validate(compose(overrides=["algorithm.rollout_gdro.enabled=true", "algorithm.r2vpo.enabled=true"]))
     assert setup.allocator == "rollout_gdro" and setup.loss == "r2vpo"
