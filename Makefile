@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-slurm bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/nemo-gdro train
 
+# tests/slurm needs a Slurm cluster (it starts a private one): `make test-slurm`.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --ignore=tests/slurm $(PYTEST_ARGS)
+
+# Installs Debian's slurm-wlm if missing (root), starts a private slurmctld +
+# slurmd and submits scripts/slurm/train_8b.sh; one job at a time, so no xdist.
+test-slurm: $(STAMP)
+	$(PY) -m pytest -p no:xdist tests/slurm $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/controllers.py

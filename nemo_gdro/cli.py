@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument(
+            "--config-name",
+            default="train",
+            help="config file under nemo_gdro/conf/ (without .yaml); default: train (the tiny CPU run)",
+        )
+        cmd.add_argument(
             "overrides",
             nargs="*",
             help="config overrides: key=value, +key=value (add), ++key=value (add or replace)",
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         from nemo_gdro.trainer.loop import train
 
         try:
-            train(args.overrides)
+            train(args.overrides, config_name=args.config_name)
         except ConfigError as err:
             print(f"nemo-gdro train: configuration error: {err}", file=sys.stderr)
             return 2

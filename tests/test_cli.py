@@ -23,3 +23,8 @@ def test_plot_is_honest_about_not_existing_yet(capsys):
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "nemo_gdro.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "overrides" not in out.stderr
+
+
+def test_unknown_config_name_is_a_clear_error(capsys):
+    assert main(["train", "--config-name=nope"]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Megatron GPT <-> Hugging Face Qwen2/Qwen3 weight layout (TP = PP = 1).
+"""Megatron GPT (any TP/PP layout) <-> Hugging Face Qwen2/Qwen3 weight layout.
 
 Megatron fuses two pairs of projections that HF keeps separate:
 
@@ -14,13 +14,37 @@ Megatron fuses two pairs of projections that HF keeps separate:
 
 The remaining tensors map one to one. Exported tensors are fresh copies
 (``clone``), so the caller may keep them while the model trains on.
+
+Tensor and pipeline parallelism
+-------------------------------
+Both directions go through the TP = PP = 1 Megatron layout ("full", global
+layer numbers). A pipeline stage holds the layers ``layer_number - 1`` of its
+``TransformerLayer``s (local names ``decoder.layers.0..``), the first stage
+the embedding, the last the final norm and output layer (with tied
+embeddings, a copy of the embedding kept equal by Megatron's embedding-group
+all-reduce). Megatron marks each TP-split parameter (``tensor_model_parallel``,
+``partition_dim``): the vocab-parallel embedding and output layer and the
+column-parallel qkv/fc1 split dim 0, the row-parallel proj/fc2 dim 1; norms
+are replicated. Two consequences of the fused layouts:
+
+* qkv: every rank holds whole query groups in order (Megatron requires
+  ``n_kv % tp == 0``), so the full fused tensor is the concatenation of the
+  shards and the per-group split above applies unchanged;
+* fc1: rank ``k`` holds ``[gate_k; up_k]``, so the full ``[gate; up]`` is
+  ``[gate_0 .. gate_{tp-1}; up_0 .. up_{tp-1}]``.
+
+``spec.vocab_size`` is the (padded, TP-divisible) embedding size, so the
+vocab shards concatenate to exactly ``vocab_size`` rows: there are no extra
+padding rows to strip.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 
 from nemo_gdro.models.gpt import GPTSpec
 
@@ -115,17 +139,137 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _check_tp1() -> None:
+# ---------------------------------------------------------------------------- parallel layout
+@dataclass(frozen=True)
+class _Layout:
+    """Where this rank's shard of the model sits (TP/PP sizes, ranks and groups)."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: Any = None
+    pp_size: int = 1
+    pp_group: Any = None
+
+
+def _layout(model: torch.nn.Module) -> _Layout:
+    """The parallel layout of ``model`` (TP = PP = 1 when Megatron's state is not initialised).
+
+    The model's own config records the layout it was built for; a parallel
+    state that disagrees (e.g. a TP=1 model under TP=2) cannot be mapped
+    because the local parameters are not the shards the state implies.
+    """
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
-        if tp != 1 or pp != 1:
-            raise NotImplementedError(
-                f"HF weight mapping supports tensor_parallel=1 and pipeline_parallel=1 only, got tp={tp}, pp={pp} "
-                "(gathering sharded weights is a later issue)"
-            )
+    if not parallel_state.model_parallel_is_initialized():
+        return _Layout()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    config = getattr(model, "config", None)
+    built_tp = getattr(config, "tensor_model_parallel_size", tp)
+    built_pp = getattr(config, "pipeline_model_parallel_size", pp)
+    if (built_tp, built_pp) != (tp, pp):
+        raise NotImplementedError(
+            f"the model was built for tensor_parallel={built_tp}, pipeline_parallel={built_pp} but the parallel "
+            f"state has tp={tp}, pp={pp}; re-sharding a model to another layout is not supported"
+        )
+    if tp == 1 and pp == 1:
+        return _Layout()
+    return _Layout(
+        tp_size=tp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        pp_size=pp,
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+
+
+def _global_names(model: torch.nn.Module) -> dict[str, str]:
+    """Local parameter name -> name in the TP = PP = 1 model (global layer numbers).
+
+    A pipeline stage numbers its layers ``decoder.layers.0..`` locally; each
+    ``TransformerLayer`` knows its 1-based global ``layer_number``.
+    """
+    prefix_map = {
+        f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}."
+        for i, layer in enumerate(model.decoder.layers)
+    }
+    out: dict[str, str] = {}
+    for name, _ in model.named_parameters():
+        out[name] = name
+        if name.startswith("decoder.layers."):
+            local_prefix = ".".join(name.split(".")[:3]) + "."
+            out[name] = prefix_map[local_prefix] + name[len(local_prefix) :]
+    return out
+
+
+def _is_glu_fc1(name: str) -> bool:
+    # Megatron's column-parallel fc1 of a gated MLP holds [gate_k; up_k] on rank k,
+    # so the full [gate; up] is not the plain concatenation of the shards.
+    return name.endswith("mlp.linear_fc1.weight")
+
+
+def _tp_partition_dim(param: torch.Tensor) -> int | None:
+    """The dimension along which Megatron split ``param`` over TP ranks, or ``None`` if replicated."""
+    if getattr(param, "tensor_model_parallel", False):
+        return int(param.partition_dim)
+    return None
+
+
+def _gather_tp(name: str, param: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """Full (TP = 1) tensor of a parameter from its TP shards (a fresh copy on every TP rank).
+
+    Column-parallel weights (qkv, fc1, output layer) and the vocab-parallel
+    embedding are split along dim 0, row-parallel ones (proj, fc2) along dim
+    1. The fused qkv needs no regrouping: each rank holds whole query groups
+    (``[q.., k, v]`` blocks), in order.
+    """
+    dim = _tp_partition_dim(param)
+    local = param.detach()
+    if layout.tp_size == 1 or dim is None:
+        return local.clone()
+    shards = [torch.empty_like(local) for _ in range(layout.tp_size)]
+    dist.all_gather(shards, local.contiguous(), group=layout.tp_group)
+    if _is_glu_fc1(name):
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=dim)
+
+
+def _shard_tp(name: str, full: torch.Tensor, param: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """This TP rank's slice of the full tensor ``full`` for ``param`` (inverse of :func:`_gather_tp`)."""
+    dim = _tp_partition_dim(param)
+    if layout.tp_size == 1 or dim is None:
+        return full
+    k, n = layout.tp_rank, layout.tp_size
+    if _is_glu_fc1(name):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(n, dim=0)[k], up.chunk(n, dim=0)[k]], dim=0)
+    if full.shape[dim] % n != 0:
+        raise ValueError(f"{name!r}: dim {dim} of size {full.shape[dim]} is not divisible by tensor_parallel={n}")
+    return full.chunk(n, dim=dim)[k]
+
+
+def _all_gather_stages(local: dict[str, torch.Tensor], layout: _Layout) -> dict[str, torch.Tensor]:
+    """Union of every pipeline stage's ``local`` dict, on every stage.
+
+    Stage by stage, the source broadcasts the names, shapes and dtypes
+    (one small pickled object) and then each tensor over the PP group.
+    """
+    if layout.pp_size == 1:
+        return local
+    ranks = dist.get_process_group_ranks(layout.pp_group)
+    me = dist.get_rank()
+    device = next(iter(local.values())).device if local else torch.device("cpu")
+    merged = dict(local)
+    for src in ranks:
+        meta: list[Any] = [[(k, tuple(v.shape), v.dtype) for k, v in local.items()] if src == me else None]
+        dist.broadcast_object_list(meta, src=src, group=layout.pp_group)
+        for key, shape, dtype in meta[0]:
+            buf = local[key].contiguous() if src == me else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(buf, src=src, group=layout.pp_group)
+            if src != me:
+                merged[key] = buf
+    return merged
 
 
 def _split_qkv(qkv: torch.Tensor, spec: GPTSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,36 +293,51 @@ def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: GPTSpec) 
     return grouped.reshape(g * (r + 2) * d, *rest)
 
 
-@torch.no_grad()
-def export_to_hf(model: torch.nn.Module, spec: GPTSpec) -> dict[str, torch.Tensor]:
-    """Megatron ``GPTModel`` (possibly DDP-wrapped) -> HF Qwen2/Qwen3 state dict.
-
-    Returns detached copies in the model's dtype and device. With tied
-    embeddings there is no ``lm_head.weight`` (HF ties it on load).
-    """
-    _check_tp1()
-    _check_architecture(spec)
-    params = dict(_unwrap(model).named_parameters())
+def _full_megatron_to_hf(full: Mapping[str, torch.Tensor], spec: GPTSpec) -> dict[str, torch.Tensor]:
+    """TP = PP = 1 Megatron tensors (global names) -> HF names; splits qkv and fc1 (fresh copies)."""
     out: dict[str, torch.Tensor] = {}
     for m_name, h_name in _megatron_to_hf_names(spec).items():
-        if m_name not in params:
+        if m_name not in full:
             raise KeyError(f"Megatron model has no parameter {m_name!r} (needed for {h_name!r})")
-        out[h_name] = params[m_name].detach().clone()
+        out[h_name] = full[m_name].clone()
     for i in range(spec.num_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = _split_qkv(params[m + "self_attention.linear_qkv.weight"], spec)
+        q, k, v = _split_qkv(full[m + "self_attention.linear_qkv.weight"], spec)
         out[h + "self_attn.q_proj.weight"] = q.clone()
         out[h + "self_attn.k_proj.weight"] = k.clone()
         out[h + "self_attn.v_proj.weight"] = v.clone()
         if spec.qkv_bias:
-            qb, kb, vb = _split_qkv(params[m + "self_attention.linear_qkv.bias"], spec)
+            qb, kb, vb = _split_qkv(full[m + "self_attention.linear_qkv.bias"], spec)
             out[h + "self_attn.q_proj.bias"] = qb.clone()
             out[h + "self_attn.k_proj.bias"] = kb.clone()
             out[h + "self_attn.v_proj.bias"] = vb.clone()
-        gate, up = params[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[h + "mlp.gate_proj.weight"] = gate.clone()
         out[h + "mlp.up_proj.weight"] = up.clone()
     return out
+
+
+@torch.no_grad()
+def export_to_hf(model: torch.nn.Module, spec: GPTSpec) -> dict[str, torch.Tensor]:
+    """Megatron ``GPTModel`` (possibly DDP-wrapped, any TP/PP layout) -> full HF Qwen2/Qwen3 state dict.
+
+    Collective over the model-parallel (TP x PP) group when TP or PP > 1:
+    every rank gets the FULL state dict (TP shards gathered, vocab-parallel
+    embedding/output rows concatenated, every stage's layers under their
+    global layer numbers). Returns detached copies in the model's dtype and
+    device. With tied embeddings there is no ``lm_head.weight`` (HF ties it
+    on load); the last stage's duplicate of the embedding is skipped.
+    """
+    _check_architecture(spec)
+    model = _unwrap(model)
+    layout = _layout(model)
+    names = _global_names(model)
+    local: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if spec.tie_word_embeddings and name == "output_layer.weight":
+            continue  # the last stage's copy of the tied embedding (kept equal by Megatron)
+        local[names[name]] = _gather_tp(name, param, layout)
+    return _full_megatron_to_hf(_all_gather_stages(local, layout), spec)
 
 
 def _expected_hf_shapes(spec: GPTSpec) -> dict[str, tuple[int, ...]]:
@@ -215,18 +374,12 @@ def _expected_hf_shapes(spec: GPTSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@torch.no_grad()
-def import_from_hf(model: torch.nn.Module, spec: GPTSpec, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy an HF Qwen2/Qwen3 state dict into a Megatron ``GPTModel`` in place.
+def _hf_to_full_megatron(spec: GPTSpec, hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Validate an HF state dict against ``spec`` and map it to TP = PP = 1 Megatron names (fuses qkv, fc1).
 
-    Values are cast to each parameter's dtype/device. With tied embeddings an
-    ``lm_head.weight`` in the input is accepted only if it equals the
-    embedding (HF state dicts of tied models often carry it). Raises
-    ``KeyError`` naming missing or unexpected keys and ``ValueError`` naming a
-    key whose shape does not match ``spec``.
+    Raises ``KeyError`` naming missing or unexpected keys and ``ValueError``
+    naming a key whose shape does not match ``spec``.
     """
-    _check_tp1()
-    _check_architecture(spec)
     expected = _expected_hf_shapes(spec)
     given = dict(hf_state_dict)
     if spec.tie_word_embeddings and "lm_head.weight" in given:
@@ -242,34 +395,49 @@ def import_from_hf(model: torch.nn.Module, spec: GPTSpec, hf_state_dict: Mapping
         if tuple(given[key].shape) != shape:
             raise ValueError(f"HF tensor {key!r} has shape {tuple(given[key].shape)}, expected {shape}")
 
-    params = dict(_unwrap(model).named_parameters())
-
-    def put(m_name: str, value: torch.Tensor) -> None:
-        if m_name not in params:
-            raise KeyError(f"Megatron model has no parameter {m_name!r}")
-        target = params[m_name]
-        if tuple(target.shape) != tuple(value.shape):
-            raise ValueError(f"Megatron parameter {m_name!r} has shape {tuple(target.shape)}, got {tuple(value.shape)}")
-        target.copy_(value.to(dtype=target.dtype, device=target.device))
-
-    for m_name, h_name in _megatron_to_hf_names(spec).items():
-        put(m_name, given[h_name])
+    full = {m_name: given[h_name] for m_name, h_name in _megatron_to_hf_names(spec).items()}
     for i in range(spec.num_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        put(
-            m + "self_attention.linear_qkv.weight",
-            _fuse_qkv(
-                given[h + "self_attn.q_proj.weight"],
-                given[h + "self_attn.k_proj.weight"],
-                given[h + "self_attn.v_proj.weight"],
-                spec,
-            ),
+        full[m + "self_attention.linear_qkv.weight"] = _fuse_qkv(
+            given[h + "self_attn.q_proj.weight"], given[h + "self_attn.k_proj.weight"],
+            given[h + "self_attn.v_proj.weight"], spec,
         )
         if spec.qkv_bias:
-            put(
-                m + "self_attention.linear_qkv.bias",
-                _fuse_qkv(given[h + "self_attn.q_proj.bias"], given[h + "self_attn.k_proj.bias"],
-                          given[h + "self_attn.v_proj.bias"], spec),
+            full[m + "self_attention.linear_qkv.bias"] = _fuse_qkv(
+                given[h + "self_attn.q_proj.bias"], given[h + "self_attn.k_proj.bias"],
+                given[h + "self_attn.v_proj.bias"], spec,
             )
-        fc1 = torch.cat([given[h + "mlp.gate_proj.weight"], given[h + "mlp.up_proj.weight"]])
-        put(m + "mlp.linear_fc1.weight", fc1)
+        gate, up = given[h + "mlp.gate_proj.weight"], given[h + "mlp.up_proj.weight"]
+        full[m + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
+    return full
+
+
+@torch.no_grad()
+def import_from_hf(model: torch.nn.Module, spec: GPTSpec, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy a full HF Qwen2/Qwen3 state dict into a Megatron ``GPTModel`` in place (any TP/PP layout).
+
+    Every rank passes the same full state dict and takes its own shard: the
+    layers of its pipeline stage (by global layer number) and its TP slice of
+    each partitioned tensor (inverse of :func:`export_to_hf`); no
+    communication. Values are cast to each parameter's dtype/device. With
+    tied embeddings an ``lm_head.weight`` in the input is accepted only if it
+    equals the embedding (HF state dicts of tied models often carry it), and
+    a last pipeline stage's duplicate of the embedding is loaded from it.
+    Raises ``KeyError`` naming missing or unexpected keys and ``ValueError``
+    naming a key whose shape does not match ``spec``.
+    """
+    _check_architecture(spec)
+    full = _hf_to_full_megatron(spec, hf_state_dict)
+    model = _unwrap(model)
+    layout = _layout(model)
+    names = _global_names(model)
+    for name, target in model.named_parameters():
+        global_name = names[name]
+        if spec.tie_word_embeddings and name == "output_layer.weight":
+            global_name = "embedding.word_embeddings.weight"
+        if global_name not in full:
+            raise KeyError(f"Megatron parameter {name!r} ({global_name!r}) has no HF counterpart")
+        value = _shard_tp(name, full[global_name], target, layout)
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(f"Megatron parameter {name!r} has shape {tuple(target.shape)}, got {tuple(value.shape)}")
+        target.copy_(value.to(dtype=target.dtype, device=target.device))

@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_gdro.parallel.launch import detect_launch_env
 from nemo_gdro.parallel.megatron_compat import apply_cpu_compat
 
 __all__ = ["DistInfo", "init_distributed", "destroy_distributed", "is_initialized", "seed_everything", "preserved_rng_state"]
@@ -142,20 +144,29 @@ def init_distributed(
     backend = backend or ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
         raise ValueError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun or srun (Slurm task variables); exported as torchrun-style
+    # variables so env:// and anything else reading RANK/LOCAL_RANK agree.
+    launch = detect_launch_env()
+    launch.export()
+    local_rank = launch.local_rank
+    # With per-task GPU binding (srun --gpus-per-task / --gpu-bind) a task sees
+    # only its own GPU(s), so the local rank indexes modulo the visible count.
+    device_index = local_rank % torch.cuda.device_count() if cuda else 0
     if cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device_index)
 
     if not dist.is_initialized():
         timeout = timedelta(minutes=timeout_minutes)
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if launch.is_distributed:
             dist.init_process_group(
                 backend=backend,
                 init_method=init_method or "env://",
-                rank=int(os.environ["RANK"]),
-                world_size=int(os.environ["WORLD_SIZE"]),
+                rank=launch.rank,
+                world_size=launch.world_size,
                 timeout=timeout,
             )
+            if launch.world_size > 1:
+                print(f"[nemo-gdro] {launch.describe()} on {socket.gethostname()}, backend {backend}", flush=True)
         else:
             _STORE_DIR = tempfile.mkdtemp(prefix="nemo_gdro_dist_")
             store = dist.FileStore(os.path.join(_STORE_DIR, "store"), 1)
@@ -185,7 +196,7 @@ def init_distributed(
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         backend=backend,
-        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+        device=torch.device("cuda", device_index) if cuda else torch.device("cpu"),
     )
 
 

@@ -54,6 +54,15 @@ Patches
    by ``max_norm / (total_norm + 1e-6)`` when that is < 1). The norm itself
    (``get_grad_norm_fp32``) works through patch 1.
 
+4. **Tied embeddings under pipeline parallelism.**
+   ``LanguageModule.setup_embeddings_and_output_layer`` copies the first
+   stage's embedding into the last stage's output layer with an all-reduce
+   over the embedding group, after ``weight.data = weight.data.cuda()`` -- a
+   tensor method no module-level redirection can reach. The replacement runs
+   the original with the embedding-group test answering "no" (so it only
+   zero-fills the last stage's copy and sets the parameter attributes) and
+   then performs the same all-reduce itself, on the tensor's own device.
+
 Megatron behaviour that needs configuration rather than a patch (done by the
 callers): ``TransformerConfig.use_cpu_initialization=True`` on CPU, and
 ``config.finalize_model_grads_func`` must be set or DP ranks never reduce
@@ -245,6 +254,27 @@ def _clip_grad_by_total_norm(
             g.detach().mul_(clip_coeff)
 
 
+def _cpu_setup_embeddings(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wrap ``LanguageModule.setup_embeddings_and_output_layer`` for CPU (patch 4)."""
+
+    @functools.wraps(original)
+    def setup(self: Any) -> None:
+        import torch.distributed as dist
+
+        in_group = dist.is_initialized() and self._is_in_embd_group()
+        # An instance attribute shadows the method for the duration of the original call only.
+        self._is_in_embd_group = lambda: False
+        try:
+            original(self)
+        finally:
+            del self._is_in_embd_group
+        tied = self.share_embeddings_and_output_weights or getattr(self.config, "mtp_num_layers", 0)
+        if in_group and tied and self.config.pipeline_model_parallel_size > 1:
+            dist.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
+
+    return setup
+
+
 def cpu_compat_applied() -> bool:
     """Whether :func:`apply_cpu_compat` has patched megatron in this process."""
     return _APPLIED
@@ -281,5 +311,10 @@ def apply_cpu_compat() -> bool:
     # optimizer.py imported the function by name; rebind its reference too.
     if hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
         optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _cpu_setup_embeddings(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
     _APPLIED = True
     return True

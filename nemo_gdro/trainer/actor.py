@@ -22,6 +22,31 @@ megatron would then divide by the token count it accumulated from the
 ``loss_func`` outputs inside ``finalize_model_grads``, so our finalize
 function passes ``num_tokens=None`` to keep the gradient scale at exactly 1.
 The gradient is therefore independent of the micro-batch size.
+
+Parallel layouts (TP x PP x DP)
+-------------------------------
+Every rank of the job calls every method collectively.
+
+* Data parallel: each DP rank passes ITS OWN rows (its slice of the
+  mini-batch; slices disjoint, together the whole mini-batch); the ranks of
+  one TP x PP model replica pass the same rows. ``loss_fn`` must normalise
+  by counts taken over the whole mini-batch (all-reduce them over
+  :attr:`MegatronActor.dp_group` first), and statistics that define the loss
+  (DynaMO's ``ModulationStats``, R²VPO's centre) must likewise be reduced
+  over DP before the step. DDP then sums the gradients (scale 1), so the
+  update equals that of one rank holding all rows.
+* Tensor parallel: the output layer is vocabulary-parallel; with TP > 1 the
+  default token statistics are :func:`nemo_gdro.parallel.vocab_parallel.make_token_stats_fn`,
+  which reduces per-token scalars over the TP group and never gathers the
+  vocabulary.
+* Pipeline parallel: Megatron's 1F1B schedule with ``[S, b, h]`` activations
+  (every micro-batch must have the same ``b``); logits, token statistics
+  and the loss exist on the last stage only. :meth:`MegatronActor.compute_token_stats`
+  and the dicts returned by :meth:`MegatronActor.forward_backward` /
+  :meth:`MegatronActor.train_step` are broadcast from the last stage, so
+  every rank gets them; a ``loss_fn`` object's own side effects (e.g. its
+  accumulators) happen on the last stage only: report what other ranks
+  need through its metrics.
 """
 
 from __future__ import annotations
@@ -38,6 +63,7 @@ from nemo_gdro.algorithms.dynamo import full_vocab_token_stats
 from nemo_gdro.models.gpt import GPTSpec, build_gpt
 from nemo_gdro.models.hf_mapping import export_to_hf, import_from_hf
 from nemo_gdro.parallel.distributed import preserved_rng_state, seed_everything
+from nemo_gdro.parallel.vocab_parallel import make_token_stats_fn
 
 __all__ = ["OptimConfig", "MegatronActor", "LossFn", "TokenStatsFn"]
 
@@ -123,7 +149,9 @@ class MegatronActor:
             identical; the process's RNG streams are restored afterwards.
         temperature: sampling temperature applied to logits before all statistics.
         params_dtype: parameter dtype (fp32 on CPU, bf16 on GPU).
-        token_stats_fn: logits -> per-token statistics (see :data:`TokenStatsFn`).
+        token_stats_fn: logits -> per-token statistics (see :data:`TokenStatsFn`);
+            default: the full-vocabulary reference with TP = 1 and the
+            vocabulary-parallel one over the TP group with TP > 1.
     """
 
     def __init__(
@@ -134,7 +162,7 @@ class MegatronActor:
         seed: int,
         temperature: float = 1.0,
         params_dtype: torch.dtype = torch.float32,
-        token_stats_fn: TokenStatsFn = full_vocab_token_stats,
+        token_stats_fn: TokenStatsFn | None = None,
     ) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -144,8 +172,26 @@ class MegatronActor:
         self.spec = spec
         self.optim = optim
         self.temperature = float(temperature)
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        if spec.vocab_size % tp_size != 0:
+            raise ValueError(f"model.vocab_size ({spec.vocab_size}) must be divisible by tensor_parallel ({tp_size})")
+        if spec.num_query_groups % tp_size != 0:
+            raise ValueError(
+                f"model.num_query_groups ({spec.num_query_groups}) must be divisible by tensor_parallel ({tp_size})"
+            )
+        if token_stats_fn is None:
+            # With TP > 1 each rank holds a vocabulary slice of the logits.
+            token_stats_fn = full_vocab_token_stats if tp_size == 1 else make_token_stats_fn()
         self.token_stats_fn = token_stats_fn
         self._pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        if spec.num_layers % self._pp_size != 0:
+            raise ValueError(
+                f"model.num_layers ({spec.num_layers}) must be divisible by pipeline_parallel ({self._pp_size})"
+            )
+        self._is_last_stage = parallel_state.is_pipeline_last_stage()
+        self._pp_group = parallel_state.get_pipeline_model_parallel_group()
+        # Global rank of the last stage of this rank's pipeline: the source of every broadcast.
+        self._last_stage_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         self._dp_group = parallel_state.get_data_parallel_group()
 
         # The initial weights depend on ``seed`` only; the caller's RNG streams are left as they were.
@@ -226,6 +272,17 @@ class MegatronActor:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    @property
+    def dp_group(self) -> Any:
+        """The data-parallel process group (reduce global counts and loss statistics over it)."""
+        return self._dp_group
+
+    def _broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Broadcast ``tensor`` (in place on the receivers) from the last pipeline stage."""
+        if self._pp_size > 1:
+            dist.broadcast(tensor, src=self._last_stage_rank, group=self._pp_group)
+        return tensor
 
     def _micro_batches(
         self, tokens: torch.Tensor, extras: Mapping[str, torch.Tensor], micro_batch_size: int | None
@@ -316,17 +373,25 @@ class MegatronActor:
         """Per-token ``logp``, ``entropy``, ``ebar``, each ``[B, S-1]`` fp32 nats, without grad.
 
         Runs in micro-batches of ``micro_batch_size`` (default: the optimizer
-        config's) through Megatron's schedule
-        (forward only). With pipeline parallelism the result lives on the last stage only.
+        config's) through Megatron's schedule (forward only). ``tokens`` are
+        this DP rank's rows; the result covers exactly those rows and is
+        returned on every TP rank and pipeline stage (computed on the last
+        stage, then broadcast over the pipeline group).
         """
+        micro_batches = self._micro_batches(tokens, {}, micro_batch_size)
         self.model.eval()
         try:
-            outputs = self._run_schedule(self._micro_batches(tokens, {}, micro_batch_size), None, forward_only=True)
+            outputs = self._run_schedule(micro_batches, None, forward_only=True)
         finally:
             self.model.train()
-        if not outputs:
-            return {}
-        return {key: torch.cat([o[key] for o in outputs]) for key in ("logp", "entropy", "ebar")}
+        keys = ("logp", "entropy", "ebar")
+        b, s = tokens.shape
+        if self._is_last_stage:
+            stacked = torch.stack([torch.cat([o[key] for o in outputs]).float() for key in keys])
+        else:
+            stacked = torch.empty(len(keys), b, s - 1, dtype=torch.float32, device=self.device)
+        self._broadcast_from_last_stage(stacked)
+        return dict(zip(keys, stacked.unbind(0)))
 
     def forward_backward(
         self,
@@ -340,8 +405,8 @@ class MegatronActor:
 
         After the call every parameter's ``main_grad`` holds the gradient summed
         over micro-batches and DP ranks (see :meth:`gradients`). Returns the loss
-        and metrics summed over micro-batches and DP ranks (only meaningful on
-        the last pipeline stage).
+        and metrics summed over micro-batches and DP ranks, on every rank
+        (broadcast from the last pipeline stage).
         """
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -350,13 +415,21 @@ class MegatronActor:
         return self._reduce_reported(reported)
 
     def _reduce_reported(self, reported: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        if not reported:
-            return {}
-        keys = sorted(reported[0])
-        totals = torch.stack([sum(r[k].to(torch.float64) for r in reported) for k in keys])
-        if dist.get_world_size(self._dp_group) > 1:
-            dist.all_reduce(totals, group=self._dp_group)
-        return {k: float(v) for k, v in zip(keys, totals.tolist())}
+        """Sum the last stage's per-micro-batch reports over micro-batches and DP; share with all stages."""
+        totals: dict[str, float] = {}
+        if self._is_last_stage and reported:
+            keys = sorted(reported[0])
+            summed = torch.stack([sum(r[k].to(torch.float64) for r in reported) for k in keys])
+            if dist.get_world_size(self._dp_group) > 1:
+                # All ranks of this DP group are last-stage ranks: the collective is well formed.
+                dist.all_reduce(summed, group=self._dp_group)
+            totals = {k: float(v) for k, v in zip(keys, summed.tolist())}
+        if self._pp_size > 1:
+            # The metric names are only known on the last stage: ship the small dict as an object.
+            box: list[Any] = [totals]
+            dist.broadcast_object_list(box, src=self._last_stage_rank, group=self._pp_group)
+            totals = box[0]
+        return totals
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """Copies of the accumulated gradients by parameter name (fp32 ``main_grad``)."""
@@ -399,9 +472,9 @@ class MegatronActor:
                 the gradient does not depend on it.
         Returns:
             ``loss`` (sum over micro-batches and DP ranks), ``grad_norm``, ``lr``,
-            ``num_microbatches`` and each metric of ``loss_fn`` summed over
+            ``num_microbatches`` (this rank's) and each metric of ``loss_fn`` summed over
             micro-batches and DP ranks (so metrics, like the loss, should be
-            normalised by global counts).
+            normalised by global counts), identical on every rank.
         """
         out = self.forward_backward(tokens, extras, loss_fn, micro_batch_size=micro_batch_size)
         mbs = self.optim.micro_batch_size if micro_batch_size is None else micro_batch_size
@@ -411,11 +484,17 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ weights and checkpoints
     def export_hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF Qwen2/Qwen3 layout copies of the current weights (TP = PP = 1)."""
+        """The FULL HF Qwen2/Qwen3 state dict of the current weights, on every rank.
+
+        Collective over TP x PP (shards gathered, stages exchanged); copies.
+        """
         return export_to_hf(self.module, self.spec)
 
     def import_hf_state_dict(self, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load HF-layout weights into the model (optimizer state untouched)."""
+        """Load a full HF-layout state dict (every rank passes the same one and takes its shard).
+
+        Optimizer state untouched.
+        """
         import_from_hf(self.module, self.spec, hf_state_dict)
 
     def state_dict(self) -> dict[str, Any]:

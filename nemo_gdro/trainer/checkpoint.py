@@ -268,7 +268,15 @@ class CheckpointManager:
         return out
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, components: dict[str, Any], config_yaml: str | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        components: dict[str, Any],
+        config_yaml: str | None = None,
+        *,
+        per_rank: dict[str, Any] | None = None,
+        group: Any = None,
+    ) -> Path:
         """Write the checkpoint of ``step`` atomically and rotate old ones.
 
         Args:
@@ -283,21 +291,48 @@ class CheckpointManager:
         Returns:
             The final checkpoint directory.
 
+        Distributed (``world_size > 1``): every rank calls ``save`` collectively.
+        ``components`` must be identical on every rank (replicated state); rank
+        0's copy is written. ``per_rank`` holds this rank's own shards (for
+        example its slice of the per-prompt store); they are gathered to rank 0,
+        which alone writes the directory (``{name}.rankRRRRR-of-WWWWW.pt`` per
+        rank) with the same atomic protocol, then all ranks pass a barrier.
+
         Checkpoints with a larger step than ``step`` belong to an abandoned
         timeline (the run was resumed from an older checkpoint); they are moved
         to ``root/abandoned/`` with a warning, so that ``latest()`` keeps
         following this run. Nothing is deleted except by rotation.
         """
-        if self.world_size != 1:
-            raise NotImplementedError(
-                "CheckpointManager.save with world_size > 1 needs a cross-rank barrier before the commit; "
-                "only single-process checkpoints are implemented (see the module docstring for the file layout)"
-            )
+        per_rank = dict(per_rank or {})
+        overlap = sorted(set(per_rank) & set(components))
+        if overlap:
+            raise ValueError(f"checkpoint components {overlap} are given both as shared and per-rank")
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    f"CheckpointManager(world_size={self.world_size}).save needs an initialised torch.distributed"
+                )
+            gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(per_rank, gathered, dst=0, group=group)
+            final = self.step_dir(step)
+            if self.rank == 0:
+                assert gathered is not None
+                final = self._save_files(step, components, config_yaml, gathered)
+            dist.barrier(group=group)
+            return final
+        return self._save_files(step, components, config_yaml, [per_rank])
+
+    def _save_files(
+        self, step: int, components: dict[str, Any], config_yaml: str | None, shards: list[dict[str, Any]]
+    ) -> Path:
+        """Single writer: publish ``components`` and every rank's ``shards`` atomically."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
         if not isinstance(components, dict) or not components:
             raise ValueError("checkpoint components must be a non-empty dict name -> object")
-        for name in components:
+        for name in list(components) + list(shards[0]):
             if not isinstance(name, str) or not _COMPONENT_NAME_RE.match(name) or name in _RESERVED_NAMES:
                 raise ValueError(
                     f"checkpoint component name {name!r} is invalid: use letters, digits, '_', '.', '-' "
@@ -317,9 +352,20 @@ class CheckpointManager:
             files: dict[str, dict[str, Any]] = {}
             comp_files: dict[str, str] = {}
             for name, obj in components.items():
-                fname = shard_file_name(name, self.rank, self.world_size)
+                fname = f"{name}.pt"
                 files[fname] = _torch_save_synced(obj, tmp / fname)
                 comp_files[name] = fname
+            sharded: dict[str, list[str]] = {}
+            world = len(shards)
+            for rank, rank_shards in enumerate(shards):
+                if set(rank_shards) != set(shards[0]):
+                    raise ValueError(
+                        f"rank {rank} passed per-rank components {sorted(rank_shards)}, rank 0 {sorted(shards[0])}"
+                    )
+                for name, obj in rank_shards.items():
+                    fname = shard_file_name(name, rank, world) if world > 1 else f"{name}.shard.pt"
+                    files[fname] = _torch_save_synced(obj, tmp / fname)
+                    sharded.setdefault(name, []).append(fname)
             if config_yaml is not None:
                 files[CONFIG_NAME] = _write_bytes_synced(tmp / CONFIG_NAME, config_yaml.encode("utf-8"))
             manifest = {
@@ -328,6 +374,7 @@ class CheckpointManager:
                 "world_size": self.world_size,
                 "created_unix_s": time.time(),
                 "components": comp_files,
+                "sharded": sharded,
                 "files": files,
             }
             # The manifest is the commit record of the dir's content: written
@@ -478,29 +525,33 @@ class CheckpointManager:
         """Verify ``path`` against its manifest, then load every component.
 
         Returns:
-            name -> object as passed to :meth:`save` (tensors on ``map_location``).
+            name -> object as passed to :meth:`save` (tensors on
+            ``map_location``); a per-rank component comes back as the list of
+            every rank's shard, in rank order, whatever the world size of the
+            saving run was (the caller reshards).
 
         Raises:
             CheckpointError: naming the file that is missing or does not match.
         """
         path = Path(path)
         manifest = verify_checkpoint(path)
-        if manifest.get("world_size", 1) != self.world_size:
-            raise CheckpointError(
-                f"{path}: saved with world_size={manifest.get('world_size')}, loading with "
-                f"world_size={self.world_size}; resharding is not supported"
-            )
         out: dict[str, Any] = {}
+        for name, fnames in manifest.get("sharded", {}).items():
+            out[name] = [self._load_file(path, fname, map_location) for fname in fnames]
         for name, fname in manifest["components"].items():
-            try:
-                # weights_only=False: these files are written by save() above
-                # and hold plain Python objects besides tensors (numpy RNG state,
-                # controller scalars, sampler order). Never point this at
-                # checkpoints from an untrusted source: unpickling runs code.
-                out[name] = torch.load(path / fname, map_location=map_location, weights_only=False)
-            except Exception as e:  # noqa: BLE001 - re-raised with the file named
-                raise CheckpointError(f"{path / fname}: cannot be loaded ({type(e).__name__}: {e})") from e
+            out[name] = self._load_file(path, fname, map_location)
         return out
+
+    @staticmethod
+    def _load_file(path: Path, fname: str, map_location: Any) -> Any:
+        try:
+            # weights_only=False: these files are written by save() above and
+            # hold plain Python objects besides tensors (numpy RNG state,
+            # controller scalars, sampler order). Never point this at
+            # checkpoints from an untrusted source: unpickling runs code.
+            return torch.load(path / fname, map_location=map_location, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise CheckpointError(f"{path / fname}: cannot be loaded ({type(e).__name__}: {e})") from e
 
     @staticmethod
     def read_config(path: Path | str) -> str | None:

@@ -236,8 +236,10 @@ def test_invalid_arguments_are_named(tmp_path: Path) -> None:
         mgr.save(1, {"manifest": 1})
     with pytest.raises(ValueError, match="'a/b'"):
         mgr.save(1, {"a/b": 1})
-    with pytest.raises(NotImplementedError, match="world_size > 1"):
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed"):
         CheckpointManager(tmp_path, rank=1, world_size=2).save(1, {"a": 1})
+    with pytest.raises(ValueError, match="both as shared and per-rank"):
+        mgr.save(1, {"a": 1}, per_rank={"a": 2})
     assert shard_file_name("stats", 3, 8) == "stats.rank00003-of-00008.pt"
     assert shard_file_name("stats", 0, 1) == "stats.pt"
 
@@ -285,3 +287,36 @@ def test_rng_capture_restore_reproduces_draws(tmp_path: Path) -> None:
 def test_restore_rng_names_missing_entries() -> None:
     with pytest.raises(KeyError, match="numpy"):
         restore_rng_state({"python": random.getstate(), "torch_cpu": torch.get_rng_state()})
+
+
+def test_single_process_per_rank_shards_load_as_a_list(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    path = mgr.save(3, {"shared": {"x": 1}}, per_rank={"stats": torch.arange(4)})
+    loaded = mgr.load(path)
+    assert loaded["shared"] == {"x": 1}
+    assert len(loaded["stats"]) == 1 and torch.equal(loaded["stats"][0], torch.arange(4))
+
+
+def _two_rank_save(rank: int, root: str, store: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        mgr = CheckpointManager(root, rank=rank, world_size=2)
+        mgr.save(5, {"shared": {"step": 5}}, per_rank={"stats": torch.full((3,), rank)})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_save_their_shards_atomically(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "ckpt"
+    mp.spawn(_two_rank_save, args=(str(root), str(tmp_path / "store")), nprocs=2, join=True)
+    mgr = CheckpointManager(root)  # a later run of any size reads every shard
+    path = mgr.latest()
+    assert path is not None and path.name == "step_00000005"
+    assert (path / "stats.rank00001-of-00002.pt").is_file()
+    loaded = mgr.load(path)
+    assert loaded["shared"] == {"step": 5}
+    assert [t.tolist() for t in loaded["stats"]] == [[0, 0, 0], [1, 1, 1]]
