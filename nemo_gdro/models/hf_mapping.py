@@ -46,20 +46,14 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from nemo_gdro._optional import import_optional
 from nemo_gdro.models.gpt import GPTSpec
 
 __all__ = ["hf_config", "export_to_hf", "import_from_hf", "hf_key_names"]
 
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "transformers is required for the Hugging Face mapping; install the 'hf' extra "
-            "(pip install 'nemo_gdro[hf]')"
-        ) from exc
-    return transformers
+    return import_optional("transformers", "hf", "the Hugging Face mapping")
 
 
 def _check_architecture(spec: GPTSpec) -> None:

@@ -18,18 +18,12 @@ import threading
 from types import ModuleType
 from typing import Any
 
+from nemo_gdro._optional import import_optional
 from nemo_gdro.rewards.base import Verifier
 
 
 def _import_math_verify() -> ModuleType:
-    try:
-        import math_verify
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "MathVerifier needs the optional dependency math-verify; install it with "
-            "`pip install nemo_gdro[math]` (or `pip install math-verify==0.9.0`)"
-        ) from e
-    return math_verify
+    return import_optional("math_verify", "math", "MathVerifier", hint="or pip install math-verify==0.9.0")
 
 
 def _gold_text(answer: str) -> str:
