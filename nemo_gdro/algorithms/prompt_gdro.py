@@ -22,7 +22,12 @@ import torch
 
 from nemo_gdro.algorithms.bin_index import BinIndex
 from nemo_gdro.algorithms.losses import per_sequence_mean
-from nemo_gdro.algorithms.segments import check_segment_index, segment_count, segment_mean, segment_sum
+from nemo_gdro.algorithms.segments import (
+    check_segment_index,
+    segment_count,
+    segment_mean,
+    segment_sum,
+)
 
 ApplyMode = Literal["advantage_weight", "resample"]
 WeightForm = Literal["normalized", "paper"]

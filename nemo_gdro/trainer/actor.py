@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-from nemo_gdro.algorithms.dynamo import full_vocab_token_stats
+from nemo_gdro.algorithms.token_stats import full_vocab_token_stats
 from nemo_gdro.models.gpt import GPTSpec, build_gpt
 from nemo_gdro.models.hf_mapping import export_to_hf, import_from_hf
 from nemo_gdro.parallel.distributed import preserved_rng_state, seed_everything
@@ -165,7 +165,10 @@ class MegatronActor:
         token_stats_fn: TokenStatsFn | None = None,
     ) -> None:
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+        )
 
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

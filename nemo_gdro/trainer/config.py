@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_gdro.algorithms.advantages import AdvantageConfig
 from nemo_gdro.algorithms.difficulty import DifficultyConfig
-from nemo_gdro.algorithms.dynamo import DynamoAllocationConfig, DynamoModulationConfig
+from nemo_gdro.algorithms.dynamo_allocation import DynamoAllocationConfig
+from nemo_gdro.algorithms.dynamo_modulation import DynamoModulationConfig
 from nemo_gdro.algorithms.losses import PolicyLossConfig, R2VPOConfig
 from nemo_gdro.algorithms.prompt_gdro import PromptGDROConfig
 from nemo_gdro.algorithms.rollout_gdro import RolloutGDROConfig

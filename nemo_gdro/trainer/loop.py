@@ -24,12 +24,21 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_gdro.algorithms.advantages import grpo_advantages, pass_at_k, zero_variance_group_fraction
+from nemo_gdro.algorithms.advantages import (
+    grpo_advantages,
+    pass_at_k,
+    zero_variance_group_fraction,
+)
 from nemo_gdro.algorithms.bin_index import BinIndex
 from nemo_gdro.algorithms.difficulty import DifficultyClassifier
-from nemo_gdro.algorithms.dynamo import DynamoAllocator, ModulationStats, modulation_stats
+from nemo_gdro.algorithms.dynamo_allocation import DynamoAllocator
+from nemo_gdro.algorithms.dynamo_modulation import ModulationStats, modulation_stats
 from nemo_gdro.algorithms.losses import DualVariableController
-from nemo_gdro.algorithms.prompt_gdro import PromptGDRO, failure_signal, learnability_signal
+from nemo_gdro.algorithms.prompt_gdro import (
+    PromptGDRO,
+    failure_signal,
+    learnability_signal,
+)
 from nemo_gdro.algorithms.rollout_gdro import RolloutGDRO
 from nemo_gdro.algorithms.segments import segment_sum
 from nemo_gdro.algorithms.stats import group_outcomes

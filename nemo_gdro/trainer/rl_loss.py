@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nemo_gdro.algorithms.dynamo import DynamoModulationConfig, ModulationStats, modulate_advantages
+from nemo_gdro.algorithms.dynamo_modulation import (
+    DynamoModulationConfig,
+    ModulationStats,
+    modulate_advantages,
+)
 from nemo_gdro.algorithms.losses import (
     PolicyLossConfig,
     R2VPOConfig,

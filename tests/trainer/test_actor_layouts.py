@@ -101,8 +101,15 @@ def _scenario(
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from nemo_gdro.algorithms.dynamo import DynamoModulationConfig, modulation_stats
-    from nemo_gdro.algorithms.losses import DualVariableController, PolicyLossConfig, R2VPOConfig
+    from nemo_gdro.algorithms.dynamo_modulation import (
+        DynamoModulationConfig,
+        modulation_stats,
+    )
+    from nemo_gdro.algorithms.losses import (
+        DualVariableController,
+        PolicyLossConfig,
+        R2VPOConfig,
+    )
     from nemo_gdro.trainer.actor import MegatronActor, OptimConfig
     from nemo_gdro.trainer.rl_loss import MinibatchLoss
 

@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from nemo_gdro.algorithms.dynamo import DynamoModulationConfig, ModulationStats, full_vocab_token_stats, modulation_stats
+from nemo_gdro.algorithms.dynamo_modulation import (
+    DynamoModulationConfig,
+    ModulationStats,
+    modulation_stats,
+)
 from nemo_gdro.algorithms.losses import PolicyLossConfig, R2VPOConfig
+from nemo_gdro.algorithms.token_stats import full_vocab_token_stats
 from nemo_gdro.trainer.rl_loss import MinibatchLoss
 
 R, L, V = 6, 5, 7
