@@ -28,6 +28,7 @@ from nemo_gdro.algorithms._validation import (
     token_advantages,
 )
 from nemo_gdro.algorithms.losses import policy_ratio
+from nemo_gdro.parallel import comm
 
 __all__ = [
     "DynamoModulationConfig",
@@ -195,22 +196,20 @@ class ModulationStats:
             dh_absmax=max(self.dh_absmax, other.dh_absmax),
         )
 
-    def reduce(self, group: Any = None, device: torch.device | str | None = None) -> ModulationStats:
+    def reduce(self, group: Any = None) -> ModulationStats:
         """All-reduce over a ``torch.distributed`` group (``None``: the default group).
 
         One ``all_reduce(MAX)`` of a float64 triple ``(-h_min, h_max,
-        dh_absmax)``. ``device`` is where the buffer lives (a CUDA device for
-        NCCL; CPU by default). Returns ``self`` unchanged when
-        torch.distributed is not initialised and no group was given (one
-        process is its own scope).
+        dh_absmax)`` on the group's backend device (CUDA for NCCL, CPU for
+        gloo). Returns ``self`` unchanged when torch.distributed is not
+        initialised and no group was given (one process is its own scope).
         """
-        if not (dist.is_available() and dist.is_initialized()):
+        if not comm.is_distributed():
             if group is None:
                 return self
             raise RuntimeError("ModulationStats.reduce: a group was given but torch.distributed is not initialised")
-        buf = torch.tensor([-self.h_min, self.h_max, self.dh_absmax], dtype=torch.float64, device=device)
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-        neg_h_min, h_max, dh_absmax = buf.tolist()
+        buf = torch.tensor([-self.h_min, self.h_max, self.dh_absmax], dtype=torch.float64)
+        neg_h_min, h_max, dh_absmax = comm.all_reduce(buf, op=dist.ReduceOp.MAX, group=group).tolist()
         return ModulationStats(h_min=-neg_h_min, h_max=h_max, dh_absmax=dh_absmax)
 
     @property

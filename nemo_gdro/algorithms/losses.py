@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from nemo_gdro.algorithms._validation import bool_mask, is_real, token_advantages
+from nemo_gdro.parallel import comm
 
 __all__ = [
     "LOSS_AGG_MODES",
@@ -350,8 +350,7 @@ def ratio_variance(sum_sq_dev: Scalar, num_tokens: Scalar, group: Any = None) ->
 
     With ``group`` not ``None`` both numbers are summed over that
     ``torch.distributed`` group in a single all-reduce of a float64 pair
-    (on the device of ``sum_sq_dev`` when it is a tensor, so NCCL works with
-    GPU stats). ``group=None`` uses the local values. Returns 0.0 when there
+    (on the group's backend device). ``group=None`` uses the local values. Returns 0.0 when there
     are no tokens.
     """
     device = sum_sq_dev.device if isinstance(sum_sq_dev, torch.Tensor) else torch.device("cpu")
@@ -362,9 +361,9 @@ def ratio_variance(sum_sq_dev: Scalar, num_tokens: Scalar, group: Any = None) ->
         ]
     )
     if group is not None:
-        if not (dist.is_available() and dist.is_initialized()):
+        if not comm.is_distributed():
             raise RuntimeError("ratio_variance: a process group was given but torch.distributed is not initialised")
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        buf = comm.all_reduce(buf, group=group)
     total_sq, total_n = buf.tolist()
     return total_sq / total_n if total_n > 0 else 0.0
 
