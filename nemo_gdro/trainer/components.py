@@ -171,11 +171,10 @@ def build_components(cfg: RunConfig) -> Components:
     temperature = cfg.rollout.temperature
 
     def new_actor(optim: OptimConfig) -> MegatronActor:
-        return MegatronActor(init.spec, optim, seed=cfg.seed, temperature=temperature)
+        return MegatronActor(init.spec, optim, seed=cfg.seed, temperature=temperature, params_dtype=cfg.model.torch_dtype)
 
     actor = new_actor(sft_optim)
-    if init.weights is not None:
-        actor.import_hf_state_dict(init.weights)
+    init.initialize(actor)
     reference = KLReference(lambda: new_actor(rl_optim)) if cfg.algorithm.policy_loss.kl_coef > 0 else NoReference()
 
     hf_cfg = hf_config(init.spec)

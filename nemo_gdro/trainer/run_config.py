@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,6 +31,7 @@ __all__ = [
     "OptimSection",
     "RolloutSection",
     "EvalSection",
+    "CheckpointSection",
     "LoggingSection",
     "RunConfig",
     "build_run_config",
@@ -76,22 +77,38 @@ class ParallelSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """``model``: where the policy comes from (``source``) and its architecture.
+    """``model`` (config group ``model=tiny|hf``): where the policy comes from and its parameter dtype.
 
-    source: a ``model.source`` registry name (``preset``: random init of a
-        :data:`~nemo_gdro.models.gpt.PRESETS` entry with ``overrides``).
+    source: a ``model.source`` registry name: ``preset`` (random init of a
+        :data:`~nemo_gdro.models.gpt.PRESETS` entry with ``overrides``) or
+        ``hf`` (architecture from ``path/config.json``, weights from its safetensors).
+    dtype: parameter dtype of the actor (``float32`` on CPU; ``bfloat16`` on GPU,
+        with fp32 gradients and master weights).
     """
 
     source: str = "preset"
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         from nemo_gdro.models.gpt import PRESETS
         from nemo_gdro.registries import MODEL_SOURCES
 
         MODEL_SOURCES.check(self.source)
-        _require(self.preset in PRESETS, f"model.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.source == "preset":
+            _require(self.preset in PRESETS, f"model.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.source == "hf":
+            _require(bool(self.path), "model.source=hf needs model.path (a Hugging Face checkpoint directory)")
+            _require(not self.overrides, "model.overrides apply to model.source=preset only; the architecture of "
+                     "model.source=hf comes from model.path/config.json")
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -213,6 +230,20 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class CheckpointSection:
+    """``checkpoint``: Hugging Face exports next to the training checkpoints.
+
+    save_hf: at every checkpoint (and the last step) also write
+        ``<output_dir>/hf/step_XXXXXXXX`` (sharded safetensors, config,
+        generation config, tokenizer files), rotated like the checkpoints.
+    hf_dtype: stored dtype (``null``: the actor's parameter dtype).
+    """
+
+    save_hf: bool = False
+    hf_dtype: Literal["float32", "bfloat16"] | None = None
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     """``logging``: TensorBoard, optional wandb (``wandb.init`` kwargs), the progress bar."""
 
@@ -236,6 +267,7 @@ class RunConfig:
     rollout: RolloutSection
     eval: EvalSection
     algorithm: AlgorithmSetup
+    checkpoint: CheckpointSection
     logging: LoggingSection
     tree: DictConfig
 
@@ -257,6 +289,7 @@ _SECTIONS = {
     "optim": OptimSection,
     "rollout": RolloutSection,
     "eval": EvalSection,
+    "checkpoint": CheckpointSection,
     "logging": LoggingSection,
 }
 
