@@ -69,8 +69,16 @@ TASKS = Registry("task", "data.task", {"arithmetic": "nemo_gdro.tasks.arithmetic
 #: ``tokenizer.name``: ``build(section, model_section) -> tokenizer`` (the tokenizer contract).
 TOKENIZERS = Registry("tokenizer", "tokenizer.name", {"char": "nemo_gdro.tasks.tokenizers:build_char_tokenizer"})
 
-#: ``model.source``: ``build(section, tokenizer) -> GPTSpec`` plus optional initial weights.
-MODEL_SOURCES = Registry("model source", "model.source", {"preset": "nemo_gdro.models.sources:PresetSource"})
+#: ``model.source``: ``build(section, tokenizer) -> ModelInit`` (architecture, initial weights).
+MODEL_SOURCES = Registry(
+    "model source",
+    "model.source",
+    {"preset": "nemo_gdro.models.sources:PresetSource", "hf": "nemo_gdro.models.sources:HFSource"},
+)
 
 #: ``rollout.engine``: ``build(context) -> engine`` (the rollout engine contract).
-ROLLOUT_ENGINES = Registry("rollout engine", "rollout.engine", {"hf": "nemo_gdro.rollout.engines:build_hf_engine"})
+ROLLOUT_ENGINES = Registry(
+    "rollout engine",
+    "rollout.engine",
+    {"hf": "nemo_gdro.rollout.engines:build_hf_engine", "vllm": "nemo_gdro.rollout.engines:build_vllm_engine"},
+)

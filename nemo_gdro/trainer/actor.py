@@ -539,9 +539,22 @@ class MegatronActor:
     def import_hf_state_dict(self, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a full HF-layout state dict (every rank passes the same one and takes its shard).
 
-        Optimizer state untouched.
+        Adam moments untouched; the optimizer's fp32 master copies (bf16 params) follow the new weights.
         """
         import_from_hf(self.module, self.spec, hf_state_dict)
+        self.optimizer.reload_model_params()
+
+    def load_hf_weights(self, source: Any) -> None:
+        """Load an HF checkpoint directory (or state dict) straight into this rank's TP/PP shard.
+
+        Collective over the model-parallel group; each rank reads only its slices
+        (:func:`nemo_gdro.models.hf_weights.load_hf_weights`). The fp32 master
+        copies of bf16 parameters are refreshed.
+        """
+        from nemo_gdro.models.hf_weights import load_hf_weights
+
+        load_hf_weights(self.module, self.spec, source)
+        self.optimizer.reload_model_params()
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer and schedule state (live references; ``torch.save`` or deep-copy it)."""

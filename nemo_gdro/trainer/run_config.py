@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,6 +31,7 @@ __all__ = [
     "OptimSection",
     "RolloutSection",
     "EvalSection",
+    "CheckpointSection",
     "LoggingSection",
     "RunConfig",
     "build_run_config",
@@ -76,22 +77,47 @@ class ParallelSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """``model``: where the policy comes from (``source``) and its architecture.
+    """``model`` (config group ``model=tiny|hf``): where the policy comes from and its parameter dtype.
 
-    source: a ``model.source`` registry name (``preset``: random init of a
-        :data:`~nemo_gdro.models.gpt.PRESETS` entry with ``overrides``).
+    source: a ``model.source`` registry name: ``preset`` (random init of a
+        :data:`~nemo_gdro.models.gpt.PRESETS` entry with ``overrides``) or
+        ``hf`` (architecture from ``path/config.json``, weights from its safetensors).
+    dtype: parameter dtype of the actor: ``bfloat16`` (GPU; fp32 gradients and
+        master weights), ``float32``, or ``auto`` (bfloat16 with CUDA, float32 without).
     """
 
     source: str = "preset"
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
+        import torch
+
+        _require(
+            self.dtype != "bfloat16" or torch.cuda.is_available(),
+            "model.dtype=bfloat16 needs CUDA (Megatron's mixed-precision optimizer only wraps CUDA tensors); "
+            "use model.dtype=float32 or auto on CPU",
+        )
         from nemo_gdro.models.gpt import PRESETS
         from nemo_gdro.registries import MODEL_SOURCES
 
         MODEL_SOURCES.check(self.source)
-        _require(self.preset in PRESETS, f"model.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.source == "preset":
+            _require(self.preset in PRESETS, f"model.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.source == "hf":
+            _require(bool(self.path), "model.source=hf needs model.path (a Hugging Face checkpoint directory)")
+            _require(not self.overrides, "model.overrides apply to model.source=preset only; the architecture of "
+                     "model.source=hf comes from model.path/config.json")
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -180,6 +206,10 @@ class RolloutSection:
 
     n: mean rollouts per prompt ``n_bar`` (the step's budget is ``P * n``).
     max_new_tokens: response length cap in tokens.
+    tis_cap: truncated importance sampling for the engine-vs-actor mismatch
+        (FP8 / low-precision rollouts): each token's loss is scaled by
+        ``min(exp(logp_actor_old - logp_engine), tis_cap)``; ``null`` disables.
+    vllm: ``rollout.engine=vllm`` options (:class:`~nemo_gdro.rollout.vllm_engine.VLLMOptions`).
     """
 
     engine: str = "hf"
@@ -188,14 +218,25 @@ class RolloutSection:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 16
+    tis_cap: float | None = None
+    vllm: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from nemo_gdro.registries import ROLLOUT_ENGINES
+        from nemo_gdro.rollout.vllm_engine import VLLMOptions
 
         ROLLOUT_ENGINES.check(self.engine)
         _require(self.n >= 1, f"rollout.n must be a positive integer, got {self.n}")
         _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be a positive integer, got {self.max_new_tokens}")
+        _require(self.tis_cap is None or self.tis_cap > 0, f"rollout.tis_cap must be > 0 or null, got {self.tis_cap}")
         _check_sampling("rollout", self.temperature, self.top_p, self.top_k)
+        options = build_section(VLLMOptions, "rollout.vllm", self.vllm)
+        object.__setattr__(self, "vllm_options", options)
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "rollout.engine=vllm needs vLLM: pip install 'nemo_gdro[vllm]' on GPU hosts (on CPU: make setup-vllm "
+                "and use .venv-vllm)"
+            )
 
 
 @dataclass(frozen=True)
@@ -210,6 +251,20 @@ class EvalSection:
     def __post_init__(self) -> None:
         _require(self.k >= 1, f"eval.k must be a positive integer, got {self.k}")
         _check_sampling("eval", self.temperature, self.top_p, self.top_k)
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """``checkpoint``: Hugging Face exports next to the training checkpoints.
+
+    save_hf: at every checkpoint (and the last step) also write
+        ``<output_dir>/hf/step_XXXXXXXX`` (sharded safetensors, config,
+        generation config, tokenizer files), rotated like the checkpoints.
+    hf_dtype: stored dtype (``null``: the actor's parameter dtype).
+    """
+
+    save_hf: bool = False
+    hf_dtype: Literal["float32", "bfloat16"] | None = None
 
 
 @dataclass(frozen=True)
@@ -236,6 +291,7 @@ class RunConfig:
     rollout: RolloutSection
     eval: EvalSection
     algorithm: AlgorithmSetup
+    checkpoint: CheckpointSection
     logging: LoggingSection
     tree: DictConfig
 
@@ -257,6 +313,7 @@ _SECTIONS = {
     "optim": OptimSection,
     "rollout": RolloutSection,
     "eval": EvalSection,
+    "checkpoint": CheckpointSection,
     "logging": LoggingSection,
 }
 

@@ -54,6 +54,7 @@ class RunState:
         self.c = components
         self.progress = progress
         d = components.dist
+        self.output_dir = output_dir
         self.checkpoints = CheckpointManager(
             output_dir / "checkpoints",
             keep_last=components.cfg.trainer.keep_last_checkpoints,
@@ -83,7 +84,21 @@ class RunState:
         # Under plain DP every rank holds the same model; with TP/PP each holds a slice.
         model_target = per_rank if self.c.model_parallel > 1 else shared
         model_target.update({name: model.state_dict() for name, model in self._models().items()})
-        return self.checkpoints.save(self.progress.step, shared, config_yaml=self.c.cfg.to_yaml(), per_rank=per_rank)
+        path = self.checkpoints.save(self.progress.step, shared, config_yaml=self.c.cfg.to_yaml(), per_rank=per_rank)
+        if self.c.cfg.checkpoint.save_hf:
+            self._save_hf()
+        return path
+
+    def _save_hf(self) -> Path:
+        """``<output_dir>/hf/step_XXXXXXXX`` (collective), rotated like the checkpoints."""
+        from nemo_gdro.trainer.checkpoint import step_dir_name
+        from nemo_gdro.trainer.hf_out import export_live, rotate
+
+        root = self.output_dir / "hf"
+        out = export_live(self.c, root / step_dir_name(self.progress.step), self.c.cfg.checkpoint.hf_dtype)
+        if self.c.dist.rank == 0:
+            rotate(root, self.c.cfg.trainer.keep_last_checkpoints)
+        return out
 
     def load(self, path: Path, enter_rl: Any) -> None:
         """Restore everything from ``path``; ``enter_rl()`` switches the actor to RL first if SFT was done."""

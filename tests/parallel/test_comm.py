@@ -95,7 +95,7 @@ def test_backend_device_follows_the_backend():
 # checksum, which place their buffers with comm.backend_device.
 DIRECT_CALLS_ALLOWED = {
     "parallel/comm.py", "parallel/vocab_parallel.py", "parallel/megatron_compat.py", "parallel/sharded_stats.py",
-    "models/hf_mapping.py", "trainer/actor.py", "trainer/checkpoint.py", "parallel/distributed.py",
+    "models/hf_mapping.py", "models/hf_export.py", "models/hf_weights.py", "trainer/actor.py", "trainer/checkpoint.py", "parallel/distributed.py",
 }
 COLLECTIVE = re.compile(r"\bdist\.(all_reduce|all_gather|broadcast|reduce_scatter|all_gather_into_tensor|reduce)\(")
 
