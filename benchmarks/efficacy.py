@@ -47,10 +47,6 @@ import yaml  # noqa: E402
 DEFAULT_CONFIG = ROOT / "benchmarks" / "efficacy.yaml"
 DEFAULT_WORK = ROOT / "outputs" / "efficacy"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
-# Config sections that determine the SFT warm start (its cache key).
-SFT_KEYS = ("model", "data", "sft", "optim", "parallel", "run.seed", "trainer.micro_batch_size", "rollout.temperature")
-
-
 class BenchmarkConfigError(ValueError):
     """A problem in the benchmark YAML; the message names the file and key."""
 
@@ -67,6 +63,7 @@ class BenchConfig:
     interval: str
     k: int
     testbed: list[str]
+    warm_start: list[str]
     methods: dict[str, list[str]]
     notes: dict[str, str]
     groups: dict[str, list[str]]
@@ -128,6 +125,7 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
         interval=interval,
         k=int(raw.get("k", 4)),
         testbed=str_list(raw.get("testbed"), "testbed"),
+        warm_start=str_list(raw.get("warm_start"), "warm_start"),
         methods=methods,
         notes=notes,
         groups=groups,
@@ -143,117 +141,69 @@ def _short_hash(obj: Any) -> str:
 # ------------------------------------------------------------------- jobs
 @dataclass(frozen=True)
 class RunJob:
+    """One (method, seed) run: its overrides, directory, warm start and length."""
+
     method: str
     seed: int
     overrides: list[str]
     run_dir: Path
-    sft_path: Path
+    sft_dir: Path
     max_steps: int
 
 
-def _run_overrides(testbed: Sequence[str], method_ov: Sequence[str], seed: int, split: str, run_dir: Path) -> list[str]:
-    return [
-        *testbed,
-        *method_ov,
-        f"run.seed={seed}",
-        f"++eval.split={split}",
-        f"run.output_dir={run_dir}",
-        "run.resume=auto",
-    ]
+def _max_steps(overrides: list[str]) -> int:
+    """``trainer.max_steps`` of a run; composes and type-checks its config (a bad override fails here)."""
+    from nemo_gdro.trainer.config import load
 
-
-def _sft_key(overrides: list[str]) -> tuple[str, int]:
-    """(cache key, max_steps) of a run's composed config."""
-    from omegaconf import OmegaConf
-
-    from benchmarks.efficacy_run import compose_run
-
-    cfg = compose_run(overrides)
-    parts = {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True) if OmegaConf.is_config(OmegaConf.select(cfg, k)) else OmegaConf.select(cfg, k) for k in SFT_KEYS}
-    return _short_hash(parts), int(cfg.trainer.max_steps)
+    return int(load("train", overrides).trainer.max_steps)
 
 
 def plan_jobs(
-    cfg: BenchConfig, methods: Sequence[str], seeds: Sequence[int], split: str, work: Path, extra: Sequence[str] = ()
+    cfg: BenchConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    split: str,
+    work: Path,
+    extra: Sequence[str] = (),
+    extra_warm_start: Sequence[str] = (),
 ) -> tuple[dict[Path, list[str]], list[RunJob]]:
-    """The SFT jobs (cache path -> overrides) and the run jobs for ``methods`` x ``seeds``."""
+    """The warm-start jobs (directory -> overrides) and the runs of ``methods`` x ``seeds``.
+
+    Directories are named by a hash of what defines them, so a changed testbed
+    or method never reuses stale results, and finished ones are reused.
+    """
+    from benchmarks.efficacy_run import method_overrides, sft_overrides
+
     testbed = [*cfg.testbed, *extra]
+    warm = [*cfg.warm_start, *extra_warm_start]
     sft_jobs: dict[Path, list[str]] = {}
     runs: list[RunJob] = []
-    for method in methods:
-        tag = _short_hash([testbed, cfg.methods[method]])
-        for seed in seeds:
+    for seed in seeds:
+        sft_dir = work / "sft" / f"seed{seed}-{_short_hash([testbed, warm])}"
+        sft_jobs[sft_dir] = sft_overrides(testbed, warm, seed, sft_dir)
+        for method in methods:
+            tag = _short_hash([testbed, warm, cfg.methods[method]])
             run_dir = work / "runs" / split / f"{method}-{tag}" / f"seed{seed}"
-            ov = _run_overrides(testbed, cfg.methods[method], seed, split, run_dir)
-            key, max_steps = _sft_key(ov)
-            sft_path = work / "sft" / f"seed{seed}-{key}.pt"
-            sft_jobs.setdefault(sft_path, [*testbed, f"run.seed={seed}", f"run.output_dir={work / 'sft' / f'seed{seed}-{key}'}"])
-            runs.append(RunJob(method, seed, ov, run_dir, sft_path, max_steps))
+            ov = method_overrides(testbed, cfg.methods[method], seed, split, sft_dir, run_dir)
+            runs.append(RunJob(method, seed, ov, run_dir, sft_dir, 0))
+    # Every run of the plan has the same length; compose once per method to check the overrides early.
+    steps = {m: _max_steps(next(r.overrides for r in runs if r.method == m)) for m in methods}
+    runs = [RunJob(r.method, r.seed, r.overrides, r.run_dir, r.sft_dir, steps[r.method]) for r in runs]
     return sft_jobs, runs
-
-
-def run_finished(run_dir: Path, max_steps: int) -> bool:
-    """True when ``run_dir`` holds an evaluation at ``max_steps`` (the run's last step)."""
-    from nemo_gdro.trainer.metrics import EVAL_FILE, read_jsonl
-
-    return any(int(e.get("step", -1)) == max_steps and "eval/pass@1" in e for e in read_jsonl(run_dir / EVAL_FILE))
-
-
-# ------------------------------------------------------------- the workers
-def _init_worker() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["MKL_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
-    from nemo_gdro.cli import _quiet_third_party_warnings
-
-    _quiet_third_party_warnings()
-
-
-def _redirect(log_path: Path) -> None:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-
-
-def _sft_job(overrides: list[str], path: str) -> dict[str, Any]:
-    from benchmarks.efficacy_run import compose_run, prepare_sft
-
-    _redirect(Path(path).with_suffix(".log"))
-    t0 = time.perf_counter()
-    metrics = prepare_sft(compose_run(overrides), path)
-    return {"wall_s": time.perf_counter() - t0, **metrics}
-
-
-def _run_job(overrides: list[str], sft_path: str, run_dir: str, keep_checkpoints: bool) -> dict[str, Any]:
-    import shutil
-
-    from benchmarks.efficacy_run import compose_run, run_one
-
-    _redirect(Path(run_dir) / "run.log")
-    t0 = time.perf_counter()
-    out = run_one(compose_run(overrides), sft_path)
-    if not keep_checkpoints:
-        shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
-    out["wall_s"] = time.perf_counter() - t0
-    return out
 
 
 def execute(
     sft_jobs: Mapping[Path, list[str]], runs: Sequence[RunJob], workers: int, keep_checkpoints: bool = False
 ) -> list[str]:
-    """Run the SFT jobs, then each run once its seed's SFT weights exist. Returns failure messages."""
+    """Run the warm starts, then each run as soon as its seed's warm start exists. Returns failure messages."""
+    from benchmarks.efficacy_run import init_worker, run_finished, sft_ready, train_job
+
     pending_runs = [r for r in runs if not run_finished(r.run_dir, r.max_steps)]
     skipped = len(runs) - len(pending_runs)
-    needed = {r.sft_path for r in pending_runs}
-    todo_sft = {p: ov for p, ov in sft_jobs.items() if p in needed and not p.is_file()}
+    needed = list(dict.fromkeys(r.sft_dir for r in pending_runs))
+    todo_sft = [p for p in needed if not sft_ready(p)]
     print(
-        f"[efficacy] {len(pending_runs)} runs to do ({skipped} already finished), {len(todo_sft)} SFT warm starts, "
+        f"[efficacy] {len(pending_runs)} runs to do ({skipped} already finished), {len(todo_sft)} warm starts, "
         f"{workers} worker process(es)",
         flush=True,
     )
@@ -261,21 +211,24 @@ def execute(
     if not pending_runs:
         return failures
     t_start = time.perf_counter()
-    ctx = get_context("spawn")
-    waiting = {p: [r for r in pending_runs if r.sft_path == p] for p in needed}
+    waiting = {p: [r for r in pending_runs if r.sft_dir == p] for p in needed}
     futures: dict[Future, tuple[str, Any]] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+    # A fresh process per job: each run initialises (and tears down) its own torch.distributed world.
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=init_worker, max_tasks_per_child=1
+    )
+    with pool:
 
         def submit_runs(path: Path) -> None:
             for r in waiting.pop(path, []):
-                fut = pool.submit(_run_job, r.overrides, str(r.sft_path), str(r.run_dir), keep_checkpoints)
-                futures[fut] = ("run", r)
+                futures[pool.submit(train_job, r.overrides, str(r.run_dir), keep_checkpoints)] = ("run", r)
 
+        # Warm starts first (every run waits on one), then the runs whose warm start is ready.
+        for path in todo_sft:
+            futures[pool.submit(train_job, sft_jobs[path], str(path), keep_checkpoints)] = ("sft", path)
         for path in needed:
-            if path in todo_sft:
-                futures[pool.submit(_sft_job, todo_sft[path], str(path))] = ("sft", path)
-        for path in [p for p in needed if p not in todo_sft]:
-            submit_runs(path)
+            if path not in todo_sft:
+                submit_runs(path)
         done_count = 0
         while futures:
             finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
@@ -284,20 +237,27 @@ def execute(
                 elapsed = time.perf_counter() - t_start
                 try:
                     result = fut.result()
+                    if kind == "sft" and not sft_ready(what):
+                        raise RuntimeError(f"the warm start wrote no export at {what}")
                 except Exception as err:  # a failed job is reported; the others go on
-                    label = what.name if kind == "sft" else f"{what.method} seed {what.seed} ({what.run_dir}/run.log)"
-                    failures.append(f"{kind} {label}: {type(err).__name__}: {err}")
+                    label = what.name if kind == "sft" else f"{what.method} seed {what.seed}"
+                    log = what.with_name(what.name + ".log") if kind == "sft" else what.run_dir.with_name(what.run_dir.name + ".log")
+                    failures.append(f"{kind} {label}: {type(err).__name__}: {err} (log: {log})")
                     print(f"[efficacy] FAILED {failures[-1]}", flush=True)
                     if kind == "sft":
                         for r in waiting.pop(what, []):
-                            failures.append(f"run {r.method} seed {r.seed}: skipped, its SFT warm start failed")
+                            failures.append(f"run {r.method} seed {r.seed}: skipped, its warm start failed")
                     continue
+                ev = result.get("final_eval", {})
                 if kind == "sft":
-                    print(f"[efficacy] {elapsed:6.0f}s SFT {what.name} ready ({result.get('wall_s', 0):.0f} s)", flush=True)
+                    print(
+                        f"[efficacy] {elapsed:6.0f}s warm start {what.name} ready ({result['wall_s']:.0f} s; "
+                        f"validation pass@1 at the end of SFT: see {what}/eval.jsonl)",
+                        flush=True,
+                    )
                     submit_runs(what)
                 else:
                     done_count += 1
-                    ev = result.get("final_eval", {})
                     print(
                         f"[efficacy] {elapsed:6.0f}s run {done_count}/{len(pending_runs)} {what.method} seed {what.seed}: "
                         f"pass@1 {ev.get('eval/pass@1', math.nan):.3f} ({result['wall_s']:.0f} s)",
@@ -307,11 +267,47 @@ def execute(
 
 
 # ----------------------------------------------------------------- report
+def start_check(runs: Sequence[RunJob], split: str) -> dict[str, Any]:
+    """Do the runs of a seed start from the same policy?
+
+    Every method of a seed loads its warm start's export and evaluates at step
+    0 with the same seed, so their step-0 evaluations must agree exactly; on
+    the validation split they must also equal the warm-start job's own
+    evaluation at the end of SFT. Returns the largest disagreement of pass@1.
+    """
+    from nemo_gdro.trainer.metrics import EVAL_FILE, read_jsonl
+
+    def step0(path: Path) -> float | None:
+        rows = [e for e in read_jsonl(path / EVAL_FILE) if int(e.get("step", -1)) == 0 and "eval/pass@1" in e]
+        return float(rows[-1]["eval/pass@1"]) if rows else None
+
+    per_seed: dict[str, Any] = {}
+    worst_methods, worst_sft = 0.0, 0.0
+    for seed in sorted({r.seed for r in runs}):
+        mine = [r for r in runs if r.seed == seed and (r.run_dir / EVAL_FILE).is_file()]
+        values = {r.method: step0(r.run_dir) for r in mine}
+        values = {m: v for m, v in values.items() if v is not None}
+        entry: dict[str, Any] = {"methods": values}
+        if values:
+            worst_methods = max(worst_methods, max(values.values()) - min(values.values()))
+        if split == "validation" and mine and (mine[0].sft_dir / EVAL_FILE).is_file():
+            sft = step0(mine[0].sft_dir)
+            entry["warm_start_job"] = sft
+            if sft is not None and values:
+                worst_sft = max(worst_sft, max(abs(v - sft) for v in values.values()))
+        per_seed[str(seed)] = entry
+    out: dict[str, Any] = {"max_spread_across_methods": worst_methods, "per_seed": per_seed}
+    if split == "validation":
+        out["max_diff_to_warm_start_job"] = worst_sft
+    return out
+
+
 def report(
     cfg: BenchConfig, runs: Sequence[RunJob], split: str, results: Path, meta: Mapping[str, Any], stem: str = "efficacy"
 ) -> dict[str, Any]:
     """Build the JSON, Markdown and plots from the finished runs."""
     from benchmarks import efficacy_report as er
+    from benchmarks.efficacy_run import run_finished
 
     data: dict[str, list[er.RunData]] = {}
     for r in runs:
@@ -321,19 +317,25 @@ def report(
         raise RuntimeError(f"no finished run of the baseline {cfg.baseline!r}: nothing to compare against")
     order = [m for m in dict.fromkeys(r.method for r in runs) if m in data]
     opts = er.ReportOptions(baseline=cfg.baseline, k=cfg.k, interval=cfg.interval, method_notes=cfg.notes)
-    full_meta = {**meta, "split": split, "methods_overrides": {m: cfg.methods[m] for m in order}, "testbed": cfg.testbed}
+    full_meta = {
+        **meta,
+        "split": split,
+        "methods_overrides": {m: cfg.methods[m] for m in order},
+        "testbed": cfg.testbed,
+        "warm_start": cfg.warm_start,
+        "start_check": start_check([r for r in runs if r.method in data], split),
+    }
     rep = er.build_report({m: data[m] for m in order}, opts, full_meta)
     results.mkdir(parents=True, exist_ok=True)
     er.write_json(rep, results / f"{stem}.json")
-    panels = {p: [m for m in names if m in data] for p, names in cfg.panels.items()} or {"all": order}
+    panels = {p: [m for m in names if m in data] for p, names in cfg.panels.items()}
+    panels = {p: names for p, names in panels.items() if names} or {"all": order}
     er.plot_curves(rep, results / f"{stem}_curves.png", panels)
     er.plot_gains(rep, results / f"{stem}_gains.png")
-    md = [f"# Efficacy benchmark ({split} split)\n", er.markdown_table(rep), "\n## Final pass@1 per difficulty band\n",
-          er.markdown_bands(rep), f"\n## Bin occupancy of {cfg.baseline} (prompt share per bin, mean over seeds)\n",
-          er.markdown_occupancy(rep, cfg.baseline)]
-    (results / f"{stem}.md").write_text("\n".join(md), encoding="utf-8")
+    er.plot_occupancy(rep, results / f"{stem}_occupancy.png")
+    (results / f"{stem}.md").write_text(er.markdown_report(rep, f"Efficacy benchmark ({split} split)"), encoding="utf-8")
     print(er.markdown_table(rep), flush=True)
-    print(f"[efficacy] report: {results / (stem + '.json')} (+ .md, _curves.png, _gains.png)", flush=True)
+    print(f"[efficacy] report: {results / (stem + '.json')} (+ .md, _curves.png, _gains.png, _occupancy.png)", flush=True)
     return rep
 
 
@@ -344,10 +346,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--group", default="main", help="method group of the YAML to run (default: main)")
     p.add_argument("--methods", default=None, help="comma-separated method names (overrides --group)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the YAML's)")
-    p.add_argument("--split", default="eval", choices=("eval", "validation"), help="where runs are evaluated")
-    p.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: the YAML's)")
-    p.add_argument("--work-dir", default=None, help=f"runs and SFT caches (default: {DEFAULT_WORK})")
+    p.add_argument("--split", default="eval", choices=("eval", "validation"),
+                   help="held-out split the runs report (choose settings on validation, report on eval)")
+    p.add_argument("--workers", type=int, default=None, help="parallel worker processes, one thread each (default: the YAML's)")
+    p.add_argument("--work-dir", default=None, help=f"runs and warm starts (default: {DEFAULT_WORK})")
     p.add_argument("--results", default=None, help=f"report directory (default: {DEFAULT_RESULTS})")
+    p.add_argument("--stem", default=None, help="file name stem of the report (default: efficacy[_validation])")
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run (repeatable)")
     p.add_argument("--quick", action="store_true", help="a ~2-minute smoke of the whole pipeline (tiny budgets)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
@@ -362,15 +366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchmarkConfigError as err:
         print(f"efficacy.py: {err}", file=sys.stderr)
         return 2
-    extra = list(args.extra)
+    extra, extra_warm = list(args.extra), []
     if args.quick:
         q = cfg.quick
         methods = list(q.get("methods") or cfg.groups.get("main") or cfg.methods)
-        seeds = [int(s) for s in q.get("seeds", [0, 1])]
+        seeds = [int(s) for s in (args.seeds.split(",") if args.seeds else q.get("seeds", [0, 1]))]
         extra = [*(q.get("overrides") or []), *extra]
+        extra_warm = list(q.get("warm_start") or [])
         workers = int(args.workers or q.get("workers", 2))
-        tmp = None if args.work_dir else tempfile.mkdtemp(prefix="efficacy-quick-")
-        work = Path(args.work_dir or tmp)
+        work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="efficacy-quick-"))
         results = Path(args.results) if args.results else work / "results"
     else:
         if args.methods:
@@ -391,28 +395,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.baseline not in methods:
         methods = [cfg.baseline, *methods]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sft_jobs, runs = plan_jobs(cfg, methods, seeds, args.split, work.resolve(), extra)
+    from nemo_gdro.typed_config import ConfigError
+
+    try:
+        sft_jobs, runs = plan_jobs(cfg, methods, seeds, args.split, work.resolve(), extra, extra_warm)
+    except ConfigError as err:  # a bad override fails here, before any job starts
+        print(f"efficacy.py: {cfg.path}: {err}", file=sys.stderr)
+        return 2
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     failures: list[str] = []
     if not args.report_only:
         failures = execute(sft_jobs, runs, workers, args.keep_checkpoints)
     wall = time.perf_counter() - t0
-    stem = "efficacy" if args.split == "eval" else f"efficacy_{args.split}"
-    if args.quick:
-        stem = "efficacy_quick"
+    stem = args.stem or ("efficacy_quick" if args.quick else "efficacy" if args.split == "eval" else f"efficacy_{args.split}")
     meta = {
         "config": str(cfg.path.relative_to(ROOT) if cfg.path.is_relative_to(ROOT) else cfg.path),
+        "methods": methods,
         "seeds": seeds,
         "workers": workers,
         "wall_s": None if args.report_only else wall,
         "cpu_count": os.cpu_count(),
+        "load_avg_at_start": load_start,
         "load_avg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "extra_overrides": extra,
         "quick": bool(args.quick),
     }
     try:
         report(cfg, runs, args.split, results, meta, stem)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         print(f"efficacy.py: {err}", file=sys.stderr)
         failures.append(str(err))
     if failures:

@@ -173,7 +173,9 @@ def method_summary(runs: Sequence[RunData], opts: ReportOptions) -> dict[str, An
         f"auc_pass@{opts.k}": [auc(r.eval_steps, r.eval[pk]) if pk in r.eval else math.nan for r in runs],
         "start_pass@1": [r.eval[p1][0] for r in runs],
         "zero_variance_groups": [_nanmean(r.train.get("train/zero_variance_groups", [])) for r in runs],
-        "controller_ms_per_step": [_nanmean(r.train.get("time/controller_ms", [])) for r in runs],
+        "controller_ms_per_step": [_nanmean(r.train.get("time/controllers_ms", [])) for r in runs],
+        "reward_mean": [_nanmean(r.train.get("train/reward_mean", [])) for r in runs],
+        "final_reward_mean": [_nanmean(r.train.get("train/reward_mean", [])[-10:]) for r in runs],
         "step_s": [_nanmean(r.train.get("time/step_s", [])) for r in runs],
         "rollouts": [r.cum_rollouts[-1] if r.cum_rollouts else 0.0 for r in runs],
         "response_tokens": [r.cum_tokens[-1] if r.cum_tokens else 0.0 for r in runs],
@@ -190,6 +192,8 @@ def method_summary(runs: Sequence[RunData], opts: ReportOptions) -> dict[str, An
         "curve": _mean_curve(runs, p1, opts),
         f"curve_pass@{opts.k}": _mean_curve(runs, pk, opts),
         "bin_occupancy": bin_occupancy(runs, opts.occupancy_chunks),
+        "budget_share": bin_occupancy(runs, opts.occupancy_chunks, "bins/budget_share/"),
+        "diagnostics": diagnostics(runs),
     }
 
 
@@ -201,12 +205,12 @@ def _mean_curve(runs: Sequence[RunData], key: str, opts: ReportOptions) -> dict[
     return {"steps": list(steps), "mean": [c.mean for c in cols], "lo": [c.lo for c in cols], "hi": [c.hi for c in cols]}
 
 
-def bin_occupancy(runs: Sequence[RunData], chunks: int) -> dict[str, Any]:
-    """Mean prompt share per difficulty bin over ``chunks`` equal step ranges (and per step).
+def bin_occupancy(runs: Sequence[RunData], chunks: int, prefix: str = "bins/prompt_share/") -> dict[str, Any]:
+    """Mean share per difficulty bin (``prefix``: prompt or budget share) over ``chunks`` equal step ranges and per step.
 
-    Returns ``{"ranges": [[first, last], ...], "share": [[share of bin b] per range], "per_step": ...}``.
+    Returns ``{"bins": [...], "ranges": [[first, last], ...], "share": [[share of bin b] per range], "per_step": [T][B]}``.
     """
-    keys = sorted({k for r in runs for k in r.train if k.startswith("bins/prompt_share/")}, key=lambda k: int(k.rsplit("/", 1)[1]))
+    keys = sorted({k for r in runs for k in r.train if k.startswith(prefix)}, key=lambda k: int(k.rsplit("/", 1)[1]))
     if not keys:
         return {}
     steps = runs[0].steps
@@ -219,6 +223,18 @@ def bin_occupancy(runs: Sequence[RunData], chunks: int) -> dict[str, Any]:
             share.append(np.nanmean(mat[:, a:b], axis=1).round(4).tolist())
     return {"bins": [int(k.rsplit("/", 1)[1]) for k in keys], "ranges": ranges, "share": share,
             "per_step": mat.T.round(4).tolist()}
+
+
+#: Per-step controller diagnostics summarised per method (mean over steps and seeds), when a run logs them.
+DIAGNOSTIC_PREFIXES = (
+    "prompt_gdro/", "rollout_gdro/", "dynamo/", "r2vpo/", "replay/", "alloc/", "policy/", "actor/", "train/",
+)
+
+
+def diagnostics(runs: Sequence[RunData]) -> dict[str, float]:
+    """Mean over steps (then over seeds) of every scalar controller / training diagnostic the runs logged."""
+    keys = sorted({k for r in runs for k in r.train if k.startswith(DIAGNOSTIC_PREFIXES) and "/n_hist/" not in k})
+    return {k: _nanmean([_nanmean(r.train.get(k, [])) for r in runs]) for k in keys}
 
 
 def paired_gain(method: Sequence[RunData], base: Sequence[RunData], value, opts: ReportOptions) -> dict[str, Any]:
@@ -269,8 +285,11 @@ def build_report(runs: Mapping[str, Sequence[RunData]], opts: ReportOptions, met
         s["gain_auc_pass@1"] = paired_gain(rs, base, lambda r: auc(r.eval_steps, r.eval[p1]), opts)
         s["reach_baseline_final"] = reach_target(rs, target)
         methods[name] = s
+    rollouts = {name: sorted({r.cum_rollouts[-1] if r.cum_rollouts else 0.0 for r in rs}) for name, rs in runs.items()}
     return {
         "meta": dict(meta),
+        "equal_total_rollouts": len({x for v in rollouts.values() for x in v}) == 1,
+        "total_rollouts_per_run": rollouts,
         "baseline": opts.baseline,
         "k": opts.k,
         "interval": f"95% {'Student t' if opts.interval == 't' else 'percentile bootstrap'} over seeds",
@@ -360,6 +379,52 @@ def markdown_occupancy(report: Mapping[str, Any], method: str) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def markdown_costs(report: Mapping[str, Any]) -> str:
+    """Rollouts / tokens to reach the baseline's final pass@1, totals, zero-variance fraction, reward, timings."""
+    k = report["k"]
+    head = (
+        f"| method | gain pass@{k} (rel. %) | rollouts to baseline final (median) | tokens to baseline final (median) "
+        "| total rollouts | total response tokens | train reward (mean) | step s |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for name, s in report["methods"].items():
+        reach, c = s["reach_baseline_final"], s["ci"]
+        r_txt = _reach_txt(reach, "median_rollouts")
+        t_txt = _reach_txt(reach, "median_tokens")
+        rows.append(
+            f"| {name} | {_pm(s[f'gain_final_pass@{k}']['rel'], 100, 1)} | {r_txt} | {t_txt} "
+            f"| {c['rollouts']['mean']:.0f} | {c['response_tokens']['mean']:.0f} | {_pm(c['reward_mean'])} | {_pm(c['step_s'], 1, 2)} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def _reach_txt(reach: Mapping[str, Any], key: str) -> str:
+    med = reach.get(key)
+    if med is None or not math.isfinite(med):
+        return f"not reached (0/{reach['runs']})"
+    return f"{med / 1e3:.1f}k ({reach['reached']}/{reach['runs']})"
+
+
+def markdown_report(report: Mapping[str, Any], title: str) -> str:
+    """The whole report as Markdown: main table, costs, bands, occupancy of every method, start check."""
+    parts = [f"# {title}\n", f"Intervals: {report['interval']}; gains are paired by seed. "
+             f"Baseline final pass@1: {report['baseline_final_pass@1']:.3f}. "
+             f"Equal total rollouts in every run: {report['equal_total_rollouts']}.\n",
+             markdown_table(report), "\n## Costs\n", markdown_costs(report),
+             "\n## Final pass@1 per difficulty band (mean over seeds)\n", markdown_bands(report)]
+    for name in report["methods"]:
+        occ = markdown_occupancy(report, name)
+        if occ:
+            parts += [f"\n## Bin occupancy: {name} (prompt share per bin, mean over seeds)\n", occ]
+    check = report["meta"].get("start_check")
+    if check:
+        parts.append(f"\n## Start check\n\nLargest spread of step-0 pass@1 across the methods of a seed: "
+                     f"{check['max_spread_across_methods']:.4g}" + (
+                         f"; largest difference to the warm-start job's own evaluation: {check['max_diff_to_warm_start_job']:.4g}"
+                         if "max_diff_to_warm_start_job" in check else "") + ".\n")
+    return "\n".join(parts)
+
+
 # ------------------------------------------------------------------- plots
 def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str], panels: Mapping[str, Sequence[str]]) -> Path:
     """Held-out pass@1 over steps, mean and 95% band over seeds; one panel per method family."""
@@ -422,3 +487,34 @@ def plot_gains(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
 
 def _or_nan(v: float | None) -> float:
     return math.nan if v is None else float(v)
+
+
+def plot_occupancy(report: Mapping[str, Any], path: str | os.PathLike[str], methods: Sequence[str] | None = None) -> Path:
+    """Step x bin heatmaps of the prompt share (mean over seeds), one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in (methods or report["methods"]) if report["methods"][n].get("bin_occupancy")]
+    cols = min(4, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    image = None
+    for ax, name in zip(axes.flat, names):
+        occ = report["methods"][name]["bin_occupancy"]
+        mat = np.asarray(occ["per_step"], dtype=np.float64).T  # [B, T]
+        image = ax.imshow(mat, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("RL step", fontsize=8)
+        ax.set_ylabel("bin (0 = hardest)", fontsize=8)
+        ax.set_yticks(range(len(occ["bins"])), [str(b) for b in occ["bins"]], fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="prompt share")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

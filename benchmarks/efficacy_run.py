@@ -1,204 +1,118 @@
-"""One run of the efficacy benchmark: the real ``Trainer`` on the testbed splits.
+"""The jobs of the efficacy benchmark: one warm start per seed, then one run per (method, seed).
 
-What this adds to ``nemo_gdro.trainer.loop.Trainer`` (benchmark-side, until the
-loop reads these keys itself; see ``TESTBED_KEYS``):
+Both are ordinary ``nemo-gdro train`` runs (``nemo_gdro.trainer.loop.train``)
+built from override lists; nothing here changes how a run trains.
 
-- the testbed data: an RL pool revisited many times, a held-out eval split, a
-  validation split for choosing settings, and an SFT pool disjoint from all
-  three (``nemo_gdro.data.dataset.arithmetic_splits``), read from ``data.*``
-  keys added with ``++`` overrides; ``eval.split`` picks what is evaluated;
-- a warm start shared by every method of a seed: ``prepare_sft`` trains SFT
-  once and writes the exported HF weights; a run given ``sft_weights`` loads
-  them instead of training SFT again;
-- controller time: wall time spent inside the controllers (classifier, store,
-  Prompt-GDRO, bin index, Rollout-GDRO, DynaMO allocator, R2VPO multiplier,
-  replay buffer, loss signal), logged per step as ``time/controller_ms``.
+- warm start (``sft_overrides``): the testbed's SFT on the SFT pool (disjoint
+  from the RL pool), one RL step (the loop needs ``max_steps >= 1``), and an HF
+  export of the weights at the end of SFT: ``<dir>/hf/step_00000000``
+  (``checkpoint.save_hf``). It evaluates on the validation split.
+- method run (``method_overrides``): the testbed and the method's overrides,
+  starting from that export (``model=hf ... sft.steps=0``), so every method of a
+  seed starts from the same weights and sees the same data.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
-
-from nemo_gdro.data.arithmetic import ArithmeticConfig
-from nemo_gdro.data.dataset import ArithmeticSplits, PromptDataset, arithmetic_splits
-from nemo_gdro.trainer.loop import Trainer
-
-# data.* / eval.* keys the testbed reads (absent keys: the loop's defaults).
-TESTBED_KEYS = (
-    "data.num_validation",
-    "data.num_sft",
-    "data.unique_train",
-    "data.digit_probs",
-    "data.op_probs",
-    "data.max_mul_digits",
-    "data.sft_digit_probs",
-    "eval.split",
-)
-
-# (attribute of the trainer, methods of it that are controller work).
-_TIMED: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("classifier", ("classify",)),
-    ("store", ("observe",)),
-    ("prompt_gdro", ("sample_prompts", "response_weights", "importance_weights", "observe")),
-    ("bin_index", ("move",)),
-    ("rollout_gdro", ("allocate", "observe")),
-    ("dynamo", ("allocate", "refresh_epoch")),
-    ("dual", ("update",)),
-    ("replay", ("evict", "sample", "add")),
-)
+#: Where a warm start's weights are, relative to its run directory.
+SFT_EXPORT = Path("hf") / "step_00000000"
+#: Overrides of every benchmark job (quiet logs, no TensorBoard files).
+_QUIET = ("logging.progress=false", "logging.tensorboard=false")
 
 
-def _mix(cfg: DictConfig, prefix: str = "") -> ArithmeticConfig | None:
-    """The arithmetic distribution from ``data.{prefix}digit_probs`` etc.; None = the task default."""
-    d = cfg.data
-    digits = d.get(f"{prefix}digit_probs")
-    ops = d.get("op_probs")
-    mul = d.get("max_mul_digits")
-    if digits is None and ops is None and mul is None:
-        return None
-    base = ArithmeticConfig()
-    try:
-        return ArithmeticConfig(
-            digit_probs=tuple(float(x) for x in digits) if digits is not None else base.digit_probs,
-            op_probs=tuple(float(x) for x in ops) if ops is not None else base.op_probs,
-            max_mul_digits=int(mul) if mul is not None else base.max_mul_digits,
-        )
-    except ValueError as err:
-        raise ValueError(f"data.{prefix}digit_probs / data.op_probs / data.max_mul_digits: {err}") from None
+def sft_overrides(testbed: Sequence[str], warm_start: Sequence[str], seed: int, out_dir: Path) -> list[str]:
+    """Overrides of the warm-start job of ``seed`` (writes ``out_dir / SFT_EXPORT``)."""
+    return [
+        *testbed,
+        *warm_start,
+        f"run.seed={seed}",
+        "trainer.max_steps=1",
+        "trainer.checkpoint_every=0",
+        "checkpoint.save_hf=true",
+        "checkpoint.hf_dtype=float32",
+        "++data.eval_split=validation",
+        f"run.output_dir={out_dir}",
+        "run.resume=auto",
+        *_QUIET,
+    ]
 
 
-def testbed_splits(cfg: DictConfig) -> ArithmeticSplits:
-    """The splits the run's ``data.*`` keys describe."""
-    d = cfg.data
-    mix = _mix(cfg)
-    return arithmetic_splits(
-        int(d.num_train),
-        int(d.num_eval),
-        int(d.seed),
-        mix,
-        num_validation=int(d.get("num_validation", 0) or 0),
-        num_sft=int(d.get("num_sft", 0) or 0),
-        unique_train=bool(d.get("unique_train", False)),
-        sft_config=_mix(cfg, "sft_") if d.get("sft_digit_probs") is not None else mix,
-    )
+def method_overrides(
+    testbed: Sequence[str], method: Sequence[str], seed: int, split: str, sft_dir: Path, run_dir: Path
+) -> list[str]:
+    """Overrides of one method run: the testbed, the method, the seed's warm start, the eval split."""
+    return [
+        *testbed,
+        "model=hf",
+        f"model.path={sft_dir / SFT_EXPORT}",
+        "model.dtype=float32",
+        "sft.steps=0",
+        *method,
+        f"run.seed={seed}",
+        f"++data.eval_split={split}",
+        f"run.output_dir={run_dir}",
+        "run.resume=auto",
+        "checkpoint.save_hf=false",
+        *_QUIET,
+    ]
 
 
-class BenchTrainer(Trainer):
-    """``Trainer`` on the testbed splits, with an optional shared SFT start and controller timing.
+def sft_ready(sft_dir: Path) -> bool:
+    """True when the warm start's export exists (its config.json is written last, atomically)."""
+    return (sft_dir / SFT_EXPORT / "config.json").is_file()
 
-    Args:
-        cfg: the composed run config (``data.*`` testbed keys as in ``TESTBED_KEYS``).
-        sft_weights: exported HF weights of the warm start (``prepare_sft``); the
-            SFT stage loads them instead of training.
+
+def run_finished(run_dir: Path, max_steps: int) -> bool:
+    """True when ``run_dir`` holds an evaluation at ``max_steps`` (the last step of a run)."""
+    from nemo_gdro.trainer.metrics import EVAL_FILE, read_jsonl
+
+    path = run_dir / EVAL_FILE
+    return path.is_file() and any(int(e.get("step", -1)) == max_steps and "eval/pass@1" in e for e in read_jsonl(path))
+
+
+def init_worker() -> None:
+    """One thread per worker process (the benchmark runs several in parallel)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from nemo_gdro.cli import _quiet_third_party_warnings
+
+    _quiet_third_party_warnings()
+
+
+def _redirect(log_path: Path) -> None:
+    """Send this process's stdout/stderr (file descriptors, so C-level output too) to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def train_job(overrides: list[str], out_dir: str, keep_checkpoints: bool) -> dict[str, Any]:
+    """Run one training job in this (worker) process; its log is ``<out_dir>.log``.
+
+    Returns the final evaluation and the wall time. Checkpoints are deleted
+    afterwards unless ``keep_checkpoints`` (the JSONL files and exports stay).
     """
+    from nemo_gdro.trainer.loop import train
 
-    def __init__(self, cfg: DictConfig, *, sft_weights: str | os.PathLike[str] | None = None) -> None:
-        self.sft_weights = Path(sft_weights) if sft_weights is not None else None
-        self._controller_s = 0.0
-        super().__init__(cfg)
-
-    # ----------------------------------------------------------------- building
-    def _build(self) -> None:
-        super()._build()
-        splits = testbed_splits(self.cfg)
-        if len(splits.train) != len(self.train_ds):
-            raise RuntimeError("testbed train pool must have data.num_train prompts (the store is sized by it)")
-        split = str(self.cfg.eval.get("split", "eval"))
-        if split not in ("eval", "validation"):
-            raise ValueError(f"eval.split must be 'eval' or 'validation', got {split!r}")
-        if split == "validation" and splits.validation is None:
-            raise ValueError("eval.split=validation needs data.num_validation > 0")
-        self.splits = splits
-        self.train_ds = splits.train
-        self.eval_ds = splits.validation if split == "validation" else splits.eval
-        self.sft_ds: PromptDataset = splits.sft_pool
-        for attr, methods in _TIMED:
-            obj = getattr(self, attr, None)
-            if obj is not None:
-                for name in methods:
-                    self._time(obj, name)
-        self._loss_signal = self._timed_fn(self._loss_signal)
-
-    def _timed_fn(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._controller_s += time.perf_counter() - t0
-
-        return wrapper
-
-    def _time(self, obj: object, name: str) -> None:
-        if hasattr(obj, name):
-            setattr(obj, name, self._timed_fn(getattr(obj, name)))
-
-    # ---------------------------------------------------------------- stages
-    def sft(self) -> dict[str, float]:
-        if self.sft_weights is not None:
-            self.actor.import_hf_state_dict(torch.load(self.sft_weights, map_location="cpu", weights_only=True))
-            return {"sft/loaded": 1.0}
-        rl_pool, self.train_ds = self.train_ds, self.sft_ds
-        try:
-            return super().sft()
-        finally:
-            self.train_ds = rl_pool
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        # The before-SFT evaluation says nothing about the methods; skip its cost.
-        return {} if step < 0 else super().evaluate(step)
-
-    def rl_step(self, step: int) -> dict[str, float]:
-        self._controller_s = 0.0
-        metrics = super().rl_step(step)
-        metrics["time/controller_ms"] = 1e3 * self._controller_s
-        return metrics
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def prepare_sft(cfg: DictConfig, path: str | os.PathLike[str]) -> dict[str, float]:
-    """Train the SFT warm start of ``cfg`` once and write its exported HF weights to ``path`` (atomic).
-
-    Returns the SFT metrics. Does nothing (returns ``{}``) when ``path`` exists.
-    """
-    path = Path(path)
-    if path.is_file():
-        return {}
-    with BenchTrainer(cfg) as trainer:
-        t0 = time.perf_counter()
-        metrics = trainer.sft()
-        metrics["sft/time_s"] = time.perf_counter() - t0
-        _atomic_save(trainer.actor.export_hf_state_dict(), path)
-    return metrics
-
-
-def run_one(cfg: DictConfig, sft_weights: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """Train one (method, seed) run to ``trainer.max_steps``; returns the final eval."""
-    with BenchTrainer(cfg, sft_weights=sft_weights) as trainer:
-        result = trainer.run()
-    return {"output_dir": str(result.output_dir), "final_eval": result.final_eval, "steps": result.steps_done}
-
-
-def compose_run(overrides: list[str]) -> DictConfig:
-    """The run config: ``conf/train.yaml`` with ``overrides`` (``++`` for testbed keys)."""
-    from nemo_gdro.trainer.config import compose
-
-    cfg = compose("train", overrides)
-    OmegaConf.set_readonly(cfg, False)
-    return cfg
+    out = Path(out_dir)
+    _redirect(out.with_name(out.name + ".log"))
+    t0 = time.perf_counter()
+    result = train(overrides)
+    if not keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return {"final_eval": result.final_eval, "steps": result.steps_done, "wall_s": time.perf_counter() - t0}

@@ -53,7 +53,8 @@ def _write_run(path, finals, *, rollouts=128, tokens=500):
     with MetricsLogger(path, tensorboard=False) as log:
         for step in range(1, 11):
             log.log(step, {"train/rollouts": rollouts, "train/response_tokens": tokens,
-                           "train/zero_variance_groups": 0.5, "time/controller_ms": 1.0, "time/step_s": 0.3,
+                           "train/zero_variance_groups": 0.5, "time/controllers_ms": 1.0, "bins/budget_share/0": 0.5, "bins/budget_share/1": 0.5,
+                           "rollout_gdro/mu": 0.1 * step, "train/reward_mean": 0.1, "time/step_s": 0.3,
                            "bins/prompt_share/0": 0.25, "bins/prompt_share/1": 0.75})
         for step, p in zip((0, 5, 10), finals):
             log.log_eval(step, {"eval/pass@1": p, "eval/pass@4": min(1.0, 2 * p),
@@ -92,7 +93,15 @@ def test_report_pairs_by_seed(tmp_path):
     assert "band 1" in er.markdown_bands(rep)
     er.plot_curves(rep, tmp_path / "c.png", {"all": ["grpo", "better"]})
     er.plot_gains(rep, tmp_path / "g.png")
-    assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "g.png").stat().st_size > 0
+    er.plot_occupancy(rep, tmp_path / "o.png")
+    for name in ("c.png", "g.png", "o.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert rep["equal_total_rollouts"] is True
+    assert b["ci"]["controller_ms_per_step"]["mean"] == pytest.approx(1.0)
+    assert b["diagnostics"]["rollout_gdro/mu"] == pytest.approx(0.55)  # mean of 0.1 * (1..10)
+    assert b["budget_share"]["share"][0] == pytest.approx([0.5, 0.5])
+    md = er.markdown_report(rep, "t")
+    assert "## Costs" in md and "Bin occupancy: better" in md
 
 
 def test_report_errors_name_the_problem(tmp_path):
@@ -102,3 +111,13 @@ def test_report_errors_name_the_problem(tmp_path):
     runs = {"other": [er.load_run(tmp_path / "a", "other", 0)]}
     with pytest.raises(ValueError, match="baseline method 'grpo'"):
         er.build_report(runs, er.ReportOptions(baseline="grpo"), {})
+
+
+def test_unequal_rollouts_are_flagged(tmp_path):
+    runs = {}
+    for name, rollouts in (("grpo", 128), ("other", 120)):
+        _write_run(tmp_path / name, (0.1, 0.2, 0.3), rollouts=rollouts)
+        runs[name] = [er.load_run(tmp_path / name, name, 0)]
+    rep = er.build_report(runs, er.ReportOptions(baseline="grpo"), {})
+    assert rep["equal_total_rollouts"] is False
+    assert rep["total_rollouts_per_run"] == {"grpo": [1280.0], "other": [1200.0]}
