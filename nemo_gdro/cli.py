@@ -1,4 +1,4 @@
-"""``nemo-gdro`` command line: ``train | eval | plot`` (NeMo/Hydra-style overrides)."""
+"""``nemo-gdro`` command line: ``train | eval | export | plot`` (NeMo/Hydra-style overrides)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nemo-gdro",
         description="GDRO, DynaMO and R2VPO for GRPO-style RL post-training on Megatron-Core.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,plot}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of configuration errors")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,plot}")
     for name, help_text in (
         ("train", "run RL training (default config: tiny model on CPU)"),
         ("eval", "evaluate a checkpoint (mean@k, pass@k)"),
@@ -33,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
             nargs="*",
             help="config overrides: key=value, +key=value (add), ++key=value (add or replace)",
         )
+    export = sub.add_parser("export", help="convert a training checkpoint to a Hugging Face checkpoint directory")
+    export.add_argument("checkpoint", help="a run's output dir (newest checkpoint) or one checkpoints/step_XXXXXXXX dir")
+    export.add_argument("out_dir", help="where to write the HF directory (replaced atomically)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="stored dtype (default: the run's model.dtype)")
     return parser
 
 
@@ -63,8 +69,24 @@ def main(argv: list[str] | None = None) -> int:
         try:
             train(args.overrides, config_name=args.config_name)
         except ConfigError as err:
+            if args.debug:
+                raise
             print(f"nemo-gdro train: configuration error: {err}", file=sys.stderr)
             return 2
+        return 0
+    if args.command == "export":
+        from nemo_gdro.trainer.checkpoint import CheckpointError
+        from nemo_gdro.trainer.config import ConfigError
+        from nemo_gdro.trainer.hf_out import export_checkpoint
+
+        try:
+            out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
+        except (CheckpointError, ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+            if args.debug:
+                raise
+            print(f"nemo-gdro export: {err}", file=sys.stderr)
+            return 2
+        print(f"[nemo-gdro] wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
         return 0
     print(NOT_YET.format(command=args.command), file=sys.stderr)
     return 2

@@ -1,1 +1,1 @@
-"""Filled in by later issues (see README roadmap)."""
+"""Prompt datasets with stable ids, tokenizers, and the synthetic arithmetic generator."""

@@ -314,6 +314,76 @@ def _problem_rows(problems: Sequence[ArithmeticProblem], split_name: str) -> lis
     ]
 
 
+@dataclass(frozen=True)
+class ArithmeticSplits:
+    """The arithmetic task's splits, pairwise disjoint by prompt text.
+
+    train: the RL prompt pool. eval: held-out problems (report on these only).
+    validation: a second held-out set from the same distribution, for choosing
+        settings (None when not requested). sft: the warm-start pool, disjoint
+        from every other split (None: the warm start uses ``train``).
+    """
+
+    train: PromptDataset
+    eval: PromptDataset
+    validation: PromptDataset | None = None
+    sft: PromptDataset | None = None
+
+    @property
+    def sft_pool(self) -> PromptDataset:
+        """What the SFT warm start trains on: ``sft`` if drawn, else ``train``."""
+        return self.sft if self.sft is not None else self.train
+
+
+def arithmetic_splits(
+    num_train: int,
+    num_eval: int,
+    seed: int,
+    config: ArithmeticConfig | None = None,
+    *,
+    num_validation: int = 0,
+    num_sft: int = 0,
+    unique_train: bool = False,
+    sft_config: ArithmeticConfig | None = None,
+) -> ArithmeticSplits:
+    """All splits of the arithmetic task, drawn deterministically from ``seed``.
+
+    Draw order (each split excludes the prompt texts of the ones before it):
+    eval (unique, sub-stream 1), validation (unique, sub-stream 2), train
+    (sub-stream 0; unique if ``unique_train``), sft (sub-stream 3, repeats
+    allowed, from ``sft_config`` or ``config``). With ``num_validation=0`` and
+    ``num_sft=0`` the train and eval sets are exactly those of
+    :func:`arithmetic_dataset` (the default run's data).
+
+    ``meta`` holds ``difficulty``, ``op``, ``a``, ``b``, ``sft_target``, ``split``.
+    Raises ``ValueError`` (naming the split) when a unique split cannot be drawn.
+    """
+    for name, value in (("num_validation", num_validation), ("num_sft", num_sft)):
+        if value < 0:
+            raise ValueError(f"arithmetic_splits {name} must be >= 0, got {value}")
+    banned: set[str] = set()
+
+    def draw(name: str, num: int, stream: int, unique: bool, cfg: ArithmeticConfig | None) -> list[ArithmeticProblem]:
+        try:
+            problems = make_problems(num, seed, config=cfg, exclude=banned, unique=unique, stream=stream)
+        except ValueError as err:
+            raise ValueError(f"arithmetic split {name!r} ({num} problems): {err}") from None
+        banned.update(p.text for p in problems)
+        return problems
+
+    held = draw("eval", num_eval, 1, True, config)
+    val = draw("validation", num_validation, 2, True, config) if num_validation else None
+    train = draw("train", num_train, 0, unique_train, config)
+    sft = draw("sft", num_sft, 3, False, sft_config or config) if num_sft else None
+
+    def ds(problems: Sequence[ArithmeticProblem] | None, name: str) -> PromptDataset | None:
+        return None if problems is None else PromptDataset.from_rows(_problem_rows(problems, name), id_field=None)
+
+    return ArithmeticSplits(
+        train=ds(train, "train"), eval=ds(held, "eval"), validation=ds(val, "validation"), sft=ds(sft, "sft")
+    )
+
+
 def arithmetic_dataset(
     num_train: int, num_eval: int, seed: int, config: ArithmeticConfig | None = None
 ) -> tuple[PromptDataset, PromptDataset]:
@@ -324,10 +394,7 @@ def arithmetic_dataset(
     problem appears in train. Train may repeat a problem (the 1-digit space is
     small and the heavy-tailed mix is kept); repeats are distinct prompt ids.
     ``meta`` holds ``difficulty``, ``op``, ``a``, ``b``, ``sft_target``, ``split``.
+    :func:`arithmetic_splits` adds a validation split and a disjoint SFT pool.
     """
-    held = make_problems(num_eval, seed, config=config, unique=True, stream=1)
-    train = make_problems(num_train, seed, config=config, exclude={p.text for p in held}, stream=0)
-    return (
-        PromptDataset.from_rows(_problem_rows(train, "train"), id_field=None),
-        PromptDataset.from_rows(_problem_rows(held, "eval"), id_field=None),
-    )
+    splits = arithmetic_splits(num_train, num_eval, seed, config)
+    return splits.train, splits.eval

@@ -1,1 +1,1 @@
-"""Filled in by later issues (see README roadmap)."""
+"""Verifiers that turn a response into a reward (exact integers, math-verify)."""

@@ -21,8 +21,8 @@ ARGS = [
     "sft.steps=3", "sft.batch_size=8", "data.num_train=48", "data.num_eval=6", "trainer.prompts_per_step=6",
     "rollout.n=4", "eval.k=2", "rollout.max_new_tokens=4", "trainer.eval_every=0", "trainer.checkpoint_every=2",
     "trainer.keep_last_checkpoints=5", "trainer.micro_batch_size=8", "logging.tensorboard=false",
-    "logging.progress=false", "algorithm.prompt_gdro.enabled=true", "algorithm.rollout_gdro.enabled=true",
-    "algorithm.rollout_gdro.mode=bandit", "algorithm.r2vpo.enabled=true",
+    "logging.progress=false", "algorithm.advantage_weighting=prompt_gdro", "algorithm.rollout_scheduler=rollout_gdro",
+    "algorithm.rollout_gdro.mode=bandit", "algorithm.loss=r2vpo",
 ]
 
 
