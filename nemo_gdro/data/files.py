@@ -292,9 +292,8 @@ def _jsonl_python_chunks(path: Path, layout: Layout) -> Iterator[Chunk]:
 
 # ---------------------------------------------------------------- Parquet
 def _pyarrow() -> tuple[Any, Any, Any]:
-    from nemo_gdro._optional import import_optional
-
-    pa = import_optional("pyarrow", "cpu", "reading Parquet data files")
+    # pyarrow is a core dependency; imported here so that importing this module stays cheap.
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 

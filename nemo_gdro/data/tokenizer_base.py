@@ -15,15 +15,18 @@ The contract, in ids of the tokenizer's own vocabulary:
   the chat template) -> ids, with the BOS / special tokens that tokenizer's
   format needs;
 * ``encode_target(text)``: a supervised completion -> ids ending with ``eos_id``;
-* ``decode_response(ids)``: response ids *without* the final stop token ->
-  text, every other special token rendered literally (``"<|endoftext|>"``,
-  ``"<pad>"``) and ids outside ``[0, vocab_size)`` (padded embedding rows) as
-  U+FFFD, so that a verifier scores such a response as wrong instead of seeing
-  a silently cleaned answer.
+* ``decode(ids)``: response ids *without* the final stop token -> text, every
+  other special token rendered literally (``"<|endoftext|>"``, ``"<pad>"``) and
+  ids outside ``[0, vocab_size)`` (padded embedding rows) as U+FFFD, so that a
+  verifier scores such a response as wrong instead of seeing a silently
+  cleaned answer.
 
-``decode_response`` is a separate name, not ``decode``, because
-``CharTokenizer.decode`` predates the contract and by default drops special
-tokens and raises on unknown ids; its behaviour is kept.
+``CharTokenizer.decode`` predates the contract and keeps its defaults (drop
+specials, raise on unknown ids) for its existing callers; it is called with
+``skip_special=False, on_unknown="replace"`` by the rollout adapter
+(``rollout/tokenizer.py: engine_tokenizer``), which every engine applies.
+Both tokenizers also have ``decode_response(ids)``: the contract's decode
+whatever the type, for code that holds a tokenizer without the adapter.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class Tokenizer(Protocol):
 
     def encode_target(self, text: str) -> list[int]: ...
 
-    def decode_response(self, ids: Iterable[int]) -> str: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 def check_model_vocab(tokenizer: Tokenizer, model_vocab_size: int, *, what: str = "the model") -> None:

