@@ -39,6 +39,7 @@ from nemo_gdro.data.dataset import DatasetError
 
 CHUNK_ROWS = 262_144
 JSONL_FAST_ROWS = 65_536  # the JSON reader's batches are combined up to this many rows (memory vs. dedup work)
+JSONL_BLOCK_BYTES = 1 << 23  # pyarrow JSON reader block (one record batch per block)
 _MAX_ERRORS = 10
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -519,7 +520,7 @@ def _jsonl_arrow_chunks(path: Path, layout: Layout) -> list[Chunk] | None:
     chunks: list[Chunk] = []
     rows = 0
     try:
-        reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=1 << 23, use_threads=False))
+        reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=JSONL_BLOCK_BYTES, use_threads=True))
         columns = {f.name: f.type for f in reader.schema}
         _check_parquet_types(path, columns, layout)
         meta_cols = [c for c in columns if c not in layout.skipped_roots]

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from nemo_gdro.data import files
 from nemo_gdro.data.dataset import DatasetError
 from nemo_gdro.data.files import DAPO, DAPO_PROCESSED, PLAIN, coerce_answer, detect_layout, read_chunks
 from nemo_gdro.data.prompt_format import DAPO_PREFIX, DAPO_SUFFIX
@@ -160,3 +161,84 @@ def test_parquet_int_and_float_answers(tmp_path):
     assert [r[2] for r in _read(path, PLAIN)] == ["3", "4"]
     path = _parquet(tmp_path / "f.parquet", [{"prompt": "a", "answer": 27.0}, {"prompt": "b", "answer": 0.25}])
     assert [r[2] for r in _read(path, PLAIN)] == ["27", "0.25"]
+
+
+# ------------------------------------------------------------ JSONL fast path
+def _chunks(path, layout):
+    """Everything a chunk carries, chunk boundaries aside (rows are file rows, so comparable)."""
+    entries, conflicts, num_rows = [], [], 0
+    for c in read_chunks(path, layout):
+        num_rows += c.num_rows
+        conflicts += c.conflicts
+        entries += list(zip(c.rows, c.texts, c.answers, c.counts, c.meta(list(range(len(c.rows)))), strict=True))
+    return sorted(entries), sorted(conflicts), num_rows
+
+
+def _python_only(monkeypatch):
+    monkeypatch.setattr(files, "_jsonl_arrow_chunks", lambda path, layout: None)
+
+
+def _arrow_only(monkeypatch):
+    def refuse(path, layout):
+        raise AssertionError(f"{path}: fell back to the line-by-line reader")
+
+    monkeypatch.setattr(files, "_jsonl_python_chunks", refuse)
+
+
+@pytest.mark.parametrize("small_chunks", [False, True])
+def test_jsonl_fast_path_equals_line_by_line(tmp_path, monkeypatch, small_chunks):
+    rows = [dapo_row(f"Problem {k % 5}", str(k % 5), f"i{k}") for k in range(23)]
+    rows[7]["reward_model"]["ground_truth"] = " 2 "  # same answer as the other copies of problem 2
+    rows[11] = dapo_row("Problem 1", "99", "conflict")  # conflicts with line 2
+    path = write_rows(tmp_path / "d.jsonl", rows, "jsonl")
+    if small_chunks:  # several record batches / chunks: exact copies fold across them in the loader
+        monkeypatch.setattr(files, "JSONL_BLOCK_BYTES", 2048)
+        monkeypatch.setattr(files, "JSONL_FAST_ROWS", 4)
+        monkeypatch.setattr(files, "CHUNK_ROWS", 4)
+    with monkeypatch.context() as m:
+        _arrow_only(m)
+        fast = _chunks(path, DAPO)
+        if small_chunks:
+            assert len(list(read_chunks(path, DAPO))) > 2
+    with monkeypatch.context() as m:
+        _python_only(m)
+        slow = _chunks(path, DAPO)
+    assert fast == slow and fast[2] == 23
+    if not small_chunks:
+        assert fast[1] == [(2, "1", 12, "99")]  # 1-based lines
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ['{"prompt": "a", "answer": 1}', '{"prompt": "b", "answer": "x"}'],  # int and string answers
+        ['{"prompt": "a", "answer": "1"}', "", '{"prompt": "b", "answer": "2"}'],  # a blank line
+        ['{"prompt": "a", "answer": "2024-01-05"}', '{"prompt": "b", "answer": "2"}'],  # a date-like string
+        ['{"prompt": "a", "answer": "1"} {"prompt": "b", "answer": "2"}', '{"prompt": "c", "answer": "3"}'],
+    ],
+)
+def test_jsonl_unusual_files_give_the_line_by_line_answer(tmp_path, monkeypatch, lines):
+    path = tmp_path / "u.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with monkeypatch.context() as m:
+        _python_only(m)
+        try:
+            want = _chunks(path, PLAIN)
+        except DatasetError as e:
+            want = str(e)
+    try:
+        got = _chunks(path, PLAIN)
+    except DatasetError as e:
+        got = str(e)
+    assert got == want
+
+
+def test_parquet_small_batches_keep_file_row_numbers(tmp_path, monkeypatch):
+    rows = [dapo_row(f"Problem {k % 3}", str(k % 3), f"i{k}") for k in range(10)]
+    rows[8] = dapo_row("Problem 0", "5", "c")
+    path = write_rows(tmp_path / "d.parquet", rows, "parquet")
+    monkeypatch.setattr(files, "CHUNK_ROWS", 3)
+    assert [c.num_rows for c in read_chunks(path, DAPO)] == [3, 3, 3, 1]
+    entries, conflicts, n = _chunks(path, DAPO)
+    assert conflicts == [(6, "0", 8, "5")]  # rows 6 and 8 share the third chunk; 0-based file rows
+    assert sorted((e[0], e[3]) for e in entries if e[1].endswith("Problem 0" + DAPO_SUFFIX)) == [(0, 1), (3, 1), (6, 2), (9, 1)]

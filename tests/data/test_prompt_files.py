@@ -171,3 +171,25 @@ def test_chat_template_and_token_limit_with_qwen3(tmp_path):
     cut = lengths[2]
     short, rep = _load(info.path, prompt_format=fmt, tokenizer=tok, max_prompt_tokens=cut)
     assert rep.too_long_dropped == sum(n > cut for n in lengths) and len(short) == sum(n <= cut for n in lengths)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_many_chunks_give_the_same_dataset(tmp_path, monkeypatch, fmt):
+    from nemo_gdro.data import files
+
+    info = write_dapo_math(tmp_path / f"d.{fmt}", 9, 4, fmt)
+    ref, ref_rep = _load(info.path)
+    monkeypatch.setattr(files, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(files, "JSONL_FAST_ROWS", 5)
+    monkeypatch.setattr(files, "JSONL_BLOCK_BYTES", 4096)
+    ds, rep = _load(info.path)
+    assert [(r.prompt_id, r.prompt, r.answer, r.meta["row"], r.meta["num_rows"]) for r in ds] == [
+        (r.prompt_id, r.prompt, r.answer, r.meta["row"], r.meta["num_rows"]) for r in ref
+    ]
+    assert rep == ref_rep
+    # a conflicting copy far from the first copy (another chunk) names both rows
+    bad = write_dapo_math(tmp_path / f"c.{fmt}", 9, 4, fmt, conflict=True, shuffle_seed=None)
+    first = 1 if fmt == "jsonl" else 0
+    label = "line" if fmt == "jsonl" else "row"
+    with pytest.raises(DatasetError, match=rf"c\.{fmt} {label} {first + 4} answer '\d+' vs .*c\.{fmt} {label} {first + bad.rows - 1} answer"):
+        _load(bad.path)
