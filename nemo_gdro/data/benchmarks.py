@@ -1,7 +1,8 @@
 """Evaluation benchmarks read from local files in their common public layouts.
 
-``BENCHMARKS`` maps a name to where a file of that benchmark keeps the problem
-and the answer (the first listed column a file has is used):
+``BENCHMARKS`` is the registry: a name -> where a file of that benchmark keeps
+the problem and the answer (the first listed column a file has is used);
+``load_benchmark(name, path)`` is the one loader that reads any of them:
 
 | name | public source | problem column | answer column |
 |---|---|---|---|
@@ -11,7 +12,7 @@ and the answer (the first listed column a file has is used):
 | ``math500`` | HuggingFaceH4/MATH-500 (500; ``subject``, ``level`` kept in meta) | ``problem`` | ``answer`` |
 | ``minerva`` | math-ai/minervamath (272) | ``question`` / ``problem`` | ``answer`` |
 | ``olympiadbench`` | math-ai/olympiadbench (674) | ``question`` | ``final_answer`` (a list, joined with ``", "``) |
-| ``gpqa_diamond`` | Idavidrein/gpqa ``gpqa_diamond`` (198) | ``Question`` | ``Correct Answer`` + ``Incorrect Answer 1..3`` |
+| ``gpqa_diamond`` | Idavidrein/gpqa ``gpqa_diamond.csv`` (198; CSV or a Parquet/JSONL conversion) | ``Question`` | ``Correct Answer`` + ``Incorrect Answer 1..3`` |
 
 Every math benchmark also accepts the verl / DAPO layout (``prompt`` = one user
 message, ``reward_model.ground_truth``), which is how BytedTsinghua-SIA/AIME-2024
@@ -38,6 +39,7 @@ from nemo_gdro.data.dataset import DEFAULT_MAX_PROMPT_CHARS, DatasetError, Promp
 from nemo_gdro.data.files import DAPO, Layout, coerce_answer, columns_of
 from nemo_gdro.data.prompt_files import Collector, LoadReport, PathLike, Prompt, as_paths, build_dataset
 from nemo_gdro.data.prompt_format import PromptFormat, render_prompts
+from nemo_gdro.registry import UnknownNameError
 
 CHOICE_LETTERS = "ABCD"
 GPQA_INCORRECT = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
@@ -72,6 +74,13 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("gpqa_diamond", ("Question",), ("Correct Answer",), answer_type="choice", dapo_layout=False),
     )
 }
+
+
+def benchmark_spec(name: str) -> BenchmarkSpec:
+    """The registry entry ``name``; an unknown name is an ``UnknownNameError`` (a ``ValueError``) listing the valid ones."""
+    if not isinstance(name, str) or name not in BENCHMARKS:
+        raise UnknownNameError(f"benchmark {name!r} is not known; valid names: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]
 
 
 def benchmark_layout(spec: BenchmarkSpec, path: Path) -> Layout:
@@ -144,9 +153,7 @@ def read_benchmark(
     log: Callable[[str], None] | None = print,
 ) -> tuple[PromptDataset, LoadReport]:
     """``load_benchmark`` that also returns the ``LoadReport``."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
-    spec = BENCHMARKS[name]
+    spec = benchmark_spec(name)
     fmt = prompt_format or PromptFormat()
     paths = as_paths(path, f"benchmark {name}")
     collector = Collector(max_prompt_chars)
@@ -244,6 +251,7 @@ def load_benchmarks(
 __all__ = [
     "BENCHMARKS",
     "BenchmarkSpec",
+    "benchmark_spec",
     "choice_order",
     "choice_prompt",
     "load_benchmark",

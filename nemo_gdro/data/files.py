@@ -20,7 +20,9 @@ strings, integers or floats in the file (integral floats such as ``27.0``
 become ``"27"``); list answers (``list`` answer kind) are joined with ``", "``.
 
 Row numbers in messages: JSONL ``line n`` is 1-based (blank lines count and are
-skipped), Parquet ``row n`` is 0-based.
+skipped), Parquet and CSV ``row n`` is the 0-based data row (CSV: the header is
+not a row, and a quoted field may span lines). CSV is read with every column as
+text (GPQA ships as ``gpqa_diamond.csv``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ JSONL_BLOCK_BYTES = 1 << 23  # pyarrow JSON reader block (one record batch per b
 _MAX_ERRORS = 10
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_SUFFIXES = (".csv",)
 
 
 @dataclass(frozen=True)
@@ -97,19 +100,22 @@ class Chunk:
     meta: Callable[[list[int]], list[dict[str, Any]]] = field(repr=False)
 
 
-def file_format(path: Path) -> Literal["jsonl", "parquet"]:
+def file_format(path: Path) -> Literal["jsonl", "parquet", "csv"]:
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
+    if suffix in CSV_SUFFIXES:
+        return "csv"
     raise DatasetError(
-        f"{path}: unknown data file type {suffix!r}; expected JSON lines ({', '.join(JSONL_SUFFIXES)}) "
-        f"or Parquet ({', '.join(PARQUET_SUFFIXES)})"
+        f"{path}: unknown data file type {suffix!r}; expected JSON lines ({', '.join(JSONL_SUFFIXES)}), "
+        f"Parquet ({', '.join(PARQUET_SUFFIXES)}) or CSV ({', '.join(CSV_SUFFIXES)})"
     )
 
 
 def row_label(fmt: str, row: int) -> str:
+    """``line n`` (1-based) for JSONL; ``row n`` (0-based data row) for Parquet and CSV."""
     return f"line {row}" if fmt == "jsonl" else f"row {row}"
 
 
@@ -311,7 +317,7 @@ def parquet_columns(path: Path) -> dict[str, Any]:
     return {f.name: f.type for f in schema}
 
 
-def _field_type(path: Path, columns: Mapping[str, Any], fpath: Sequence[str]) -> Any:
+def _field_type(path: Path, columns: Mapping[str, Any], fpath: Sequence[str], what: str = "Parquet") -> Any:
     import pyarrow as pa
 
     if fpath[0] not in columns:
@@ -319,7 +325,7 @@ def _field_type(path: Path, columns: Mapping[str, Any], fpath: Sequence[str]) ->
     t = columns[fpath[0]]
     for k, key in enumerate(fpath[1:], start=1):
         if not pa.types.is_struct(t) or t.get_field_index(key) < 0:
-            raise DatasetError(f"{path}: every row, column {'.'.join(fpath[: k + 1])!r}: missing (Parquet type of "
+            raise DatasetError(f"{path}: every row, column {'.'.join(fpath[: k + 1])!r}: missing ({what} type of "
                                f"{'.'.join(fpath[:k])!r} is {t})")
         t = t.field(key).type
     return t
@@ -337,32 +343,33 @@ def _is_scalar_answer(t: Any) -> bool:
     return bool(_is_text(t) or pa.types.is_integer(t) or pa.types.is_floating(t))
 
 
-def _check_parquet_types(path: Path, columns: Mapping[str, Any], layout: Layout) -> None:
+def _check_parquet_types(path: Path, columns: Mapping[str, Any], layout: Layout, what: str = "Parquet") -> None:
+    """Column types of ``layout`` in an Arrow schema (``what``: the file kind named in messages)."""
     import pyarrow as pa
 
-    t = _field_type(path, columns, layout.text)
+    t = _field_type(path, columns, layout.text, what)
     if layout.text_kind == "messages":
         ok = (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type)
         vt = t.value_type if ok else None
         if not ok or vt.get_field_index("role") < 0 or vt.get_field_index("content") < 0:
             raise DatasetError(
-                f"{path}: every row, column {layout.text_name!r}: Parquet type {t}, expected a list of "
+                f"{path}: every row, column {layout.text_name!r}: {what} type {t}, expected a list of "
                 "struct<role, content> chat messages"
             )
         for key in ("role", "content"):
             if not _is_text(vt.field(key).type):
-                raise DatasetError(f"{path}: every row, column '{layout.text_name}.{key}': Parquet type "
+                raise DatasetError(f"{path}: every row, column '{layout.text_name}.{key}': {what} type "
                                    f"{vt.field(key).type}, expected a string")
     elif not _is_text(t):
-        raise DatasetError(f"{path}: every row, column {layout.text_name!r}: Parquet type {t}, expected a string")
-    t = _field_type(path, columns, layout.answer)
+        raise DatasetError(f"{path}: every row, column {layout.text_name!r}: {what} type {t}, expected a string")
+    t = _field_type(path, columns, layout.answer, what)
     if layout.answer_kind == "list":
         ok = (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_scalar_answer(t.value_type)
     else:
         ok = _is_scalar_answer(t)
     if not ok:
         want = "a list of strings/numbers" if layout.answer_kind == "list" else "a string or a number"
-        raise DatasetError(f"{path}: every row, column {layout.answer_name!r}: Parquet type {t}, expected {want}")
+        raise DatasetError(f"{path}: every row, column {layout.answer_name!r}: {what} type {t}, expected {want}")
 
 
 def _leaf(pc: Any, batch: Any, fpath: Sequence[str]) -> Any:
@@ -492,6 +499,40 @@ def _parquet_chunks(path: Path, layout: Layout) -> Iterator[Chunk]:
         start += batch.num_rows
 
 
+def csv_columns(path: Path) -> list[str]:
+    """Header names of a CSV file."""
+    import pyarrow.csv as pcsv
+
+    try:
+        with pcsv.open_csv(path) as reader:
+            return list(reader.schema.names)
+    except Exception as e:  # ArrowInvalid for an empty or malformed file
+        raise DatasetError(f"{path}: cannot read as CSV ({e})") from None
+
+
+def _csv_chunks(path: Path, layout: Layout) -> Iterator[Chunk]:
+    """CSV (a header row, then data rows; quoted fields may span lines, so rows are
+    numbered 0-based like Parquet, not by line). Every column is read as text:
+    type inference would turn date-like answers into timestamps."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    names = csv_columns(path)
+    columns = {n: pa.string() for n in names}
+    _check_parquet_types(path, columns, layout, "CSV")
+    meta_cols = [c for c in names if c not in layout.skipped_roots]
+    convert = pcsv.ConvertOptions(column_types=columns, strings_can_be_null=False, quoted_strings_can_be_null=False)
+    parse = pcsv.ParseOptions(newlines_in_values=True)
+    start = 0
+    try:
+        reader = pcsv.open_csv(path, parse_options=parse, convert_options=convert)
+        for batch in reader:
+            yield _batch_chunk(batch, layout, path, "csv", start, meta_cols, eager_meta=False)
+            start += batch.num_rows
+    except pa.ArrowInvalid as e:
+        raise DatasetError(f"{path}: invalid CSV after data row {start - 1} ({e})") from None
+
+
 def _count_lines(path: Path) -> tuple[int, bool]:
     """Number of lines and whether any is empty or whitespace-only (then rows != lines - 1)."""
     lines, blank, prev_end = 0, False, True
@@ -551,6 +592,8 @@ def _jsonl_arrow_chunks(path: Path, layout: Layout) -> list[Chunk] | None:
 # ------------------------------------------------------------------ public
 def columns_of(path: Path) -> dict[str, str]:
     """Root column -> coarse kind (``string``, ``list``, ``struct``, ``number``, ``other``) for layout detection."""
+    if file_format(path) == "csv":
+        return {name: "string" for name in csv_columns(path)}
     if file_format(path) == "jsonl":
         row = first_jsonl_row(path)
 
@@ -603,6 +646,9 @@ def read_chunks(path: str | os.PathLike[str], layout: Layout) -> Iterator[Chunk]
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"{p}: data file does not exist")
-    if file_format(p) == "jsonl":
+    fmt = file_format(p)
+    if fmt == "jsonl":
         return _jsonl_chunks(p, layout)
+    if fmt == "csv":
+        return _csv_chunks(p, layout)
     return _parquet_chunks(p, layout)

@@ -1,6 +1,6 @@
 """Prompt datasets from training / eval files (``data.train_files``, ``data.eval_files``).
 
-``load_prompt_files(files, ...)`` reads every file (JSONL or Parquet, layout
+``load_prompt_files(files, ...)`` reads every file (JSONL, Parquet or CSV, layout
 auto-detected per file or forced, see ``files.py``) and:
 
 1. **deduplicates** rows by normalised prompt text (``text.normalize_prompt``:

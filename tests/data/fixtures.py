@@ -15,7 +15,7 @@ Reusable by any test (``from tests.data.fixtures import write_dapo_math``):
   ``nemo_gdro.testing.tiny_hf.qwen3_tokenizer_dir``) plus a ``generation_config.json``,
   configured like Qwen3-*-Base or like the post-trained Qwen3.
 
-``fmt`` is ``"jsonl"`` or ``"parquet"``. Each writer returns a ``FixtureInfo``
+``fmt`` is ``"jsonl"`` or ``"parquet"`` (``"csv"`` for flat layouts: plain, the benchmarks). Each writer returns a ``FixtureInfo``
 with the expected counts.
 """
 
@@ -73,7 +73,7 @@ def _index(*parts: object) -> str:
 
 
 def write_rows(path: str | Path, rows: Sequence[dict[str, Any]], fmt: str) -> Path:
-    """Rows as JSON lines or as a Parquet file (pyarrow infers the nested types)."""
+    """Rows as JSON lines, a Parquet file (pyarrow infers the nested types) or a CSV file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
@@ -85,8 +85,13 @@ def write_rows(path: str | Path, rows: Sequence[dict[str, Any]], fmt: str) -> Pa
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(list(rows)), p)
+    elif fmt == "csv":  # flat columns only (GPQA's public file is a CSV)
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(pa.Table.from_pylist(list(rows)), p)
     else:
-        raise ValueError(f"fmt must be 'jsonl' or 'parquet', got {fmt!r}")
+        raise ValueError(f"fmt must be 'jsonl', 'parquet' or 'csv', got {fmt!r}")
     return p
 
 
@@ -206,6 +211,8 @@ def write_benchmark(
     """``num`` problems of benchmark ``name`` in its public layout (``layout="native"``)
     or the verl/DAPO layout (``layout="dapo"``), each ``repeats`` times."""
     problems = [math_problem(start + k) for k in range(num)]
+    if name == "gpqa_diamond":  # multi-line questions with quotes and commas, as in the public CSV
+        problems = [(f'{p}\nGive the "exact" value, in lowest terms.', a) for p, a in problems]
     if layout == "native":
         rows = [_benchmark_row(name, k, p, a) for k, (p, a) in enumerate(problems) for _ in range(repeats)]
     elif layout == "dapo":

@@ -4,6 +4,7 @@ import pytest
 
 from nemo_gdro.data.benchmarks import BENCHMARKS, CHOICE_LETTERS, choice_order, load_benchmark, load_benchmarks, read_benchmark
 from nemo_gdro.data.dataset import DatasetError
+from nemo_gdro.registry import UnknownNameError
 from nemo_gdro.data.prompt_format import PromptFormat, dapo_wrap
 from tests.data.fixtures import write_benchmark, write_rows
 
@@ -50,7 +51,7 @@ def test_aime25_from_two_halves_and_int_answers(tmp_path):
     assert len(ds) == 4 and "42" in ds.answers
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
 def test_gpqa_multiple_choice(tmp_path, fmt):
     info = write_benchmark("gpqa_diamond", tmp_path / f"gpqa.{fmt}", num=8, fmt=fmt)
     ds = load_benchmark("gpqa_diamond", info.path, seed=0, log=None)
@@ -91,7 +92,7 @@ def test_wrong_files_are_clear_errors(tmp_path):
     rows[0]["Incorrect Answer 3"] = "  "
     with pytest.raises(DatasetError, match=r"g2\.jsonl line 1, column 'Incorrect Answer 3': must be a non-empty string"):
         load_benchmark("gpqa_diamond", write_rows(tmp_path / "g2.jsonl", rows, "jsonl"), log=None)
-    with pytest.raises(ValueError, match="unknown benchmark 'aime2024'"):
+    with pytest.raises(UnknownNameError, match="benchmark 'aime2024' is not known; valid names: aime24, aime25,"):
         load_benchmark("aime2024", path, log=None)
     with pytest.raises(DatasetError, match="does not exist"):
         load_benchmark("aime24", tmp_path / "none.parquet", log=None)
@@ -104,3 +105,19 @@ def test_load_benchmarks_mapping(tmp_path):
     paths = {n: write_benchmark(n, tmp_path / f"{n}.jsonl", num=3).path for n in ("math500", "gpqa_diamond")}
     out = load_benchmarks(paths, log=None)
     assert list(out) == ["math500", "gpqa_diamond"] and all(len(d) == 3 for d in out.values())
+
+
+def test_csv_files(tmp_path):
+    info = write_benchmark("math500", tmp_path / "math500.csv", num=4, fmt="csv")
+    ds = load_benchmark("math500", info.path, log=None)
+    assert sorted((r.meta["problem"], r.answer) for r in ds) == sorted(info.problems)
+    assert ds[0].meta["row"].startswith("row ") and ds[0].meta["level"] in {"1", "2", "3", "4", "5"}  # CSV: text
+    # rows are data rows (0-based, header excluded), not lines: a quoted field spans two lines
+    path = tmp_path / "g.csv"
+    path.write_text('Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer 3\n'
+                    '"two\nlines, quoted",1,2,3,4\n"q",a,b,c,""\n')
+    with pytest.raises(DatasetError, match=r"g\.csv row 1, column 'Incorrect Answer 3': must be a non-empty string"):
+        load_benchmark("gpqa_diamond", path, log=None)
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(DatasetError, match=r"e\.csv: cannot read as CSV"):
+        load_benchmark("math500", tmp_path / "e.csv", log=None)

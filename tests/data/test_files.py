@@ -139,9 +139,9 @@ def test_damaged_parquet_and_unknown_suffix(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DatasetError, match=r"broken\.parquet: cannot read as Parquet"):
         _read(tmp_path / "broken.parquet", DAPO)
-    (tmp_path / "data.csv").write_text("prompt,answer\n")
-    with pytest.raises(DatasetError, match=r"data\.csv: unknown data file type '.csv'"):
-        _read(tmp_path / "data.csv", PLAIN)
+    (tmp_path / "data.tsv").write_text("prompt\tanswer\n")
+    with pytest.raises(DatasetError, match=r"data\.tsv: unknown data file type '.tsv'.* or CSV \(.csv\)"):
+        _read(tmp_path / "data.tsv", PLAIN)
     with pytest.raises(DatasetError, match="does not exist"):
         _read(tmp_path / "absent.jsonl", PLAIN)
 

@@ -193,3 +193,14 @@ def test_many_chunks_give_the_same_dataset(tmp_path, monkeypatch, fmt):
     label = "line" if fmt == "jsonl" else "row"
     with pytest.raises(DatasetError, match=rf"c\.{fmt} {label} {first + 4} answer '\d+' vs .*c\.{fmt} {label} {first + bad.rows - 1} answer"):
         _load(bad.path)
+
+
+def test_plain_csv(tmp_path):
+    info = write_plain(tmp_path / "p.csv", 5, "csv", repeats=2)
+    ds, rep = _load(info.path)
+    assert (rep.rows_read, rep.num_prompts, rep.layouts) == (10, 5, ("plain",))
+    assert sorted((r.prompt, r.answer) for r in ds) == sorted(info.problems)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,prompt,answer\na,what is 1+1?,2\nb,,3\n")
+    with pytest.raises(DatasetError, match=r"bad\.csv: row 1: empty or whitespace-only prompt"):
+        _load(bad)
