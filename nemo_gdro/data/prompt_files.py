@@ -4,7 +4,7 @@
 auto-detected per file or forced, see ``files.py``) and:
 
 1. **deduplicates** rows by normalised prompt text (``text.normalize_prompt``:
-   DAPO instruction removed, NFKC, whitespace runs -> one space, casefold).
+   DAPO instruction removed, NFC, whitespace runs -> one space; case is kept).
    DAPO-Math-17k holds ~17k prompts repeated ~100x (1.79M rows). Rows of one
    prompt whose answers differ (after stripping surrounding whitespace) are an
    error naming both rows. Exact copies are folded while reading (one dict
@@ -132,7 +132,7 @@ class Collector:
             more = self._n_conflicts - len(self._conflicts)
             raise DatasetError(
                 f"{self._n_conflicts} prompt(s) appear with conflicting answers (same prompt after normalising "
-                "whitespace, case and the DAPO instruction): "
+                "whitespace, Unicode composition and the DAPO instruction): "
                 + "; ".join(self._conflicts)
                 + (f" (and {more} more)" if more > 0 else "")
             )

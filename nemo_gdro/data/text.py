@@ -4,14 +4,16 @@ Normalisation (what two rows must share to be the same prompt):
 
 1. the DAPO instruction is removed when the text carries it exactly
    (``prompt_format.strip_dapo``), so a wrapped and a bare copy of a problem are one prompt;
-2. Unicode NFKC (full-width digits and letters, compatibility forms -> plain);
-3. every run of whitespace (spaces, tabs, newlines, NBSP...) -> one space, ends stripped;
-4. ``str.casefold()``.
+2. Unicode NFC (composed and decomposed accents are one text);
+3. every run of whitespace (spaces, tabs, newlines, NBSP...) -> one space, ends stripped.
 
-Nothing else (LaTeX spacing such as ``$x$`` vs ``$ x $`` stays distinct; a
-variable's case does not). The uid is the first 8 bytes of BLAKE2b over the
-UTF-8 normalised text with the top bit cleared, so it fits an int64 tensor
-and is the same on every machine and Python version (unlike ``hash``).
+Nothing else, on purpose: case is content in mathematics (points ``A``/``a``,
+variables, units), and NFKC would turn ``x²`` into ``x2``; folding either could
+merge two different problems, and two merged problems with different answers
+are a load error. LaTeX spacing (``$x$`` vs ``$ x $``) stays distinct too.
+The uid is the first 8 bytes of BLAKE2b over the UTF-8 normalised text with
+the top bit cleared, so it fits an int64 tensor and is the same on every
+machine and Python version (unlike ``hash``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ UID_BITS = 63
 
 def normalize_prompt(text: str) -> str:
     """The dedup key of a prompt (see the module docstring)."""
-    text = unicodedata.normalize("NFKC", strip_dapo(text))
-    return _WS.sub(" ", text).strip().casefold()
+    text = unicodedata.normalize("NFC", strip_dapo(text))
+    return _WS.sub(" ", text).strip()
 
 
 def prompt_uid(normalized: str) -> int:

@@ -6,7 +6,7 @@ Reusable by any test (``from tests.data.fixtures import write_dapo_math``):
 * ``write_dapo_math(path, num_prompts, repeats, fmt)``: DAPO-Math-17k rows
   (``data_source``, ``prompt`` = one user message with the DAPO instruction,
   ``ability``, ``reward_model``, ``extra_info.index``), each prompt repeated,
-  plus optional CJK prompts, a whitespace/case variant and a conflicting answer;
+  plus optional CJK prompts, a whitespace variant and a conflicting answer;
 * ``write_dapo_processed`` (open-r1 processed: bare ``prompt``, ``solution``, originals),
   ``write_plain`` (``id``, ``prompt``, ``answer``);
 * ``write_benchmark(name, path, ...)`` for every name of ``nemo_gdro.data.benchmarks.BENCHMARKS``
@@ -127,7 +127,7 @@ def write_dapo_math(
     """DAPO-Math-17k layout: ``num_prompts`` English + ``cjk_prompts`` CJK prompts, each
     ``repeats`` times (distinct ``extra_info.index`` per row, like the public file).
 
-    ``variant``: one more row of prompt 0 differing only in whitespace and case
+    ``variant``: one more row of prompt 0 differing only in whitespace
     (same prompt after normalisation). ``conflict``: one more row of prompt 1 with a
     different answer (a loader must reject it). ``shuffle_seed``: row order
     (``None``: grouped by prompt). ``start``: first problem number (disjoint sets).
@@ -136,7 +136,7 @@ def write_dapo_math(
     rows = [dapo_row(p, a, _index(path, k, r)) for k, (p, a) in enumerate(problems) for r in range(repeats)]
     if variant and num_prompts > 0:
         p, a = problems[0]
-        rows.append(dapo_row("  " + p.upper().replace(" ", "   ") + "\n", a, _index(path, "variant")))
+        rows.append(dapo_row("  " + p.replace(" ", " \t ") + "\n", a, _index(path, "variant")))
     if conflict and num_prompts > 1:
         p, a = problems[1]
         rows.append(dapo_row(p, str(int(a) + 1), _index(path, "conflict")))

@@ -96,7 +96,7 @@ def test_wrong_files_are_clear_errors(tmp_path):
         load_benchmark("aime2024", path, log=None)
     with pytest.raises(DatasetError, match="does not exist"):
         load_benchmark("aime24", tmp_path / "none.parquet", log=None)
-    rows = [{"question": "same problem", "final_answer": ["1"]}, {"question": "Same  problem", "final_answer": ["2"]}]
+    rows = [{"question": "same problem", "final_answer": ["1"]}, {"question": "same \n problem", "final_answer": ["2"]}]
     with pytest.raises(DatasetError, match="conflicting answers"):
         load_benchmark("olympiadbench", write_rows(tmp_path / "o.jsonl", rows, "jsonl"), log=None)
 

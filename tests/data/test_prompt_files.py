@@ -25,7 +25,7 @@ def _ids(ds):
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_dedup_counts_and_english_filter(tmp_path, fmt, capsys):
     info = write_dapo_math(tmp_path / f"d.{fmt}", num_prompts=12, repeats=5, fmt=fmt, cjk_prompts=2)
-    assert info.rows == 14 * 5 + 1  # + one whitespace/case variant of prompt 0
+    assert info.rows == 14 * 5 + 1  # + one whitespace variant of prompt 0
     ds, rep = load_prompt_files(info.path)
     assert (rep.rows_read, rep.unique_prompts, rep.duplicate_rows, rep.num_prompts) == (71, 14, 57, 14)
     assert "71 rows" in capsys.readouterr().out
@@ -93,8 +93,8 @@ def test_conflicting_answers_name_both_rows(tmp_path):
     msg = str(e.value)
     p1, a1 = info.problems[1]
     assert f"c.jsonl line 3 answer '{a1}'" in msg and f"c.jsonl line {info.rows} answer '{int(a1) + 1}'" in msg
-    # across files, and through normalisation (whitespace/case variant)
-    write_rows(tmp_path / "x.parquet", [dapo_row(p1.upper() + "  ", "0", "i")], "parquet")
+    # across files, and through normalisation (a whitespace variant)
+    write_rows(tmp_path / "x.parquet", [dapo_row(p1.replace(" ", "\n") + "  ", "0", "i")], "parquet")
     good = write_dapo_math(tmp_path / "g.jsonl", 4, 2, "jsonl", shuffle_seed=None)
     with pytest.raises(DatasetError, match=r"g\.jsonl line 3 answer '\d+' vs .*x\.parquet row 0 answer '0'"):
         _load([good.path, tmp_path / "x.parquet"])

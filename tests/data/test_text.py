@@ -4,15 +4,16 @@ from nemo_gdro.data.prompt_format import DAPO_PREFIX, DAPO_SUFFIX
 from nemo_gdro.data.text import has_cjk, normalize_prompt, prompt_uid
 
 
-def test_normalisation_folds_whitespace_case_width_and_the_dapo_instruction():
-    base = normalize_prompt("What is $1+1$?")
-    assert base == "what is $1+1$?"
-    assert normalize_prompt("  What\tis \n$1+1$?  ") == base
-    assert normalize_prompt("WHAT IS $1+1$?") == base
-    assert normalize_prompt("What\u00a0is $１+１$?") == base  # NBSP, full-width digits (NFKC)
-    assert normalize_prompt(DAPO_PREFIX + "What is $1+1$?" + DAPO_SUFFIX) == base
-    # LaTeX spacing is content, not whitespace normalisation
-    assert normalize_prompt("What is $1 + 1$?") != base
+def test_normalisation_folds_whitespace_nfc_and_the_dapo_instruction():
+    base = normalize_prompt("What is $1+1$? Caf\u00e9.")
+    assert base == "What is $1+1$? Caf\u00e9."
+    assert normalize_prompt("  What\tis \n$1+1$?\u00a0 Cafe\u0301.  ") == base  # NBSP, decomposed accent (NFC)
+    assert normalize_prompt(DAPO_PREFIX + "What is $1+1$? Caf\u00e9." + DAPO_SUFFIX) == base
+    # content, not normalisation: case, LaTeX spacing, superscripts, full-width digits
+    for other in ("WHAT IS $1+1$? Caf\u00e9.", "What is $1 + 1$? Caf\u00e9.", "What is $1+1$? Caf\u00e9\u00b2.",
+                  "What is $\uff11+1$? Caf\u00e9."):
+        assert normalize_prompt(other) != base
+    assert normalize_prompt("Point $A$ and point $a$.") != normalize_prompt("Point $a$ and point $A$.")
 
 
 def test_uid_is_pinned_and_63_bit():
