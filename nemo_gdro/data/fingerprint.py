@@ -34,6 +34,13 @@ def _item_hash(prompt: str, answer: str) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
+def _total(uids: Sequence[int] | None, items: Sequence[int]) -> str:
+    total = hashlib.sha256()
+    for k, h in enumerate(items):
+        total.update(f"{k}:{-1 if uids is None else uids[k]}:{h:016x};".encode())
+    return total.hexdigest()
+
+
 @dataclass(frozen=True)
 class DatasetFingerprint:
     """``uids[i]`` / ``item_hashes[i]`` belong to ``prompt_id`` ``i``; ``uids`` is
@@ -50,10 +57,7 @@ class DatasetFingerprint:
         uids_list = [r.meta.get("uid") for r in records]
         uids = tuple(int(u) for u in uids_list) if uids_list and all(isinstance(u, int) for u in uids_list) else None
         items = tuple(_item_hash(r.prompt, r.answer) for r in records)
-        total = hashlib.sha256()
-        for k, h in enumerate(items):
-            total.update(f"{k}:{-1 if uids is None else uids[k]}:{h:016x};".encode())
-        return cls(len(records), uids, items, total.hexdigest())
+        return cls(len(records), uids, items, _total(uids, items))
 
     # ------------------------------------------------------------- compare
     def diff(self, current: DatasetFingerprint, *, max_listed: int = 5) -> list[str]:
@@ -103,17 +107,27 @@ class DatasetFingerprint:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DatasetFingerprint:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not a dataset fingerprint (format={d.get('format')!r}, expected {FORMAT!r})")
-        uids = d.get("uids")
-        fp = cls(
-            int(d["num_prompts"]),
-            None if uids is None else tuple(int(u) for u in uids),
-            tuple(int(h, 16) for h in d["item_hashes"]),
-            str(d["sha256"]),
-        )
+        """Inverse of ``to_dict``; a damaged or edited payload (wrong types, lengths or
+        a ``sha256`` that does not match the lists) is a ``ValueError`` saying what is wrong."""
+        if not isinstance(d, Mapping) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, Mapping) else type(d).__name__
+            raise ValueError(f"not a dataset fingerprint (format={got!r}, expected {FORMAT!r})")
+        try:
+            uids = d["uids"]
+            fp = cls(
+                int(d["num_prompts"]),
+                None if uids is None else tuple(int(u) for u in uids),
+                tuple(int(h, 16) for h in d["item_hashes"]),
+                str(d["sha256"]),
+            )
+        except KeyError as e:
+            raise ValueError(f"dataset fingerprint: missing key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"dataset fingerprint: malformed value ({e})") from None
         if len(fp.item_hashes) != fp.num_prompts or (fp.uids is not None and len(fp.uids) != fp.num_prompts):
             raise ValueError(f"dataset fingerprint lists do not have num_prompts={fp.num_prompts} entries")
+        if _total(fp.uids, fp.item_hashes) != fp.sha256:
+            raise ValueError("dataset fingerprint: sha256 does not match its uid / hash lists (damaged or edited)")
         return fp
 
 

@@ -52,3 +52,17 @@ def test_from_dict_rejects_other_payloads():
     d["item_hashes"] = []
     with pytest.raises(ValueError, match="do not have num_prompts=1 entries"):
         DatasetFingerprint.from_dict(d)
+    d = _ds([(1, "a", "1")]).fingerprint().to_dict()
+    d["item_hashes"] = ["%016x" % 5]
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        DatasetFingerprint.from_dict(d)
+    d = _ds([(1, "a", "1")]).fingerprint().to_dict()
+    del d["sha256"]
+    with pytest.raises(ValueError, match="missing key 'sha256'"):
+        DatasetFingerprint.from_dict(d)
+    d = _ds([(1, "a", "1")]).fingerprint().to_dict()
+    d["uids"] = ["x"]
+    with pytest.raises(ValueError, match="malformed value"):
+        DatasetFingerprint.from_dict(d)
+    with pytest.raises(ValueError, match="not a dataset fingerprint"):
+        DatasetFingerprint.from_dict([1, 2])
