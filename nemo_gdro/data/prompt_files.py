@@ -317,7 +317,7 @@ def load_prompt_files(
         kept = [p for p in prompts if not has_cjk(p.text)]
         non_english = len(prompts) - len(kept)
         prompts = kept
-    excluded_set = set(int(u) for u in exclude_uids)
+    excluded_set = {int(u) for u in exclude_uids}
     excluded = 0
     if excluded_set:
         kept = [p for p in prompts if p.uid not in excluded_set]

@@ -2,10 +2,17 @@
 
 import pytest
 
-from nemo_gdro.data.benchmarks import BENCHMARKS, CHOICE_LETTERS, choice_order, load_benchmark, load_benchmarks, read_benchmark
+from nemo_gdro.data.benchmarks import (
+    BENCHMARKS,
+    CHOICE_LETTERS,
+    choice_order,
+    load_benchmark,
+    load_benchmarks,
+    read_benchmark,
+)
 from nemo_gdro.data.dataset import DatasetError
-from nemo_gdro.registry import UnknownNameError
 from nemo_gdro.data.prompt_format import PromptFormat, dapo_wrap
+from nemo_gdro.registry import UnknownNameError
 from tests.data.fixtures import write_benchmark, write_rows
 
 MATH = [n for n, s in BENCHMARKS.items() if s.answer_type == "math"]

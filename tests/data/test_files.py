@@ -239,6 +239,6 @@ def test_parquet_small_batches_keep_file_row_numbers(tmp_path, monkeypatch):
     path = write_rows(tmp_path / "d.parquet", rows, "parquet")
     monkeypatch.setattr(files, "CHUNK_ROWS", 3)
     assert [c.num_rows for c in read_chunks(path, DAPO)] == [3, 3, 3, 1]
-    entries, conflicts, n = _chunks(path, DAPO)
+    entries, conflicts, _ = _chunks(path, DAPO)
     assert conflicts == [(6, "0", 8, "5")]  # rows 6 and 8 share the third chunk; 0-based file rows
     assert sorted((e[0], e[3]) for e in entries if e[1].endswith("Problem 0" + DAPO_SUFFIX)) == [(0, 1), (3, 1), (6, 2), (9, 1)]

@@ -53,7 +53,7 @@ def test_from_dict_rejects_other_payloads():
     with pytest.raises(ValueError, match="do not have num_prompts=1 entries"):
         DatasetFingerprint.from_dict(d)
     d = _ds([(1, "a", "1")]).fingerprint().to_dict()
-    d["item_hashes"] = ["%016x" % 5]
+    d["item_hashes"] = ["{:016x}".format(5)]
     with pytest.raises(ValueError, match="sha256 does not match"):
         DatasetFingerprint.from_dict(d)
     d = _ds([(1, "a", "1")]).fingerprint().to_dict()

@@ -11,7 +11,14 @@ from nemo_gdro.data.prompt_files import load_prompt_files
 from nemo_gdro.data.prompt_format import PromptFormat, dapo_wrap
 from nemo_gdro.data.text import normalize_prompt, prompt_uid
 from nemo_gdro.data.tokenizer import CharTokenizer
-from tests.data.fixtures import dapo_row, write_qwen3_tokenizer, write_dapo_math, write_dapo_processed, write_plain, write_rows
+from tests.data.fixtures import (
+    dapo_row,
+    write_dapo_math,
+    write_dapo_processed,
+    write_plain,
+    write_qwen3_tokenizer,
+    write_rows,
+)
 
 
 def _load(files, **kw):
@@ -64,7 +71,7 @@ def test_ids_do_not_depend_on_row_order_file_split_or_format(tmp_path):
     assert rep.rows_read == len(rows) and len(rep.files) == 3
     # a superset keeps each prompt's uid; dense ids stay in uid order
     more, _ = _load([a.path, write_dapo_math(tmp_path / "c.parquet", 4, 2, start=50, cjk_prompts=0, variant=False).path])
-    assert set(r.meta["uid"] for r in ref) < set(r.meta["uid"] for r in more)
+    assert {r.meta["uid"] for r in ref} < {r.meta["uid"] for r in more}
 
 
 def test_same_problem_same_uid_across_layouts(tmp_path):
