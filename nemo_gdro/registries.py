@@ -77,4 +77,8 @@ MODEL_SOURCES = Registry(
 )
 
 #: ``rollout.engine``: ``build(context) -> engine`` (the rollout engine contract).
-ROLLOUT_ENGINES = Registry("rollout engine", "rollout.engine", {"hf": "nemo_gdro.rollout.engines:build_hf_engine"})
+ROLLOUT_ENGINES = Registry(
+    "rollout engine",
+    "rollout.engine",
+    {"hf": "nemo_gdro.rollout.engines:build_hf_engine", "vllm": "nemo_gdro.rollout.engines:build_vllm_engine"},
+)

@@ -61,6 +61,12 @@ class DataParallel:
         """Sum over DP ranks (identity with one rank)."""
         return comm.all_reduce(tensor, group=self.group) if self.size > 1 else tensor
 
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise max over DP ranks (identity with one rank)."""
+        import torch.distributed as dist
+
+        return comm.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group) if self.size > 1 else tensor
+
     def sum_over_stages(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over pipeline stages (identity without pipeline parallelism)."""
         return comm.all_reduce(tensor, group=self.pipeline_group) if self.pipeline_size > 1 else tensor

@@ -18,7 +18,7 @@ from nemo_gdro.parallel.rows import DataParallel
 from nemo_gdro.parallel.sharded_stats import ShardedPromptStats, checksum
 from nemo_gdro.registries import MODEL_SOURCES, ROLLOUT_ENGINES, TASKS, TOKENIZERS
 from nemo_gdro.rollout.engines import EngineRequest
-from nemo_gdro.rollout.hf_engine import SamplingConfig
+from nemo_gdro.rollout.sampling import SamplingConfig
 from nemo_gdro.stages import StageContext, Stages, build_stages
 from nemo_gdro.tasks.base import Task
 from nemo_gdro.trainer.replay import GroupReplay, NoReplay, ReplayBuffer
@@ -159,6 +159,15 @@ def build_components(cfg: RunConfig) -> Components:
         pipeline_size=dist.pipeline_parallel,
         pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
     )
+    hf_cfg = hf_config(init.spec)
+    build_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)
+    max_new, options = cfg.rollout.max_new_tokens, cfg.rollout.vllm_options
+    # Sampling seeds come per prompt from (run seed, step, prompt id), identical on every rank.
+    engine = build_engine(EngineRequest(hf_cfg, tokenizer, _sampling(cfg.rollout, max_new), cfg.seed, options=options))
+    eval_engine = build_engine(
+        EngineRequest(hf_cfg, tokenizer, _sampling(cfg.eval, max_new), cfg.seed, role="eval", options=options, shared=engine)
+    )
+
     o, s, mbs = cfg.optim, cfg.sft, cfg.trainer.micro_batch_size
     rl_optim = OptimConfig(
         lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, grad_clip=o.grad_clip,
@@ -176,15 +185,6 @@ def build_components(cfg: RunConfig) -> Components:
     actor = new_actor(sft_optim)
     init.initialize(actor)
     reference = KLReference(lambda: new_actor(rl_optim)) if cfg.algorithm.policy_loss.kl_coef > 0 else NoReference()
-
-    hf_cfg = hf_config(init.spec)
-    build_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)
-    max_new = cfg.rollout.max_new_tokens
-    # Each DP rank samples its own prompts with its own stream (TP/PP peers share it).
-    engine = build_engine(
-        EngineRequest(hf_cfg, tokenizer, _sampling(cfg.rollout, max_new), seed=cfg.seed + 1_000_003 * dist.dp_rank)
-    )
-    eval_engine = build_engine(EngineRequest(hf_cfg, tokenizer, _sampling(cfg.eval, max_new), seed=cfg.seed + 1, role="eval"))
 
     store = ShardedPromptStats(
         len(task.train), cfg.algorithm.stats, group=dp.group, gather_capacity=-(-cfg.trainer.prompts_per_step // dp.size)

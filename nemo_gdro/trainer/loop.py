@@ -67,7 +67,7 @@ class Trainer:
         self.components.engine.load_weights(self.components.actor.export_hf_state_dict(), version=self.progress.step)
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        return evaluate(self.components, step, self.cfg.eval.k)
+        return evaluate(self.components, step, self.cfg.eval.k, self.cfg.seed)
 
     def _warm_start(self, logger) -> None:
         """SFT (when configured) with evaluations before and after; ends in a checkpoint at step 0."""

@@ -10,6 +10,7 @@ import torch
 from nemo_gdro.algorithms.advantages import pass_at_k
 from nemo_gdro.algorithms.segments import segment_sum
 from nemo_gdro.data.dataset import PromptRecord
+from nemo_gdro.rollout.seeds import prompt_seeds
 
 #: Eval draws use their own (seed, step) stream, far from the training steps'.
 EVAL_STEP_OFFSET = 1_000_000_000
@@ -58,17 +59,19 @@ def sft_batch(records: Sequence[PromptRecord], tokenizer) -> tuple[torch.Tensor,
     return tokens, mask
 
 
-def evaluate(components, step: int, k: int) -> dict[str, float]:
+def evaluate(components, step: int, k: int, seed: int) -> dict[str, float]:
     """Held-out mean@k, unbiased pass@1 / pass@k: pooled over the task's suites, per suite
     when there are several, and per difficulty band where records carry ``meta["difficulty"]``."""
     c = components
+    seed = seed + 1  # eval samples use their own seed stream
     # Always evaluate the policy as it is now, never a stale copy.
     c.eval_engine.load_weights(c.actor.export_hf_state_dict(), version=max(step, 0))
     pooled_p1, pooled_pk, out = [], [], {}
     for name, suite in c.task.eval_suites.items():
         records = list(suite.dataset)
         n = torch.full((len(records),), k, dtype=torch.int64)
-        batch = c.eval_engine.generate(records, n, step=EVAL_STEP_OFFSET + step)
+        seeds = prompt_seeds(seed, EVAL_STEP_OFFSET + step, [r.prompt_id for r in records])
+        batch = c.eval_engine.generate(records, n, seeds)
         rewards = suite.verifier.score_batch(batch.responses, batch.answers)
         correct = segment_sum((rewards > 0.5).to(torch.int64), batch.group_index, len(records))
         p1, pk = pass_at_k(n, correct, 1), pass_at_k(n, correct, k)

@@ -84,6 +84,8 @@ class MinibatchLoss:
         adv, sums = self.modulation.modulate(adv, stats, logp_old, mask, self.modulation_context)
         token_loss, loss_sums = self.loss.token_loss(logp, logp_old, adv, mask, self.loss_context)
         sums.update(loss_sums)
+        if "token_weights" in extras:  # truncated importance sampling (rollout.tis_cap)
+            token_loss = token_loss * extras["token_weights"].to(token_loss.dtype)
 
         kl = None
         if self.policy.kl_coef > 0:

@@ -82,17 +82,24 @@ class ModelSection:
     source: a ``model.source`` registry name: ``preset`` (random init of a
         :data:`~nemo_gdro.models.gpt.PRESETS` entry with ``overrides``) or
         ``hf`` (architecture from ``path/config.json``, weights from its safetensors).
-    dtype: parameter dtype of the actor (``float32`` on CPU; ``bfloat16`` on GPU,
-        with fp32 gradients and master weights).
+    dtype: parameter dtype of the actor: ``bfloat16`` (GPU; fp32 gradients and
+        master weights), ``float32``, or ``auto`` (bfloat16 with CUDA, float32 without).
     """
 
     source: str = "preset"
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
+        import torch
+
+        _require(
+            self.dtype != "bfloat16" or torch.cuda.is_available(),
+            "model.dtype=bfloat16 needs CUDA (Megatron's mixed-precision optimizer only wraps CUDA tensors); "
+            "use model.dtype=float32 or auto on CPU",
+        )
         from nemo_gdro.models.gpt import PRESETS
         from nemo_gdro.registries import MODEL_SOURCES
 
@@ -108,6 +115,8 @@ class ModelSection:
     def torch_dtype(self) -> Any:
         import torch
 
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
 
 
@@ -197,6 +206,10 @@ class RolloutSection:
 
     n: mean rollouts per prompt ``n_bar`` (the step's budget is ``P * n``).
     max_new_tokens: response length cap in tokens.
+    tis_cap: truncated importance sampling for the engine-vs-actor mismatch
+        (FP8 / low-precision rollouts): each token's loss is scaled by
+        ``min(exp(logp_actor_old - logp_engine), tis_cap)``; ``null`` disables.
+    vllm: ``rollout.engine=vllm`` options (:class:`~nemo_gdro.rollout.vllm_engine.VLLMOptions`).
     """
 
     engine: str = "hf"
@@ -205,14 +218,25 @@ class RolloutSection:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 16
+    tis_cap: float | None = None
+    vllm: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from nemo_gdro.registries import ROLLOUT_ENGINES
+        from nemo_gdro.rollout.vllm_engine import VLLMOptions
 
         ROLLOUT_ENGINES.check(self.engine)
         _require(self.n >= 1, f"rollout.n must be a positive integer, got {self.n}")
         _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be a positive integer, got {self.max_new_tokens}")
+        _require(self.tis_cap is None or self.tis_cap > 0, f"rollout.tis_cap must be > 0 or null, got {self.tis_cap}")
         _check_sampling("rollout", self.temperature, self.top_p, self.top_k)
+        options = build_section(VLLMOptions, "rollout.vllm", self.vllm)
+        object.__setattr__(self, "vllm_options", options)
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "rollout.engine=vllm needs vLLM: pip install 'nemo_gdro[vllm]' on GPU hosts (on CPU: make setup-vllm "
+                "and use .venv-vllm)"
+            )
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,12 @@ from typing import Any
 import torch
 
 from nemo_gdro.algorithms.advantages import grpo_advantages, zero_variance_group_fraction
+from nemo_gdro.algorithms.mismatch import MismatchSums, mismatch_sums, truncated_is_weights
 from nemo_gdro.algorithms.stats import group_outcomes
 from nemo_gdro.parallel.rows import StepRows
 from nemo_gdro.parallel.sharded_stats import checksum
 from nemo_gdro.rollout.batch import RolloutBatch
+from nemo_gdro.rollout.seeds import prompt_seeds
 from nemo_gdro.stages import MinibatchView, PromptDraw, StepFeedback
 from nemo_gdro.stages.signal import controller_signal
 from nemo_gdro.trainer.rl_loss import MinibatchLoss
@@ -52,6 +54,7 @@ class RLStep:
         self.num_minibatches = cfg.trainer.minibatches_per_step
         self.seed = cfg.seed
         self.setup = cfg.algorithm
+        self.tis_cap = cfg.rollout.tis_cap
 
     def __call__(self, step: int) -> dict[str, float]:
         c, stages = self.c, self.c.stages
@@ -68,6 +71,7 @@ class RLStep:
         gen.batch.behaviour_logp = c.actor.compute_token_stats(gen.batch.tokens)["logp"].detach()
         train_batch, raw_all = c.replay.mix(gen.batch, raw_adv, step)
         actor_metrics, signal = self._optimize(train_batch, raw_all, gen.rows, step)
+        actor_metrics.update(self._engine_mismatch(gen.batch))
         t_train = time.perf_counter()
 
         c.engine.load_weights(c.actor.export_hf_state_dict(), version=step + 1)
@@ -97,7 +101,9 @@ class RLStep:
         c = self.c
         mine = c.dp.my_positions(self.num_prompts)
         records = c.task.train.get_many(draw.ids[mine])
-        batch = c.engine.generate(records, counts[mine], step=step)
+        # Seeds of the whole step's prompt list, then this rank's slice: rollouts do not depend on the layout.
+        seeds = prompt_seeds(self.seed, step, draw.ids)
+        batch = c.engine.generate(records, counts[mine], seeds[mine])
         batch.rewards = c.task.verifier.score_batch(batch.responses, batch.answers).to(torch.float32)
         rows = StepRows.build(counts, batch.group_index, c.dp)
         return Generated(batch, rows, rows.scatter(batch.rewards.double()).float())
@@ -168,6 +174,11 @@ class RLStep:
             "raw_advantages": raw_adv[take],
         }
         extras.update(c.reference.extras(tokens))
+        if self.tis_cap is not None:
+            # Truncated importance sampling against the engine that sampled the rows (FP8 / mismatch).
+            extras["token_weights"] = truncated_is_weights(
+                batch.behaviour_logp[take], batch.engine_logp[take], mask, cap=self.tis_cap
+            )
         num_tokens, num_seqs = c.dp.total(float(mask.sum()), float((mask.sum(-1) > 0).sum()))
         if num_tokens == 0:
             return None
@@ -214,6 +225,14 @@ class RLStep:
         for observer in c.stages.observers:
             observer.observe(feedback)
         return feedback
+
+    def _engine_mismatch(self, batch: RolloutBatch) -> dict[str, float]:
+        """The engine's sampled-token log-probs against the actor's recomputed ones, over all DP ranks."""
+        if batch.engine_logp is None:
+            return {}
+        sums = mismatch_sums(batch.behaviour_logp, batch.engine_logp, batch.response_mask)
+        total = MismatchSums(self.c.dp.sum(sums.sums), self.c.dp.max(sums.max_abs.reshape(1)).reshape(()))
+        return total.finalize().as_metrics()
 
     # ---------------------------------------------------------------- metrics
     def _step_metrics(self, gen: Generated, feedback: StepFeedback, train_batch: RolloutBatch) -> dict[str, float]:
