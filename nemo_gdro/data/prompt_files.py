@@ -49,8 +49,8 @@ PathLike = str | os.PathLike[str]
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What loading did; ``rows_read = num_prompts + duplicate_rows + non_english_dropped_rows...``
-    is *not* implied: the drop counts are in prompts, the others in rows."""
+    """What loading did. Rows: ``rows_read = unique_prompts + duplicate_rows``.
+    Prompts: ``num_prompts = unique_prompts - non_english_dropped - excluded - too_long_dropped``."""
 
     name: str
     files: tuple[str, ...]
@@ -240,7 +240,16 @@ def build_dataset(
             raise ValueError(f"data.max_prompt_tokens must be a positive integer or null, got {max_prompt_tokens!r}")
         if tokenizer is None:
             raise ValueError("data.max_prompt_tokens needs a tokenizer to count prompt tokens")
-        lengths = token_lengths(tokenizer, texts)
+        try:
+            lengths = token_lengths(tokenizer, texts)
+        except Exception:  # a tokenizer's own error type (ValueError, a Rust exception...): find the row
+            for k, t in enumerate(texts):
+                try:
+                    tokenizer.encode_prompt(t)
+                except Exception as e:  # noqa: BLE001 - re-raised with the row
+                    where = collector.where(prompts[k].file, prompts[k].row)
+                    raise DatasetError(f"{where}: the tokenizer cannot encode the prompt ({e})") from None
+            raise
         over = [k for k, n in enumerate(lengths) if n > max_prompt_tokens]
         if over and overlong_prompts == "error":
             where = [f"{collector.where(prompts[k].file, prompts[k].row)} ({lengths[k]} tokens)" for k in over]

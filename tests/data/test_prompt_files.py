@@ -37,6 +37,10 @@ def test_dedup_counts_and_english_filter(tmp_path, fmt, capsys):
     assert (rep.rows_read, rep.unique_prompts, rep.duplicate_rows, rep.num_prompts) == (71, 14, 57, 14)
     assert "71 rows" in capsys.readouterr().out
     assert sorted(r.meta["num_rows"] for r in ds) == [5] * 13 + [6]
+    en, rep = _load(info.path, english_only=True, exclude_uids=[ds[0].meta["uid"]])
+    assert (rep.non_english_dropped, rep.excluded, rep.too_long_dropped, rep.num_prompts) == (2, 1, 0, 11)
+    assert rep.rows_read == rep.unique_prompts + rep.duplicate_rows
+    assert rep.num_prompts == rep.unique_prompts - rep.non_english_dropped - rep.excluded - rep.too_long_dropped
     en, rep = _load(info.path, english_only=True)
     assert (rep.non_english_dropped, rep.num_prompts) == (2, 12)
     assert {r.meta["problem"] for r in en} == {p for p, _ in info.problems[:12]}
@@ -147,6 +151,10 @@ def test_overlong_prompts_drop_or_error(tmp_path):
         _load(path, max_prompt_tokens=10)
     with pytest.raises(DatasetError, match="no prompts left after filtering"):
         _load(path, tokenizer=tok, max_prompt_tokens=3)
+    # a prompt the tokenizer cannot encode names its row
+    bad = write_rows(tmp_path / "b.jsonl", [*rows, {"id": 9, "prompt": "Q:1$=A:", "answer": "1"}], "jsonl")
+    with pytest.raises(DatasetError, match=r"b\.jsonl line 5: the tokenizer cannot encode the prompt \(CharTokenizer cannot"):
+        _load(bad, tokenizer=tok, max_prompt_tokens=11)
 
 
 def test_exclude_uids_and_argument_errors(tmp_path):
