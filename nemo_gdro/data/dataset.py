@@ -110,7 +110,19 @@ class PromptDataset:
         bad = [f"position {k} has prompt_id {r.prompt_id}" for k, r in enumerate(recs) if r.prompt_id != k]
         if bad:
             raise DatasetError(f"PromptDataset ids must be exactly 0..{len(recs) - 1}: {_list(bad)}")
-        errors = text_errors(
+        bounded = max_prompt_chars is None or (type(max_prompt_chars) is int and max_prompt_chars >= 1)
+        if not bounded:
+            raise ValueError(f"max_prompt_chars must be a positive integer or None, got {max_prompt_chars!r}")
+        errors = []
+        for what in ("prompt", "answer"):
+            wrong = [
+                f"prompt_id {r.prompt_id} ({type(getattr(r, what)).__name__})"
+                for r in recs
+                if not isinstance(getattr(r, what), str)
+            ]
+            if wrong:
+                errors.append(f"{what} must be a string, not on {_list(wrong)}")
+        errors += text_errors(
             [r.prompt for r in recs], [r.answer for r in recs], [f"prompt_id {r.prompt_id}" for r in recs], max_prompt_chars
         )
         if errors:

@@ -172,3 +172,7 @@ def test_constructor_checks_text_naming_prompt_ids():
         PromptDataset([PromptRecord(0, "a", "")])
     with pytest.raises(DatasetError, match=r"max_prompt_chars=3 on prompt_id 0 \(4 chars\)"):
         PromptDataset([PromptRecord(0, "abcd", "1")], max_prompt_chars=3)
+    with pytest.raises(DatasetError, match=r"prompt must be a string, not on prompt_id 0 \(NoneType\); answer must be a string, not on prompt_id 1 \(int\)"):
+        PromptDataset([PromptRecord(0, None, "1"), PromptRecord(1, "b", 2)])
+    with pytest.raises(ValueError, match="max_prompt_chars must be a positive integer or None"):
+        PromptDataset([PromptRecord(0, "a", "1")], max_prompt_chars=0)
