@@ -122,9 +122,11 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class TokenizerSection:
-    """``tokenizer``: a ``tokenizer.name`` registry name (``char``: the fixed character vocabulary)."""
+    """``tokenizer``: a ``tokenizer.name`` registry name: ``char`` (the fixed character
+    vocabulary) or ``hf`` (the tokenizer of ``path``, default ``model.path``)."""
 
     name: str = "char"
+    path: str | None = None
 
     def __post_init__(self) -> None:
         from nemo_gdro.registries import TOKENIZERS
