@@ -195,7 +195,14 @@ def plan_jobs(
 def execute(
     sft_jobs: Mapping[Path, list[str]], runs: Sequence[RunJob], workers: int, keep_checkpoints: bool = False
 ) -> list[str]:
-    """Run the warm starts, then each run as soon as its seed's warm start exists. Returns failure messages."""
+    """Run the warm starts and the runs, at most ``workers`` jobs at a time. Returns failure messages.
+
+    Order: a missing warm start first (every run of its seed waits on it), then
+    the runs method-major in the order of ``runs`` (all seeds of the first
+    method, then the next), skipping those whose warm start is not ready yet.
+    So a benchmark stopped early leaves whole methods (all seeds) finished,
+    not all methods at one seed.
+    """
     from benchmarks.efficacy_run import init_worker, run_finished, sft_ready, train_job
 
     pending_runs = [r for r in runs if not run_finished(r.run_dir, r.max_steps)]
@@ -210,25 +217,31 @@ def execute(
     failures: list[str] = []
     if not pending_runs:
         return failures
+    method_rank = {m: i for i, m in enumerate(dict.fromkeys(r.method for r in runs))}
+    queue = sorted(pending_runs, key=lambda r: (method_rank[r.method], r.seed))
+    ready = {p for p in needed if p not in todo_sft}
+    sft_queue = list(todo_sft)
     t_start = time.perf_counter()
-    waiting = {p: [r for r in pending_runs if r.sft_dir == p] for p in needed}
     futures: dict[Future, tuple[str, Any]] = {}
     # A fresh process per job: each run initialises (and tears down) its own torch.distributed world.
     pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=get_context("spawn"), initializer=init_worker, max_tasks_per_child=1
     )
+
+    def fill() -> None:
+        while len(futures) < workers:
+            if sft_queue:
+                path = sft_queue.pop(0)
+                futures[pool.submit(train_job, sft_jobs[path], str(path), keep_checkpoints)] = ("sft", path)
+                continue
+            nxt = next((r for r in queue if r.sft_dir in ready), None)
+            if nxt is None:
+                return
+            queue.remove(nxt)
+            futures[pool.submit(train_job, nxt.overrides, str(nxt.run_dir), keep_checkpoints)] = ("run", nxt)
+
     with pool:
-
-        def submit_runs(path: Path) -> None:
-            for r in waiting.pop(path, []):
-                futures[pool.submit(train_job, r.overrides, str(r.run_dir), keep_checkpoints)] = ("run", r)
-
-        # Warm starts first (every run waits on one), then the runs whose warm start is ready.
-        for path in todo_sft:
-            futures[pool.submit(train_job, sft_jobs[path], str(path), keep_checkpoints)] = ("sft", path)
-        for path in needed:
-            if path not in todo_sft:
-                submit_runs(path)
+        fill()
         done_count = 0
         while futures:
             finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
@@ -245,17 +258,18 @@ def execute(
                     failures.append(f"{kind} {label}: {type(err).__name__}: {err} (log: {log})")
                     print(f"[efficacy] FAILED {failures[-1]}", flush=True)
                     if kind == "sft":
-                        for r in waiting.pop(what, []):
+                        for r in [r for r in queue if r.sft_dir == what]:
+                            queue.remove(r)
                             failures.append(f"run {r.method} seed {r.seed}: skipped, its warm start failed")
                     continue
                 ev = result.get("final_eval", {})
                 if kind == "sft":
+                    ready.add(what)
                     print(
                         f"[efficacy] {elapsed:6.0f}s warm start {what.name} ready ({result['wall_s']:.0f} s; "
                         f"validation pass@1 at the end of SFT: see {what}/eval.jsonl)",
                         flush=True,
                     )
-                    submit_runs(what)
                 else:
                     done_count += 1
                     print(
@@ -263,6 +277,7 @@ def execute(
                         f"pass@1 {ev.get('eval/pass@1', math.nan):.3f} ({result['wall_s']:.0f} s)",
                         flush=True,
                     )
+            fill()
     return failures
 
 

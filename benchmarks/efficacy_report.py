@@ -338,9 +338,9 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     """The README table: one row per method (final and AUC pass@1 / pass@k, gains, costs)."""
     k = report["k"]
     head = (
-        f"| method | final pass@1 | final pass@{k} | AUC pass@1 | gain pass@1 vs {report['baseline']} (rel. %) "
+        f"| method | seeds | final pass@1 | final pass@{k} | AUC pass@1 | gain pass@1 vs {report['baseline']} (rel. %) "
         f"| gain AUC (rel. %) | wins | rollouts to baseline final | zero-var groups | controller ms/step |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for name, s in report["methods"].items():
@@ -350,7 +350,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         med = reach["median_rollouts"]
         reach_txt = f"{med / 1e3:.1f}k ({reach['reached']}/{reach['runs']})" if med is not None and math.isfinite(med) else f"not reached (0/{reach['runs']})"
         rows.append(
-            f"| {name} | {_pm(c['final_pass@1'])} | {_pm(c[f'final_pass@{k}'])} | {_pm(c['auc_pass@1'])} "
+            f"| {name} | {len(s['seeds'])} | {_pm(c['final_pass@1'])} | {_pm(c[f'final_pass@{k}'])} | {_pm(c['auc_pass@1'])} "
             f"| {_pm(g['rel'], 100, 1)} | {_pm(ga['rel'], 100, 1)} | {g['wins']}/{g['pairs']} | {reach_txt} "
             f"| {_pm(c['zero_variance_groups'], 1, 2)} | {_pm(c['controller_ms_per_step'], 1, 2)} |"
         )

@@ -89,7 +89,7 @@ def test_report_pairs_by_seed(tmp_path):
     out = er.write_json(rep, tmp_path / "r.json")
     assert json.loads(out.read_text())["methods"]["better"]["ci"]["final_pass@1"]["n"] == 2
     table = er.markdown_table(rep)
-    assert "| better |" in table and "2/2" in table
+    assert "| better | 2 |" in table and "2/2" in table
     assert "band 1" in er.markdown_bands(rep)
     er.plot_curves(rep, tmp_path / "c.png", {"all": ["grpo", "better"]})
     er.plot_gains(rep, tmp_path / "g.png")
