@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_gdro.models.megatron_options import MegatronOptions, check_environment, host_info
 from nemo_gdro.stages.setup import AlgorithmSetup
 from nemo_gdro.typed_config import ConfigError, build_section
 
@@ -25,6 +26,7 @@ __all__ = [
     "RunSection",
     "ParallelSection",
     "ModelSection",
+    "MegatronSection",
     "TokenizerSection",
     "SFTSection",
     "TrainerSection",
@@ -109,6 +111,13 @@ class ModelSection:
         import torch
 
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+
+#: ``megatron``: layer implementation (local / Transformer Engine), FP8, recompute, sequence
+#: parallelism, distributed optimizer, optimizer offload during generation. Keys, defaults and
+#: the rules of their combinations: :class:`~nemo_gdro.models.megatron_options.MegatronOptions`;
+#: the rules that involve other sections and the host are checked with the whole config.
+MegatronSection = MegatronOptions
 
 
 @dataclass(frozen=True)
@@ -285,6 +294,7 @@ class RunConfig:
     checkpoint: CheckpointSection
     logging: LoggingSection
     tree: DictConfig
+    megatron: MegatronSection = field(default_factory=MegatronSection)
 
     @property
     def seed(self) -> int:
@@ -306,6 +316,7 @@ _SECTIONS = {
     "eval": EvalSection,
     "checkpoint": CheckpointSection,
     "logging": LoggingSection,
+    "megatron": MegatronSection,
 }
 
 
@@ -321,6 +332,8 @@ def build_run_config(tree: DictConfig) -> RunConfig:
 
     def section(name: str) -> Mapping[str, Any]:
         value = data.get(name)
+        if value is None and name == "megatron":
+            value = {}  # optional: plain Megatron
         _require(isinstance(value, Mapping), f"config section {name!r} is missing or not a mapping")
         return value  # type: ignore[return-value]
 
@@ -341,3 +354,7 @@ def _check_cross_section(cfg: RunConfig) -> None:
     for module, extra in (("megatron", "megatron"), ("transformers", "hf")):
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"the training loop needs {module}: pip install 'nemo_gdro[{extra}]'")
+    # FP8 / TE requests fail here, before anything is built (Megatron would fall back to bf16 silently).
+    check_environment(
+        cfg.megatron, params_dtype=cfg.model.dtype, tensor_parallel=cfg.parallel.tensor_parallel, host=host_info()
+    )
