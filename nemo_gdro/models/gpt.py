@@ -158,6 +158,7 @@ PRESETS: dict[str, GPTSpec] = {
         hf_architecture="qwen3",
     ),
     # Hyperparameters of the released Qwen3 checkpoints (their config.json).
+    "qwen3_0p6b": _qwen3(1024, 28, 16, 3072, tie_word_embeddings=True),
     "qwen3_1p7b": _qwen3(2048, 28, 16, 6144, tie_word_embeddings=True),
     "qwen3_4b": _qwen3(2560, 36, 32, 9728, tie_word_embeddings=True),
     "qwen3_8b": _qwen3(4096, 36, 32, 12_288, tie_word_embeddings=False),

@@ -71,7 +71,7 @@ def test_padded_length():
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
-@pytest.mark.parametrize("preset", ["qwen3_1p7b", "qwen3_4b", "qwen3_8b"])
+@pytest.mark.parametrize("preset", ["qwen3_0p6b", "qwen3_1p7b", "qwen3_4b", "qwen3_8b"])
 def test_qwen3_gemm_shapes_are_aligned_for_every_recipe(preset, tp):
     s = PRESETS[preset]
     shapes = fp8.fp8_gemm_shapes(s.hidden_size, s.ffn_hidden_size, s.num_attention_heads, s.num_query_groups,

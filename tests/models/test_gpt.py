@@ -27,6 +27,7 @@ def _positions(tokens: torch.Tensor) -> torch.Tensor:
 def test_qwen3_presets_match_released_configs():
     # Values of the released Qwen3 config.json files.
     expect = {
+        "qwen3_0p6b": (1024, 28, 16, 8, 3072, True),
         "qwen3_1p7b": (2048, 28, 16, 8, 6144, True),
         "qwen3_4b": (2560, 36, 32, 8, 9728, True),
         "qwen3_8b": (4096, 36, 32, 8, 12288, False),
