@@ -57,8 +57,9 @@ GPU paths (``megatron`` section, :class:`~nemo_gdro.models.megatron_options.Mega
   dropped before the token statistics, and ``loss_fn`` sees ``[b, S-1]`` as
   always.
 * Megatron's distributed optimizer (Adam state and fp32 master weights
-  sharded over DP); checkpoints gather the state so that every rank's
-  :meth:`MegatronActor.state_dict` is the same.
+  sharded over DP); :meth:`MegatronActor.state_dict` gathers the state on
+  DP rank 0 and :meth:`MegatronActor.load_state_dict` scatters it from there,
+  so checkpoints keep the layout they have with the plain optimizer.
 * Activation recompute (selective / full), passed to ``TransformerConfig``.
 * :meth:`MegatronActor.offloaded_for_generation`: Adam state and master
   weights in host memory and gradient buffers freed while the rollout engine
@@ -630,9 +631,12 @@ class MegatronActor:
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer and schedule state (live references; ``torch.save`` or deep-copy it).
 
-        Collective over DP with the distributed optimizer, whose sharded Adam
-        state and master weights are gathered so that every DP rank returns
-        the whole state (the checkpoint layout does not depend on the optimizer).
+        Collective over DP with the distributed optimizer: its sharded Adam
+        state and fp32 master weights are gathered on DP rank 0 (into host
+        memory; other ranks hold ``None`` there), which is the copy a
+        checkpoint keeps (plain DP: rank 0 writes the actor; TP/PP: the
+        DP-rank-0 slice of each position is the one loaded), and
+        :meth:`load_state_dict` scatters it again from DP rank 0.
         """
         return {
             "model": {k: v for k, v in self.module.state_dict().items() if not k.endswith("_extra_state")},
@@ -664,7 +668,9 @@ class MegatronActor:
         return {
             "distributed": True,
             "common": self.optimizer.state_dict(),
-            "param_state": [o.get_parameter_state_dp_zero(return_on_all_ranks=True) for o in optimizers],
+            # Full state on DP rank 0 only: every rank holding it would cost the whole model's fp32
+            # weights and moments in host memory per rank.
+            "param_state": [o.get_parameter_state_dp_zero() for o in optimizers],
         }
 
     def _load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:

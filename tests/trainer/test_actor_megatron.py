@@ -202,9 +202,14 @@ def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             reports = [actor.train_step(*mine, loss_fn) for _ in range(2)]
             results[name] = {"reports": reports, "params": _params(actor)}
             if name == "distributed":
-                # Every rank's state is the whole (gathered) state; a resumed actor continues bit-identically.
+                # DP rank 0's state holds the gathered optimizer state (as a checkpoint keeps it); every
+                # rank loads that copy and DP rank 0 scatters it: the resumed actor continues bit-identically.
+                state = actor.state_dict()
+                results["param_state_held"] = [p is not None for p in state["optimizer"]["param_state"]]
+                box = [state if rank == 0 else None]
+                torch.distributed.broadcast_object_list(box, src=0)
                 buffer = io.BytesIO()
-                torch.save(actor.state_dict(), buffer)
+                torch.save(box[0], buffer)
                 buffer.seek(0)
                 resumed = MegatronActor(SPEC, optim, seed=99, megatron=options)
                 resumed.load_state_dict(torch.load(buffer, weights_only=False))
@@ -247,6 +252,7 @@ def test_distributed_optimizer_matches_the_plain_one_at_dp2(tmp_path):
         assert got["resumed_equal"] and got["resumed"] == got["continued"]
         assert got["fresh_equal"]
         assert got["state_keys"] == ["common", "distributed", "param_state"]
+    assert all(ranks[0]["param_state_held"]) and not any(ranks[1]["param_state_held"])
     # Both DP ranks hold the same (replicated) weights after the steps.
     for key, p in ranks[0]["distributed"]["params"].items():
         assert torch.equal(p, ranks[1]["distributed"]["params"][key]), key
