@@ -84,15 +84,16 @@ class ModelSection:
     source: a ``model.source`` registry name: ``preset`` (random init of a
         :data:`~nemo_gdro.models.gpt.PRESETS` entry with ``overrides``) or
         ``hf`` (architecture from ``path/config.json``, weights from its safetensors).
-    dtype: parameter dtype of the actor (``float32`` on CPU; ``bfloat16`` on GPU,
-        with fp32 gradients and master weights).
+    dtype: parameter dtype of the actor: ``bfloat16`` (fp32 gradients and master
+        weights; on CPU too, through :mod:`nemo_gdro.parallel.megatron_compat`),
+        ``float32``, or ``auto`` (bfloat16 with CUDA, float32 without).
     """
 
     source: str = "preset"
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         from nemo_gdro.models.gpt import PRESETS
@@ -107,10 +108,19 @@ class ModelSection:
                      "model.source=hf comes from model.path/config.json")
 
     @property
+    def resolved_dtype(self) -> Literal["float32", "bfloat16"]:
+        """``dtype`` with ``auto`` resolved on this host."""
+        if self.dtype != "auto":
+            return self.dtype
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+
+    @property
     def torch_dtype(self) -> Any:
         import torch
 
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.resolved_dtype]
 
 
 #: ``megatron``: layer implementation (local / Transformer Engine), FP8, recompute, sequence
@@ -122,9 +132,11 @@ MegatronSection = MegatronOptions
 
 @dataclass(frozen=True)
 class TokenizerSection:
-    """``tokenizer``: a ``tokenizer.name`` registry name (``char``: the fixed character vocabulary)."""
+    """``tokenizer``: a ``tokenizer.name`` registry name: ``char`` (the fixed character
+    vocabulary) or ``hf`` (the tokenizer of ``path``, default ``model.path``)."""
 
     name: str = "char"
+    path: str | None = None
 
     def __post_init__(self) -> None:
         from nemo_gdro.registries import TOKENIZERS
@@ -356,5 +368,5 @@ def _check_cross_section(cfg: RunConfig) -> None:
             raise ConfigError(f"the training loop needs {module}: pip install 'nemo_gdro[{extra}]'")
     # FP8 / TE requests fail here, before anything is built (Megatron would fall back to bf16 silently).
     check_environment(
-        cfg.megatron, params_dtype=cfg.model.dtype, tensor_parallel=cfg.parallel.tensor_parallel, host=host_info()
+        cfg.megatron, params_dtype=cfg.model.resolved_dtype, tensor_parallel=cfg.parallel.tensor_parallel, host=host_info()
     )
