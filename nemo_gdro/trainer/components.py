@@ -131,6 +131,11 @@ def _sampling(section: Any, max_new_tokens: int) -> SamplingConfig:
 
 def build_components(cfg: RunConfig) -> Components:
     """Initialise the process groups and build every component (collective)."""
+    from nemo_gdro.models.fp8 import apply_fp8_environment, fp8_environment
+    from nemo_gdro.models.megatron_options import check_model, host_info
+
+    # TE reads its FP8 environment when imported, and `import megatron.core` imports TE.
+    apply_fp8_environment(fp8_environment(cfg.megatron.fp8_recipe if cfg.megatron.fp8 else None, host_info().sm))
     from megatron.core import parallel_state
 
     from nemo_gdro.models.hf_mapping import hf_config
@@ -148,6 +153,9 @@ def build_components(cfg: RunConfig) -> Components:
         init = MODEL_SOURCES.get(cfg.model.source).build(cfg.model, tokenizer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    # The architecture is known: layer counts and FP8 GEMM shapes, before any process group exists.
+    check_model(cfg.megatron, init.spec, tensor_parallel=cfg.parallel.tensor_parallel,
+                pipeline_parallel=cfg.parallel.pipeline_parallel)
 
     dist = init_distributed(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel, seed=cfg.seed
@@ -182,7 +190,10 @@ def build_components(cfg: RunConfig) -> Components:
     temperature = cfg.rollout.temperature
 
     def new_actor(optim: OptimConfig) -> MegatronActor:
-        return MegatronActor(init.spec, optim, seed=cfg.seed, temperature=temperature, params_dtype=cfg.model.torch_dtype)
+        return MegatronActor(
+            init.spec, optim, seed=cfg.seed, temperature=temperature, params_dtype=cfg.model.torch_dtype,
+            megatron=cfg.megatron,
+        )
 
     actor = new_actor(sft_optim)
     init.initialize(actor)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_gdro.models.megatron_options import MegatronOptions, check_environment, host_info
 from nemo_gdro.stages.setup import AlgorithmSetup
 from nemo_gdro.typed_config import ConfigError, build_section
 
@@ -25,6 +26,7 @@ __all__ = [
     "RunSection",
     "ParallelSection",
     "ModelSection",
+    "MegatronSection",
     "TokenizerSection",
     "SFTSection",
     "TrainerSection",
@@ -82,8 +84,9 @@ class ModelSection:
     source: a ``model.source`` registry name: ``preset`` (random init of a
         :data:`~nemo_gdro.models.gpt.PRESETS` entry with ``overrides``) or
         ``hf`` (architecture from ``path/config.json``, weights from its safetensors).
-    dtype: parameter dtype of the actor: ``bfloat16`` (GPU; fp32 gradients and
-        master weights), ``float32``, or ``auto`` (bfloat16 with CUDA, float32 without).
+    dtype: parameter dtype of the actor: ``bfloat16`` (fp32 gradients and master
+        weights; on CPU too, through :mod:`nemo_gdro.parallel.megatron_compat`),
+        ``float32``, or ``auto`` (bfloat16 with CUDA, float32 without).
     """
 
     source: str = "preset"
@@ -93,13 +96,6 @@ class ModelSection:
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
-        import torch
-
-        _require(
-            self.dtype != "bfloat16" or torch.cuda.is_available(),
-            "model.dtype=bfloat16 needs CUDA (Megatron's mixed-precision optimizer only wraps CUDA tensors); "
-            "use model.dtype=float32 or auto on CPU",
-        )
         from nemo_gdro.models.gpt import PRESETS
         from nemo_gdro.registries import MODEL_SOURCES
 
@@ -112,12 +108,26 @@ class ModelSection:
                      "model.source=hf comes from model.path/config.json")
 
     @property
+    def resolved_dtype(self) -> Literal["float32", "bfloat16"]:
+        """``dtype`` with ``auto`` resolved on this host."""
+        if self.dtype != "auto":
+            return self.dtype
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+
+    @property
     def torch_dtype(self) -> Any:
         import torch
 
-        if self.dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.resolved_dtype]
+
+
+#: ``megatron``: layer implementation (local / Transformer Engine), FP8, recompute, sequence
+#: parallelism, distributed optimizer, optimizer offload during generation. Keys, defaults and
+#: the rules of their combinations: :class:`~nemo_gdro.models.megatron_options.MegatronOptions`;
+#: the rules that involve other sections and the host are checked with the whole config.
+MegatronSection = MegatronOptions
 
 
 @dataclass(frozen=True)
@@ -307,6 +317,7 @@ class RunConfig:
     checkpoint: CheckpointSection
     logging: LoggingSection
     tree: DictConfig
+    megatron: MegatronSection = field(default_factory=MegatronSection)
 
     @property
     def seed(self) -> int:
@@ -328,6 +339,7 @@ _SECTIONS = {
     "eval": EvalSection,
     "checkpoint": CheckpointSection,
     "logging": LoggingSection,
+    "megatron": MegatronSection,
 }
 
 
@@ -343,6 +355,8 @@ def build_run_config(tree: DictConfig) -> RunConfig:
 
     def section(name: str) -> Mapping[str, Any]:
         value = data.get(name)
+        if value is None and name == "megatron":
+            value = {}  # optional: plain Megatron
         _require(isinstance(value, Mapping), f"config section {name!r} is missing or not a mapping")
         return value  # type: ignore[return-value]
 
@@ -363,3 +377,7 @@ def _check_cross_section(cfg: RunConfig) -> None:
     for module, extra in (("megatron", "megatron"), ("transformers", "hf")):
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"the training loop needs {module}: pip install 'nemo_gdro[{extra}]'")
+    # FP8 / TE requests fail here, before anything is built (Megatron would fall back to bf16 silently).
+    check_environment(
+        cfg.megatron, params_dtype=cfg.model.resolved_dtype, tensor_parallel=cfg.parallel.tensor_parallel, host=host_info()
+    )

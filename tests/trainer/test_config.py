@@ -11,6 +11,24 @@ def test_default_config_is_the_tiny_cpu_run():
     )
 
 
+def test_megatron_section_defaults_and_overrides():
+    from nemo_gdro.models.megatron_options import MegatronOptions
+
+    assert validate(compose()).megatron == MegatronOptions()
+    cfg = validate(compose(overrides=["megatron.distributed_optimizer=true", "megatron.recompute_granularity=selective",
+                                      "megatron.recompute_modules=[core_attn,mlp]"]))
+    assert cfg.megatron.distributed_optimizer and cfg.megatron.recompute_modules == ("core_attn", "mlp")
+
+
+def test_bf16_parameters_are_allowed_without_cuda():
+    """The CPU shim (parallel/megatron_compat.py, patch 5) runs Megatron's bf16 optimizer on CPU."""
+    import torch
+
+    assert validate(compose(overrides=["model.dtype=bfloat16"])).model.torch_dtype == torch.bfloat16
+    auto = validate(compose(overrides=["model.dtype=auto"])).model
+    assert auto.resolved_dtype == ("bfloat16" if torch.cuda.is_available() else "float32")
+
+
 def test_nemo_style_overrides():
     cfg = compose(overrides=["trainer.max_steps=7", "+model.overrides.num_query_groups=4", "model.overrides.num_layers=2", "++run.name=abc"])
     assert cfg.trainer.max_steps == 7 and cfg.model.overrides.num_query_groups == 4 and cfg.model.overrides.num_layers == 2
@@ -32,6 +50,12 @@ def test_nemo_style_overrides():
         (["trainer.prompts_per_step=0"], "trainer.prompts_per_step"),
         (["algorithm.r2vpo.replay_ratio=1.0"], "algorithm.loss=r2vpo"),
         (["algorithm.difficulty.edges=[0.5,0.2]"], "difficulty.edges"),
+        (["megatron.fp8=e4m3"], "megatron.fp8=e4m3 needs megatron.transformer_impl=transformer_engine"),
+        (["megatron.fp8=e4m3", "megatron.transformer_impl=transformer_engine"], "needs model.dtype=bfloat16"),
+        (["megatron.transformer_impl=transformer_engine"], "needs NVIDIA Transformer Engine"),
+        (["megatron.recompute_granularity=full", "megatron.recompute_method=block"], "megatron.recompute_num_layers"),
+        (["++megatron.fp8_recipie=blockwise"], "megatron.fp8_recipie"),
+        (["model.dtype=float16"], "model.dtype"),
     ],
 )
 def test_bad_configs_fail_at_start_naming_the_key(overrides, message):

@@ -99,6 +99,25 @@ def test_smoke_run(case, tmp_path):
             assert 0.0 < rows[2]["dynamo/beta_stab/mean"] <= 1.0
 
 
+@pytest.mark.slow
+def test_bf16_parameters_train_end_to_end(tmp_path):
+    """model.dtype=bfloat16 on CPU (Megatron's mixed-precision optimizer through the CPU shim):
+    one RL step, and both engines hold the trained bf16 weights."""
+    cfg = compose(overrides=TINY + ["model.dtype=bfloat16", "sft.steps=0", "trainer.max_steps=1",
+                                    f"run.output_dir={tmp_path}"])
+    with Trainer(cfg) as trainer:
+        assert trainer.run().steps_done == 1
+        row = read_metrics(tmp_path / "metrics.jsonl")[-1]
+        assert math.isfinite(row["actor/loss"])
+        c = trainer.components
+        assert c.actor.module.embedding.word_embeddings.weight.dtype == torch.bfloat16
+        trained = c.actor.export_hf_state_dict()
+        for engine in (c.engine, c.eval_engine):
+            held = engine.model.state_dict()
+            for key, value in trained.items():
+                assert torch.equal(held[key], value.to(held[key].dtype)), key
+
+
 RESUME_CASE = TINY + [
     "algorithm.advantage_weighting=prompt_gdro",
     "algorithm.rollout_scheduler=rollout_gdro",
