@@ -28,8 +28,15 @@ import torch
 
 from nemo_gdro.algorithms.advantages import grpo_advantages
 from nemo_gdro.algorithms.difficulty import DifficultyClassifier, DifficultyConfig
-from nemo_gdro.algorithms.dynamo import DynamoAllocationConfig, DynamoAllocator
-from nemo_gdro.algorithms.prompt_gdro import PromptGDRO, PromptGDROConfig, failure_signal
+from nemo_gdro.algorithms.dynamo_allocation import (
+    DynamoAllocationConfig,
+    DynamoAllocator,
+)
+from nemo_gdro.algorithms.prompt_gdro import (
+    PromptGDRO,
+    PromptGDROConfig,
+    failure_signal,
+)
 from nemo_gdro.algorithms.rollout_gdro import RolloutGDRO, RolloutGDROConfig
 from nemo_gdro.algorithms.stats import PromptStatsStore, group_outcomes
 

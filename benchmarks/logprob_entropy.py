@@ -58,7 +58,7 @@ from typing import Callable
 
 import torch
 
-from nemo_gdro.algorithms.dynamo import full_vocab_token_stats
+from nemo_gdro.algorithms.token_stats import full_vocab_token_stats
 from nemo_gdro.parallel.vocab_parallel import vocab_parallel_token_stats
 
 # naive-full holds up to 6x the logits' bytes (log_pi, pi and their products; measured).

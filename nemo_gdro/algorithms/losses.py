@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from nemo_gdro.algorithms._validation import bool_mask, is_real, token_advantages
+from nemo_gdro.parallel import comm
 
 __all__ = [
     "LOSS_AGG_MODES",
@@ -60,33 +61,11 @@ def _check_token_tensor(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a [R, L] token tensor, got shape {tuple(t.shape)}")
 
 
-def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
-    # Accept bool or 0/1 float masks; torch.where needs bool, and selecting
-    # (rather than multiplying by 0) keeps NaN/inf in padding from leaking.
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast ``[R]`` (or ``[R, 1]``) advantages to ``[R, L]``; pass ``[R, L]`` through."""
-    R = like.shape[0]
-    if advantages.dim() == 1:
-        if advantages.shape[0] != R:
-            raise ValueError(f"advantages of shape [R] must have R={R} rows, got {tuple(advantages.shape)}")
-        return advantages.unsqueeze(-1).to(like.dtype).expand_as(like)
-    if advantages.dim() == 2 and advantages.shape[0] == R and advantages.shape[1] in (1, like.shape[1]):
-        return advantages.to(like.dtype).expand_as(like)
-    raise ValueError(f"advantages must have shape [R] or [R, L] = {tuple(like.shape)}, got {tuple(advantages.shape)}")
-
-
 def _count_divisor(count: Scalar, like: torch.Tensor) -> torch.Tensor:
     # A step (or rank) with no valid tokens has a zero numerator; dividing by
     # max(count, 1) returns 0 instead of NaN without changing any real count.
     c = torch.as_tensor(count, dtype=like.dtype, device=like.device).detach()
     return c.clamp_min(1.0)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool)
 
 
 # --------------------------------------------------------------------------- #
@@ -133,8 +112,8 @@ def clipped_policy_loss(
     _check_same_shape("logp", logp, "mask", mask)
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
-    valid = _bool_mask(mask)
-    adv = _token_advantages(advantages, logp)
+    valid = bool_mask(mask)
+    adv = token_advantages(advantages, logp)
 
     ratio = policy_ratio(logp, logp_old)
     loss_unclipped = -adv * ratio
@@ -189,7 +168,7 @@ def per_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     _check_token_tensor("values", values)
     _check_same_shape("values", values, "mask", mask)
-    valid = _bool_mask(mask)
+    valid = bool_mask(mask)
     sums = torch.where(valid, values, torch.zeros_like(values)).sum(dim=-1)
     counts = valid.sum(dim=-1).to(values.dtype).clamp_min(1.0)
     return sums / counts
@@ -221,7 +200,7 @@ def aggregate_token_loss(
     """
     _check_token_tensor("token_loss", token_loss)
     _check_same_shape("token_loss", token_loss, "mask", mask)
-    valid = _bool_mask(mask)
+    valid = bool_mask(mask)
     masked = torch.where(valid, token_loss, torch.zeros_like(token_loss))
 
     if mode == "token-mean":
@@ -256,17 +235,17 @@ class PolicyLossConfig:
 
     def __post_init__(self) -> None:
         p = "policy_loss"
-        if not (_is_real(self.eps_low) and 0.0 <= self.eps_low < 1.0):
+        if not (is_real(self.eps_low) and 0.0 <= self.eps_low < 1.0):
             raise ValueError(f"{p}.eps_low must be in [0, 1), got {self.eps_low}")
-        if not (_is_real(self.eps_high) and 0.0 <= self.eps_high < math.inf):
+        if not (is_real(self.eps_high) and 0.0 <= self.eps_high < math.inf):
             raise ValueError(f"{p}.eps_high must be a finite number >= 0, got {self.eps_high}")
-        if self.dual_clip is not None and not (_is_real(self.dual_clip) and 1.0 < self.dual_clip < math.inf):
+        if self.dual_clip is not None and not (is_real(self.dual_clip) and 1.0 < self.dual_clip < math.inf):
             raise ValueError(f"{p}.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
-        if not (_is_real(self.kl_coef) and 0.0 <= self.kl_coef < math.inf):
+        if not (is_real(self.kl_coef) and 0.0 <= self.kl_coef < math.inf):
             raise ValueError(f"{p}.kl_coef must be a finite number >= 0, got {self.kl_coef}")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"{p}.loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
-        if self.norm_constant is not None and not (_is_real(self.norm_constant) and 0.0 < self.norm_constant < math.inf):
+        if self.norm_constant is not None and not (is_real(self.norm_constant) and 0.0 < self.norm_constant < math.inf):
             raise ValueError(f"{p}.norm_constant must be > 0 (or null), got {self.norm_constant}")
         if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.norm_constant is None:
             raise ValueError(f"{p}.norm_constant is required when {p}.loss_agg_mode is 'seq-mean-token-sum-norm'")
@@ -328,15 +307,15 @@ def r2vpo_token_loss(
         if ratio_mean is not None:
             raise ValueError("ratio_mean is only used with center='batch_mean'; got center='one'")
         c = torch.ones((), dtype=logp.dtype, device=logp.device)
-    if _is_real(lam) and not (0.0 <= float(lam) < math.inf):
+    if is_real(lam) and not (0.0 <= float(lam) < math.inf):
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
     if max_ratio is not None and not max_ratio > 0:
         raise ValueError(f"max_ratio must be > 0 or None, got {max_ratio}")
     # lam is controller state: it must not receive (or pass) gradient.
     lam_t = torch.as_tensor(lam, dtype=logp.dtype, device=logp.device).detach()
 
-    valid = _bool_mask(mask)
-    adv = _token_advantages(advantages, logp)
+    valid = bool_mask(mask)
+    adv = token_advantages(advantages, logp)
     ratio = policy_ratio(logp, logp_mu)
 
     if max_ratio is not None:
@@ -371,8 +350,7 @@ def ratio_variance(sum_sq_dev: Scalar, num_tokens: Scalar, group: Any = None) ->
 
     With ``group`` not ``None`` both numbers are summed over that
     ``torch.distributed`` group in a single all-reduce of a float64 pair
-    (on the device of ``sum_sq_dev`` when it is a tensor, so NCCL works with
-    GPU stats). ``group=None`` uses the local values. Returns 0.0 when there
+    (on the group's backend device). ``group=None`` uses the local values. Returns 0.0 when there
     are no tokens.
     """
     device = sum_sq_dev.device if isinstance(sum_sq_dev, torch.Tensor) else torch.device("cpu")
@@ -383,9 +361,9 @@ def ratio_variance(sum_sq_dev: Scalar, num_tokens: Scalar, group: Any = None) ->
         ]
     )
     if group is not None:
-        if not (dist.is_available() and dist.is_initialized()):
+        if not comm.is_distributed():
             raise RuntimeError("ratio_variance: a process group was given but torch.distributed is not initialised")
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        buf = comm.all_reduce(buf, group=group)
     total_sq, total_n = buf.tolist()
     return total_sq / total_n if total_n > 0 else 0.0
 
@@ -410,7 +388,7 @@ class R2VPOConfig:
         p = "r2vpo"
 
         def finite(x: Any) -> bool:
-            return _is_real(x) and math.isfinite(x)
+            return is_real(x) and math.isfinite(x)
 
         if not (finite(self.delta) and self.delta > 0):
             raise ValueError(f"{p}.delta must be > 0, got {self.delta}")

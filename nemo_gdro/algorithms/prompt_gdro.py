@@ -8,8 +8,10 @@ response is ``q_b ~ exp(eta L_b)``. Each step:
    the scores of the bins present in the batch ("EMA-debiased exponential
    weights": bin mean divided by the bin's batch share, then an EMA).
 
-``q`` acts on training either by scaling advantages (``advantage_weight``, the
-paper's mode) or by choosing which prompts are drawn (``resample``).
+``q`` acts on training either by scaling advantages (:meth:`PromptGDRO.response_weights`,
+the paper's mode) or by choosing which prompts are drawn
+(:meth:`PromptGDRO.sample_prompts`); the stages ``advantage_weighting=prompt_gdro``
+and ``prompt_scheduler=prompt_gdro_resample`` select them.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import torch
 
 from nemo_gdro.algorithms.bin_index import BinIndex
 from nemo_gdro.algorithms.losses import per_sequence_mean
-from nemo_gdro.algorithms.segments import check_segment_index, segment_count, segment_mean, segment_sum
+from nemo_gdro.algorithms.segments import (
+    check_segment_index,
+    segment_count,
+    segment_mean,
+    segment_sum,
+)
 
-ApplyMode = Literal["advantage_weight", "resample"]
 WeightForm = Literal["normalized", "paper"]
 Signal = Literal["surrogate", "failure", "learnability"]
 
@@ -36,12 +42,11 @@ class PromptGDROConfig:
     beta: EMA rate of the bin scores. eta: exponential-weights temperature.
     gamma: uniform mixing of ``q``. score_clip: ``C`` (``None``: no clip).
     share_floor: floor of a bin's batch share in the frequency debias.
-    apply: ``advantage_weight`` | ``resample``.
     weight_form: ``normalized`` (``q_b`` rescaled to mean 1 over the batch's
         responses, capped at ``w_max``) | ``paper`` (``min(omega_b, w_max)``).
     signal: ``surrogate`` | ``failure`` | ``learnability``.
     signal_include_kl: add ``kl_coef * KL`` to the surrogate signal.
-    importance_correct: in ``resample`` mode, scale advantages by
+    importance_correct: when resampling, scale advantages by
         ``uniform_share_b / q_b`` (capped at ``importance_cap``).
     reward_range: ``(r_min, r_max)`` used to rescale rewards for ``failure``.
     """
@@ -51,7 +56,6 @@ class PromptGDROConfig:
     gamma: float = 0.01
     score_clip: float | None = None
     share_floor: float = 1e-3
-    apply: ApplyMode = "advantage_weight"
     weight_form: WeightForm = "normalized"
     w_max: float = 15.0
     signal: Signal = "surrogate"
@@ -68,7 +72,6 @@ class PromptGDROConfig:
             (0.0 <= self.gamma <= 1.0, f"prompt_gdro.gamma must be in [0, 1], got {self.gamma}"),
             (self.score_clip is None or self.score_clip > 0, f"prompt_gdro.score_clip must be > 0 or null, got {self.score_clip}"),
             (0.0 < self.share_floor <= 1.0, f"prompt_gdro.share_floor must be in (0, 1], got {self.share_floor}"),
-            (self.apply in ("advantage_weight", "resample"), f"prompt_gdro.apply must be 'advantage_weight' or 'resample', got {self.apply!r}"),
             (self.weight_form in ("normalized", "paper"), f"prompt_gdro.weight_form must be 'normalized' or 'paper', got {self.weight_form!r}"),
             (self.w_max > 0, f"prompt_gdro.w_max must be > 0, got {self.w_max}"),
             (self.signal in ("surrogate", "failure", "learnability"), f"prompt_gdro.signal must be 'surrogate', 'failure' or 'learnability', got {self.signal!r}"),

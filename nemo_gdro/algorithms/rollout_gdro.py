@@ -39,13 +39,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Any, Literal
 
 import torch
 
+from nemo_gdro.algorithms._validation import is_finite_real, is_int
 from nemo_gdro.algorithms.allocate import allocate_budget
-from nemo_gdro.algorithms.segments import check_segment_index, segment_count, segment_mean, segment_sum
+from nemo_gdro.algorithms.segments import (
+    check_segment_index,
+    segment_count,
+    segment_mean,
+    segment_sum,
+)
 from nemo_gdro.algorithms.stats import PromptStatsStore
 
 __all__ = [
@@ -82,14 +87,6 @@ _HASH_MUL_STEP = 69_621
 # --------------------------------------------------------------------------- #
 # config
 # --------------------------------------------------------------------------- #
-def _is_int(x: Any) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)
-
-
-def _is_finite(x: Any) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
 @dataclass(frozen=True)
 class RolloutGDROConfig:
     """``rollout_gdro`` config (gdro.md §3). Field names and defaults are the spec's.
@@ -135,36 +132,36 @@ class RolloutGDROConfig:
         p = "rollout_gdro"
         if self.mode not in MODES:
             raise ValueError(f"{p}.mode must be one of {MODES}, got {self.mode!r}")
-        if not (_is_int(self.n_min) and self.n_min >= 1):
+        if not (is_int(self.n_min) and self.n_min >= 1):
             raise ValueError(f"{p}.n_min must be an integer >= 1, got {self.n_min!r}")
-        if not (_is_int(self.n_max) and self.n_max >= self.n_min):
+        if not (is_int(self.n_max) and self.n_max >= self.n_min):
             raise ValueError(f"{p}.n_max must be an integer >= n_min={self.n_min}, got {self.n_max!r}")
-        if not (_is_int(self.n_bar) and self.n_min <= self.n_bar <= self.n_max):
+        if not (is_int(self.n_bar) and self.n_min <= self.n_bar <= self.n_max):
             raise ValueError(
                 f"{p}.n_bar must be an integer in [n_min={self.n_min}, n_max={self.n_max}] "
                 f"(so that the uniform plan is feasible), got {self.n_bar!r}"
             )
         if self.proxy not in PROXIES:
             raise ValueError(f"{p}.proxy must be one of {PROXIES}, got {self.proxy!r}")
-        if not (_is_finite(self.v_floor) and self.v_floor > 0):
+        if not (is_finite_real(self.v_floor) and self.v_floor > 0):
             raise ValueError(f"{p}.v_floor must be a finite number > 0, got {self.v_floor!r}")
-        if not (_is_finite(self.unseen_success) and 0.0 <= self.unseen_success <= 1.0):
+        if not (is_finite_real(self.unseen_success) and 0.0 <= self.unseen_success <= 1.0):
             raise ValueError(f"{p}.unseen_success must be in [0, 1], got {self.unseen_success!r}")
-        if not (_is_finite(self.loss_var_beta) and 0.0 < self.loss_var_beta <= 1.0):
+        if not (is_finite_real(self.loss_var_beta) and 0.0 < self.loss_var_beta <= 1.0):
             raise ValueError(f"{p}.loss_var_beta must be in (0, 1], got {self.loss_var_beta!r}")
-        if not (_is_finite(self.eta) and self.eta >= 0):
+        if not (is_finite_real(self.eta) and self.eta >= 0):
             raise ValueError(f"{p}.eta must be a finite number >= 0, got {self.eta!r}")
-        if not (_is_finite(self.gamma) and 0.0 <= self.gamma <= 1.0):
+        if not (is_finite_real(self.gamma) and 0.0 <= self.gamma <= 1.0):
             raise ValueError(f"{p}.gamma must be in [0, 1], got {self.gamma!r}")
-        if not (_is_finite(self.score_decay) and 0.0 < self.score_decay <= 1.0):
+        if not (is_finite_real(self.score_decay) and 0.0 < self.score_decay <= 1.0):
             raise ValueError(f"{p}.score_decay must be in (0, 1], got {self.score_decay!r}")
         if self.sign not in SIGNS:
             raise ValueError(f"{p}.sign must be one of {SIGNS}, got {self.sign!r}")
-        if not (_is_finite(self.alpha_mu) and self.alpha_mu >= 0):
+        if not (is_finite_real(self.alpha_mu) and self.alpha_mu >= 0):
             raise ValueError(f"{p}.alpha_mu must be a finite number >= 0, got {self.alpha_mu!r}")
-        if not (_is_finite(self.mu_max) and self.mu_max > 0):
+        if not (is_finite_real(self.mu_max) and self.mu_max > 0):
             raise ValueError(f"{p}.mu_max must be a finite number > 0, got {self.mu_max!r}")
-        if not (_is_finite(self.mu_init) and 0.0 <= self.mu_init <= self.mu_max):
+        if not (is_finite_real(self.mu_init) and 0.0 <= self.mu_init <= self.mu_max):
             raise ValueError(f"{p}.mu_init must be in [0, mu_max={self.mu_max}], got {self.mu_init!r}")
 
     @property
@@ -368,7 +365,7 @@ class RolloutGDRO:
     )
 
     def __init__(self, config: RolloutGDROConfig, num_bins: int, store: PromptStatsStore | None) -> None:
-        if not (_is_int(num_bins) and num_bins >= 1):
+        if not (is_int(num_bins) and num_bins >= 1):
             raise ValueError(f"num_bins must be an integer >= 1, got {num_bins!r}")
         if config.proxy == "bernoulli" and store is None:
             raise ValueError("rollout_gdro.proxy 'bernoulli' reads success rates from a PromptStatsStore; got store=None")

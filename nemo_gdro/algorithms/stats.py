@@ -24,7 +24,7 @@ GDRO release had when two controllers shared one EMA).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch

@@ -1,1 +1,1 @@
-"""Filled in by later issues (see README roadmap)."""
+"""Megatron GPT builders (tiny, Qwen3 presets), model sources, and the HF <-> Megatron weight mapping."""

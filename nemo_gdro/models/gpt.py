@@ -39,7 +39,10 @@ def _qwen3(hidden: int, layers: int, heads: int, ffn: int, *, tie_word_embedding
     )
 
 
-__all__ = ["GPTSpec", "PRESETS", "spec_from_overrides", "transformer_config", "build_gpt"]
+#: Hugging Face layouts a :class:`GPTSpec` can describe.
+HF_ARCHITECTURES: tuple[str, ...] = ("qwen3", "qwen2", "llama")
+
+__all__ = ["GPTSpec", "HF_ARCHITECTURES", "PRESETS", "spec_from_overrides", "transformer_config", "build_gpt"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class GPTSpec:
         qkv_bias: bias on the q/k/v projections (Qwen2).
         qk_layernorm: per-head RMSNorm on queries and keys (Qwen3).
         tie_word_embeddings: output layer shares the input embedding matrix.
-        hf_architecture: the Hugging Face layout this maps to.
+        hf_architecture: the Hugging Face layout this maps to (``qwen3``: q/k norm, no
+            biases; ``qwen2``: qkv bias, no q/k norm; ``llama``: neither).
         head_dim: per-head width ``d``; ``None`` means ``hidden_size // num_attention_heads``
             (Qwen3-4B has ``d = 128 != 2560 / 32``).
     """
@@ -76,7 +80,7 @@ class GPTSpec:
     qkv_bias: bool = False
     qk_layernorm: bool = True
     tie_word_embeddings: bool = False
-    hf_architecture: Literal["qwen3", "qwen2"] = "qwen3"
+    hf_architecture: Literal["qwen3", "qwen2", "llama"] = "qwen3"
     head_dim: int | None = None
 
     def __post_init__(self) -> None:
@@ -109,8 +113,10 @@ class GPTSpec:
             raise ValueError(f"model.rotary_base must be > 0, got {self.rotary_base}")
         if not self.norm_epsilon > 0:
             raise ValueError(f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
-        if self.hf_architecture not in ("qwen3", "qwen2"):
-            raise ValueError(f"model.hf_architecture must be 'qwen3' or 'qwen2', got {self.hf_architecture!r}")
+        if self.hf_architecture not in HF_ARCHITECTURES:
+            raise ValueError(
+                f"model.hf_architecture must be one of {list(HF_ARCHITECTURES)}, got {self.hf_architecture!r}"
+            )
 
     @property
     def kv_channels(self) -> int:

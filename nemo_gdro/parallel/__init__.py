@@ -1,1 +1,2 @@
-"""Filled in by later issues (see README roadmap)."""
+"""torch.distributed glue: launch, process groups, backend-device collectives, the row layout of a step,
+sharded per-prompt statistics, vocabulary-parallel token statistics, and the Megatron CPU shim."""

@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_gdro.algorithms.stats import PromptStatsStore, StatsConfig
+from nemo_gdro.parallel.comm import backend_device
 
 __all__ = ["ShardedPromptStats", "reshard", "fingerprint", "checksum"]
 
@@ -89,12 +90,8 @@ def _group_layout(group: Any) -> tuple[int, int]:
 
 
 def _comm_device(group: Any, device: torch.device | str | None) -> torch.device:
-    """Where collective buffers live: ``device`` if given, CUDA for NCCL, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where collective buffers live: ``device`` if given, else the group's backend device."""
+    return torch.device(device) if device is not None else backend_device(group)
 
 
 def _id_fingerprint(ids: torch.Tensor) -> int:

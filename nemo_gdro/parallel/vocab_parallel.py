@@ -76,7 +76,7 @@ once per call, after the last chunk, with one host synchronisation).
 Precision
 ---------
 All arithmetic is in fp32 (fp64 when the logits are fp64, like the
-reference :func:`nemo_gdro.algorithms.dynamo.full_vocab_token_stats`),
+reference :func:`nemo_gdro.algorithms.token_stats.full_vocab_token_stats`),
 whatever the logits' dtype (bf16 logits are upcast one tile at a time). The
 outputs have that compute dtype. Ebar is evaluated as
 ``(r/s - (q2/s)(q1/s))/s``; in fp32 it is within ~1e-6 relative of the float64
@@ -375,7 +375,7 @@ def vocab_parallel_token_stats(
     ``O(chunk_tokens)`` per-token scalars -- independent of the vocabulary
     size and the number of tokens; the backward additionally writes the
     gradient (the logits' shape and dtype). With one shard the result equals
-    :func:`nemo_gdro.algorithms.dynamo.full_vocab_token_stats` up to rounding.
+    :func:`nemo_gdro.algorithms.token_stats.full_vocab_token_stats` up to rounding.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

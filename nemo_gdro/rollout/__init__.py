@@ -1,1 +1,1 @@
-"""Filled in by later issues (see README roadmap)."""
+"""The ragged rollout batch and the rollout engines (chosen by ``rollout.engine``)."""

@@ -31,6 +31,7 @@ _OPTIONAL_ROW_FIELDS: dict[str, float | None] = {
     "truncated": None,
     "row_policy_version": None,
     "behaviour_logp": 0.0,
+    "engine_logp": 0.0,
 }
 
 
@@ -72,6 +73,10 @@ class RolloutBatch:
     row_policy_version: optional int64 ``[R]``: the weights version that generated
         each row; set by ``concat`` (which may mix versions, e.g. replayed groups),
         otherwise every row is ``policy_version`` (see ``row_versions()``).
+    engine_logp: optional float32 ``[R, S-1]`` the rollout engine's log-probs of the
+        sampled response tokens, aligned like ``behaviour_logp`` (0 outside
+        ``response_mask``); for measuring the engine-vs-actor mismatch
+        (``algorithms/mismatch.py``), never used as the behaviour policy itself.
     """
 
     tokens: torch.Tensor
@@ -90,6 +95,7 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None
     truncated: torch.Tensor | None = None
     row_policy_version: torch.Tensor | None = None
+    engine_logp: torch.Tensor | None = None
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -328,8 +334,10 @@ class RolloutBatch:
             x = getattr(self, name)
             if x is not None and x.shape != (R,):
                 raise ValueError(f"{name} must have shape [{R}], got {list(x.shape)}")
-        if self.behaviour_logp is not None and self.behaviour_logp.shape != (R, max(S - 1, 0)):
-            raise ValueError(f"behaviour_logp must have shape [{R}, {S - 1}], got {list(self.behaviour_logp.shape)}")
+        for name in ("behaviour_logp", "engine_logp"):
+            x = getattr(self, name)
+            if x is not None and x.shape != (R, max(S - 1, 0)):
+                raise ValueError(f"{name} must have shape [{R}, {S - 1}], got {list(x.shape)}")
         return self
 
     def __repr__(self) -> str:

@@ -1,1 +1,1 @@
-"""Filled in by later issues (see README roadmap)."""
+"""The Megatron trainer: typed config, composition root, the RL step, phases, checkpoints, metrics, plots."""

@@ -59,18 +59,37 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-from nemo_gdro.algorithms.dynamo import full_vocab_token_stats
+from nemo_gdro.algorithms.token_stats import full_vocab_token_stats
 from nemo_gdro.models.gpt import GPTSpec, build_gpt
 from nemo_gdro.models.hf_mapping import export_to_hf, import_from_hf
+from nemo_gdro.parallel import comm
 from nemo_gdro.parallel.distributed import preserved_rng_state, seed_everything
 from nemo_gdro.parallel.vocab_parallel import make_token_stats_fn
 
-__all__ = ["OptimConfig", "MegatronActor", "LossFn", "TokenStatsFn"]
+__all__ = ["OptimConfig", "MegatronActor", "LossFn", "StepReport", "TokenStatsFn"]
 
-#: ``loss_fn(stats, extras_mb) -> (loss, metrics)``: ``stats`` holds ``logp``, ``entropy``
-#: (with grad) and ``ebar`` (detached), each ``[b, S-1]``; ``extras_mb`` the row slices
-#: of ``extras``; ``loss`` a 0-dim tensor already normalised by the global token count.
-LossFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[torch.Tensor, Mapping[str, Any]]]
+#: ``loss_fn(stats, extras_mb) -> (loss, metrics)`` or ``(loss, metrics, row_outputs)``:
+#: ``stats`` holds ``logp``, ``entropy`` (with grad) and ``ebar`` (detached), each
+#: ``[b, S-1]``; ``extras_mb`` the row slices of ``extras``; ``loss`` a 0-dim tensor
+#: already normalised by the global token count; ``metrics`` scalars that are summed
+#: over micro-batches and DP ranks; ``row_outputs`` detached ``[b]`` tensors, one value
+#: per row of the micro-batch, returned for this rank's rows in row order.
+LossFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[Any, ...]]
+
+#: Reserved prefix of row outputs inside the schedule's per-micro-batch reports.
+ROW_PREFIX = "row/"
+
+
+class StepReport(dict):
+    """What a training pass returns: ``{metric: float}`` (summed over micro-batches and DP
+    ranks, identical on every rank) plus ``rows``, the loss's per-row outputs ``name ->
+    float64 [B]`` for this rank's ``B`` rows (empty when the loss returns none)."""
+
+    rows: dict[str, torch.Tensor]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows = {}
 
 #: ``(logits [..., V_local], targets [...], temperature) -> (logp, entropy, ebar)``, each
 #: ``[...]`` fp32 nats. The TP=1 default is the full-vocabulary reference; a
@@ -165,7 +184,10 @@ class MegatronActor:
         token_stats_fn: TokenStatsFn | None = None,
     ) -> None:
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+        )
 
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -279,9 +301,9 @@ class MegatronActor:
         return self._dp_group
 
     def _broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Broadcast ``tensor`` (in place on the receivers) from the last pipeline stage."""
+        """``tensor`` as the last pipeline stage holds it, on every stage (identity without PP)."""
         if self._pp_size > 1:
-            dist.broadcast(tensor, src=self._last_stage_rank, group=self._pp_group)
+            return comm.broadcast(tensor, src=self._last_stage_rank, group=self._pp_group)
         return tensor
 
     def _micro_batches(
@@ -338,14 +360,24 @@ class MegatronActor:
         if non_loss_data:  # compute_token_stats (forward only)
             return {"logp": logp, "entropy": entropy, "ebar": ebar}
         assert loss_fn is not None
-        loss, metrics = loss_fn({"logp": logp, "entropy": entropy, "ebar": ebar.detach()}, batch["extras"])
+        out = loss_fn({"logp": logp, "entropy": entropy, "ebar": ebar.detach()}, batch["extras"])
+        if not isinstance(out, tuple) or len(out) not in (2, 3):
+            raise ValueError("loss_fn must return (loss, metrics) or (loss, metrics, row_outputs)")
+        loss, metrics = out[0], out[1]
+        rows = out[2] if len(out) == 3 else {}
         if loss.dim() != 0:
             raise ValueError(f"loss_fn must return a 0-dim loss, got shape {tuple(loss.shape)}")
-        reported = {"loss": loss.detach().float()}
+        # float64: sums over micro-batches and DP ranks of token-weighted statistics.
+        reported = {"loss": loss.detach().double()}
         for key, value in metrics.items():
-            if key == "loss":
-                raise ValueError("loss_fn metrics must not use the reserved key 'loss'")
-            reported[key] = torch.as_tensor(value, dtype=torch.float32).detach()
+            if key == "loss" or key.startswith(ROW_PREFIX):
+                raise ValueError(f"loss_fn metrics must not use the reserved key {key!r}")
+            reported[key] = torch.as_tensor(value, dtype=torch.float64).detach()
+        b = batch["tokens"].shape[0]
+        for key, value in rows.items():
+            if value.dim() != 1 or value.shape[0] != b:
+                raise ValueError(f"loss_fn row output {key!r} must have shape [{b}], got {tuple(value.shape)}")
+            reported[ROW_PREFIX + key] = value.detach().to(torch.float64)
         # 3-tuple + calculate_per_token_loss: megatron does not rescale the loss. The count
         # is only accumulated for finalize_model_grads, which ignores it (module doc).
         return loss, torch.ones((), dtype=torch.int, device=logits.device), reported
@@ -390,7 +422,7 @@ class MegatronActor:
             stacked = torch.stack([torch.cat([o[key] for o in outputs]).float() for key in keys])
         else:
             stacked = torch.empty(len(keys), b, s - 1, dtype=torch.float32, device=self.device)
-        self._broadcast_from_last_stage(stacked)
+        stacked = self._broadcast_from_last_stage(stacked)
         return dict(zip(keys, stacked.unbind(0)))
 
     def forward_backward(
@@ -400,36 +432,49 @@ class MegatronActor:
         loss_fn: LossFn,
         *,
         micro_batch_size: int | None = None,
-    ) -> dict[str, float]:
+    ) -> StepReport:
         """Zero the gradients, then accumulate ``grad(sum of loss_fn over micro-batches)``.
 
         After the call every parameter's ``main_grad`` holds the gradient summed
         over micro-batches and DP ranks (see :meth:`gradients`). Returns the loss
-        and metrics summed over micro-batches and DP ranks, on every rank
-        (broadcast from the last pipeline stage).
+        and metrics summed over micro-batches and DP ranks, and the loss's
+        per-row outputs for this rank's rows, on every rank (from the last
+        pipeline stage).
         """
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro_batches = self._micro_batches(tokens, extras, micro_batch_size)
         reported = self._run_schedule(micro_batches, loss_fn, forward_only=False)
-        return self._reduce_reported(reported)
+        return self._reduce_reported(reported, num_rows=tokens.shape[0])
 
-    def _reduce_reported(self, reported: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Sum the last stage's per-micro-batch reports over micro-batches and DP; share with all stages."""
+    def _reduce_reported(self, reported: list[dict[str, torch.Tensor]], num_rows: int) -> StepReport:
+        """The one channel out of the loss: scalars summed over micro-batches and DP ranks,
+        row outputs concatenated in row order (this rank's rows), both shared with every stage."""
         totals: dict[str, float] = {}
+        row_keys: list[str] = []
+        rows: torch.Tensor | None = None
         if self._is_last_stage and reported:
-            keys = sorted(reported[0])
-            summed = torch.stack([sum(r[k].to(torch.float64) for r in reported) for k in keys])
-            if dist.get_world_size(self._dp_group) > 1:
-                # All ranks of this DP group are last-stage ranks: the collective is well formed.
-                dist.all_reduce(summed, group=self._dp_group)
+            keys = sorted(k for k in reported[0] if not k.startswith(ROW_PREFIX))
+            summed = torch.stack([sum(r[k].cpu() for r in reported) for k in keys])
+            # All ranks of this DP group are last-stage ranks: the collective is well formed.
+            summed = comm.all_reduce(summed, group=self._dp_group)
             totals = {k: float(v) for k, v in zip(keys, summed.tolist())}
+            row_keys = sorted(k for k in reported[0] if k.startswith(ROW_PREFIX))
+            if row_keys:
+                rows = torch.stack([torch.cat([r[k].cpu() for r in reported]) for k in row_keys])
         if self._pp_size > 1:
             # The metric names are only known on the last stage: ship the small dict as an object.
-            box: list[Any] = [totals]
+            box: list[Any] = [(totals, row_keys)]
             dist.broadcast_object_list(box, src=self._last_stage_rank, group=self._pp_group)
-            totals = box[0]
-        return totals
+            totals, row_keys = box[0]
+            if row_keys:
+                if rows is None:
+                    rows = torch.empty(len(row_keys), num_rows, dtype=torch.float64)
+                rows = self._broadcast_from_last_stage(rows)
+        report = StepReport(totals)
+        if rows is not None:
+            report.rows = {k[len(ROW_PREFIX) :]: v for k, v in zip(row_keys, rows.unbind(0))}
+        return report
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """Copies of the accumulated gradients by parameter name (fp32 ``main_grad``)."""
@@ -461,7 +506,7 @@ class MegatronActor:
         loss_fn: LossFn,
         *,
         micro_batch_size: int | None = None,
-    ) -> dict[str, float]:
+    ) -> StepReport:
         """One optimizer step over the ``B`` rows of ``tokens``.
 
         Args:
@@ -474,7 +519,8 @@ class MegatronActor:
             ``loss`` (sum over micro-batches and DP ranks), ``grad_norm``, ``lr``,
             ``num_microbatches`` (this rank's) and each metric of ``loss_fn`` summed over
             micro-batches and DP ranks (so metrics, like the loss, should be
-            normalised by global counts), identical on every rank.
+            normalised by global counts), identical on every rank; per-row
+            outputs of ``loss_fn`` in ``.rows`` (see :class:`StepReport`).
         """
         out = self.forward_backward(tokens, extras, loss_fn, micro_batch_size=micro_batch_size)
         mbs = self.optim.micro_batch_size if micro_batch_size is None else micro_batch_size
@@ -493,9 +539,22 @@ class MegatronActor:
     def import_hf_state_dict(self, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a full HF-layout state dict (every rank passes the same one and takes its shard).
 
-        Optimizer state untouched.
+        Adam moments untouched; the optimizer's fp32 master copies (bf16 params) follow the new weights.
         """
         import_from_hf(self.module, self.spec, hf_state_dict)
+        self.optimizer.reload_model_params()
+
+    def load_hf_weights(self, source: Any) -> None:
+        """Load an HF checkpoint directory (or state dict) straight into this rank's TP/PP shard.
+
+        Collective over the model-parallel group; each rank reads only its slices
+        (:func:`nemo_gdro.models.hf_weights.load_hf_weights`). The fp32 master
+        copies of bf16 parameters are refreshed.
+        """
+        from nemo_gdro.models.hf_weights import load_hf_weights
+
+        load_hf_weights(self.module, self.spec, source)
+        self.optimizer.reload_model_params()
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer and schedule state (live references; ``torch.save`` or deep-copy it)."""

@@ -15,14 +15,15 @@ temp dir is never mistaken for a checkpoint, and ``latest()`` re-hashes the
 files so that a damaged final dir (truncated file, flipped byte, missing
 manifest) is skipped with a warning instead of crashing the resume.
 
-Distributed plan (only ``world_size == 1`` is implemented now): files that
-every rank holds identically (model, optimizer under plain DP, config,
-controllers -- they are deterministic functions of all-reduced statistics)
-are written by rank 0 under their plain names; per-rank shards (for example the
-per-prompt statistics store, sharded by ``prompt_id % dp_size``) will be named
-by :func:`shard_file_name` (``stats.rank00003-of-00008.pt``) so that the
-world size at save time is visible in the file name and a resume with a
-different world size fails loudly instead of silently mixing shards.
+Distributed: every rank calls ``save`` collectively. Components that every
+rank holds identically (replicated controllers, the model under plain DP,
+the config) are passed as ``components`` and written once by rank 0;
+per-rank shards (each rank's slice of the per-prompt store, its replay
+buffer, its RNG, its TP/PP model slice) are passed as ``per_rank``, gathered to
+rank 0 and written as ``name.rankRRRRR-of-WWWWW.pt`` (:func:`shard_file_name`),
+so the world size at save time is visible in the file name; rank 0 alone
+publishes the directory with the protocol above, then all ranks meet at a
+barrier. :mod:`nemo_gdro.trainer.run_state` decides what goes where.
 
 One writer per ``root`` is assumed: ``save`` removes any leftover temp dir it
 finds, including one of another live process.
@@ -216,8 +217,8 @@ class CheckpointManager:
     Args:
         root: directory holding the ``step_XXXXXXXX`` checkpoints (created on save).
         keep_last: how many newest complete checkpoints rotation keeps (>= 1).
-        rank, world_size: this process's data-parallel rank. Only
-            ``world_size == 1`` can save for now (see the module docstring).
+        rank, world_size: this process's rank and the world size (every rank
+            saves collectively; rank 0 writes, see the module docstring).
     """
 
     def __init__(self, root: Path | str, keep_last: int = 3, rank: int = 0, world_size: int = 1) -> None:

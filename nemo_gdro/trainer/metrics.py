@@ -243,6 +243,27 @@ class MetricsLogger:
         self.close()
 
 
+class NullLogger:
+    """Stands in for the metrics logger on ranks other than 0 (only rank 0 writes)."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_logger(out_dir: Path | str, logging: Any, *, main: bool, resume_step: int | None) -> MetricsLogger | NullLogger:
+    """The run's logger: a :class:`MetricsLogger` on the main rank (``logging`` = the typed
+    ``logging`` section: ``tensorboard``, ``wandb``), a :class:`NullLogger` elsewhere."""
+    if not main:
+        return NullLogger()
+    return MetricsLogger(out_dir, tensorboard=logging.tensorboard, wandb=logging.wandb, resume_step=resume_step)
+
+
 def _fmt_duration(seconds: float) -> str:
     """``h:mm:ss`` (or ``m:ss`` under an hour); ``--:--`` when unknown."""
     if not math.isfinite(seconds) or seconds < 0:

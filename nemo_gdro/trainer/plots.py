@@ -28,6 +28,7 @@ SUMMARY_FILE = "summary.txt"
 
 REWARD_KEY = "train/reward_mean"
 STEP_TIME_KEY = "time/step_s"
+BEFORE_SFT_SUFFIX = "/before_sft"
 # heatmap file stem -> (metric key prefix, title, colour-bar label)
 HEATMAPS: dict[str, tuple[str, str, str]] = {
     "heatmap_prompt_share": ("bins/prompt_share/", "Prompt share per bin", "share of prompts"),
@@ -335,12 +336,24 @@ def write_summary(run_dir: Path | str) -> Path:
         lines.append(f"reward ({REWARD_KEY}): not logged")
 
     eval_table = evals if any(k.startswith("eval/") for k in evals.keys) else train
-    eval_keys = sorted((k for k in eval_table.keys if k.startswith("eval/")), key=lambda k: (bool(_BAND_RE.match(k)), k))
+    all_keys = [k for k in eval_table.keys if k.startswith("eval/")]
+    before = sorted(k for k in all_keys if k.endswith(BEFORE_SFT_SUFFIX))
+    eval_keys = sorted((k for k in all_keys if k not in before), key=lambda k: (bool(_BAND_RE.match(k)), k))
+    if before:
+        parts = []
+        for k in before:
+            _, ys = eval_table.finite_series(k)
+            if len(ys) and not _BAND_RE.match(k[: -len(BEFORE_SFT_SUFFIX)]):
+                parts.append(f"{k[len('eval/') : -len(BEFORE_SFT_SUFFIX)]} {_fmt(ys[-1])}")
+        if parts:
+            lines.append(f"eval before SFT: {', '.join(parts)}")
     if eval_keys:
         lines.append("eval (first -> last):")
         for k in eval_keys:
             xs, ys = eval_table.finite_series(k)
-            if len(xs):
+            if len(xs) == 1:
+                lines.append(f"  {k}: {_fmt(ys[0])} (step {xs[0]})")
+            elif len(xs):
                 lines.append(f"  {k}: {_fmt(ys[0])} (step {xs[0]}) -> {_fmt(ys[-1])} (step {xs[-1]})")
     else:
         lines.append("eval: none logged")

@@ -5,6 +5,9 @@ at generation time, and the behaviour log-probs of the policy version that
 produced them. Groups older than ``staleness`` policy versions are dropped.
 The ratio against each row's own behaviour policy (and the variance brake of
 the R²VPO loss) does the down-weighting; nothing else re-weights stale rows.
+
+The step calls :meth:`GroupReplay.mix` / :meth:`NoReplay.mix` unconditionally:
+``NoReplay`` (``replay_ratio == 0``) trains on the fresh rows only.
 """
 
 from __future__ import annotations
@@ -79,3 +82,42 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         self.groups = [ReplayGroup(g["rows"], int(g["version"])) for g in state["groups"]]
+
+
+class NoReplay:
+    """On-policy training: the fresh rows only."""
+
+    def mix(self, batch: RolloutBatch, raw_advantages: torch.Tensor, step: int) -> tuple[RolloutBatch, torch.Tensor]:
+        return batch, raw_advantages
+
+    def stateful(self) -> dict[str, object]:
+        return {}
+
+
+class GroupReplay:
+    """Fresh rows plus ``round(replay_ratio * P_local)`` replayed groups of this rank.
+
+    Each data-parallel rank replays its own groups (the buffer is per rank);
+    the draw is a function of ``(seed, step, dp rank)``.
+    """
+
+    def __init__(self, buffer: ReplayBuffer, replay_ratio: float, dp_rank: int, dp_size: int) -> None:
+        self.buffer = buffer
+        self.replay_ratio = float(replay_ratio)
+        self.dp_rank = int(dp_rank)
+        self.dp_size = int(dp_size)
+
+    def mix(self, batch: RolloutBatch, raw_advantages: torch.Tensor, step: int) -> tuple[RolloutBatch, torch.Tensor]:
+        """``(fresh + replayed rows, their raw advantages)``; then keeps the fresh groups for later steps."""
+        self.buffer.evict(step)
+        wanted = int(round(self.replay_ratio * batch.num_prompts))
+        groups = self.buffer.sample(wanted, step * self.dp_size + self.dp_rank)
+        mixed, raw = batch, raw_advantages
+        if groups:
+            mixed = type(batch).concat([batch] + [g.rows for g in groups])
+            raw = torch.cat([raw_advantages] + [g.rows.advantages.float() for g in groups])
+        self.buffer.add(batch, version=step)
+        return mixed, raw
+
+    def stateful(self) -> dict[str, object]:
+        return {"replay": self.buffer}

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from nemo_gdro.algorithms.advantages import (
     AdvantageConfig,
-    grpo_advantages,
     group_reward_stats,
+    grpo_advantages,
     mean_at_k,
     pass_at_k,
     pass_at_k_from_rows,

@@ -8,7 +8,11 @@ from hypothesis import strategies as st
 
 from nemo_gdro.algorithms.advantages import grpo_advantages
 from nemo_gdro.algorithms.difficulty import DifficultyClassifier, DifficultyConfig
-from nemo_gdro.algorithms.prompt_gdro import PromptGDRO, PromptGDROConfig, failure_signal
+from nemo_gdro.algorithms.prompt_gdro import (
+    PromptGDRO,
+    PromptGDROConfig,
+    failure_signal,
+)
 from nemo_gdro.algorithms.stats import PromptStatsStore, StatsConfig, group_outcomes
 
 NUM_PROMPTS = 40
@@ -70,7 +74,10 @@ def test_shuffled_ragged_batches_give_the_same_results(seed, steps):
 def test_controllers_sharing_the_store_only_read_it():
     """gdro.md §6.3: one statistic must not be updated twice per step. The store is
     written once per step by the loop; every controller only reads it."""
-    from nemo_gdro.algorithms.dynamo import DynamoAllocationConfig, DynamoAllocator
+    from nemo_gdro.algorithms.dynamo_allocation import (
+        DynamoAllocationConfig,
+        DynamoAllocator,
+    )
     from nemo_gdro.algorithms.rollout_gdro import RolloutGDRO, RolloutGDROConfig
 
     store = PromptStatsStore(NUM_PROMPTS, StatsConfig(window=8))

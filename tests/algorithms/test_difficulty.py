@@ -1,7 +1,11 @@
 import pytest
 import torch
 
-from nemo_gdro.algorithms.difficulty import DifficultyClassifier, DifficultyConfig, bin_shares
+from nemo_gdro.algorithms.difficulty import (
+    DifficultyClassifier,
+    DifficultyConfig,
+    bin_shares,
+)
 from nemo_gdro.algorithms.stats import PromptStatsStore, StatsConfig
 
 

@@ -140,7 +140,7 @@ def test_resample_draws_bins_from_q_and_prompts_within_them():
     index = BinIndex(num_prompts=1000, num_bins=3, initial_bin=0)
     index.move(torch.arange(600, 900), torch.full((300,), 1))
     index.move(torch.arange(900, 1000), torch.full((100,), 2))
-    ctl = PromptGDRO(PromptGDROConfig(apply="resample", gamma=0.0), num_bins=3, seed=1)
+    ctl = PromptGDRO(PromptGDROConfig(gamma=0.0), num_bins=3, seed=1)
     ctl.scores = torch.tensor([0.0, math.log(2) / 0.65, math.log(5) / 0.65], dtype=torch.float64)
     ids, bins, q = ctl.sample_prompts(index, 8000)
     torch.testing.assert_close(q, torch.tensor([1 / 8, 2 / 8, 5 / 8], dtype=torch.float64))
@@ -169,7 +169,7 @@ def test_state_dict_round_trip_reproduces_next_decisions(tmp_path):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="prompt_gdro.apply"):
-        PromptGDROConfig(apply="reweight")
+    with pytest.raises(ValueError, match="prompt_gdro.signal"):
+        PromptGDROConfig(signal="reweight")
     with pytest.raises(ValueError, match="prompt_gdro.beta"):
         PromptGDROConfig(beta=0.0)

@@ -3,7 +3,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nemo_gdro.algorithms.stats import FRACTION_SCALE, PromptStatsStore, StatsConfig, group_outcomes
+from nemo_gdro.algorithms.stats import (
+    FRACTION_SCALE,
+    PromptStatsStore,
+    StatsConfig,
+    group_outcomes,
+)
 
 
 def test_group_outcomes_uses_explicit_group_index():

@@ -24,10 +24,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nemo_gdro.algorithms.difficulty import DifficultyClassifier, DifficultyConfig
-from nemo_gdro.algorithms.dynamo import DynamoAllocationConfig, DynamoAllocator
+from nemo_gdro.algorithms.dynamo_allocation import (
+    DynamoAllocationConfig,
+    DynamoAllocator,
+)
 from nemo_gdro.algorithms.rollout_gdro import RolloutGDRO, RolloutGDROConfig
 from nemo_gdro.algorithms.stats import PromptStatsStore, StatsConfig
-from nemo_gdro.parallel.sharded_stats import ShardedPromptStats, checksum, fingerprint, reshard
+from nemo_gdro.parallel.sharded_stats import (
+    ShardedPromptStats,
+    checksum,
+    fingerprint,
+    reshard,
+)
 from nemo_gdro.trainer.checkpoint import shard_file_name
 
 WORLD = 2

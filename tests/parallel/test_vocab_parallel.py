@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nemo_gdro.algorithms.dynamo import full_vocab_token_stats
+from nemo_gdro.algorithms.token_stats import full_vocab_token_stats
 from nemo_gdro.parallel.vocab_parallel import vocab_parallel_token_stats
 
 WORLD = 4

@@ -26,6 +26,7 @@ def make_batch(sizes, seed=0, step_ids=None, with_optional=True) -> RolloutBatch
         b.rewards = torch.arange(R, dtype=torch.float32)
         b.advantages = -torch.arange(R, dtype=torch.float32)
         b.behaviour_logp = torch.arange(R, dtype=torch.float32).unsqueeze(1) * b.response_mask
+        b.engine_logp = -torch.arange(R, dtype=torch.float32).unsqueeze(1) * b.response_mask
         b.truncated = torch.arange(R) % 2 == 0
     return b.validate()
 
@@ -43,6 +44,7 @@ def row_signature(b: RolloutBatch, r: int):
         float(b.rewards[r]),
         float(b.advantages[r]),
         b.behaviour_logp[r].tolist(),
+        b.engine_logp[r].tolist(),
         bool(b.truncated[r]),
     )
 
@@ -120,6 +122,9 @@ def test_concat_reindexes_groups_and_pads():
         assert cat.tokens[r, : a.seq_len].tolist() == a.tokens[r].tolist()
         assert (cat.tokens[r, a.seq_len :] == 0).all() and S >= a.seq_len
     assert cat.behaviour_logp.shape == (6, S - 1)
+    assert cat.engine_logp.shape == (6, S - 1)
+    assert torch.equal(cat.engine_logp[3:, : c.seq_len - 1], c.engine_logp)
+    assert (cat.engine_logp[3:, c.seq_len - 1 :] == 0).all()
     assert cat.policy_version == 3 and cat.row_versions().tolist() == [3] * 6
     # mixing versions (fresh batch + replayed groups) keeps each row's own version
     c.policy_version = 1
@@ -130,6 +135,9 @@ def test_concat_reindexes_groups_and_pads():
     a.rewards = None
     with pytest.raises(ValueError, match="rewards"):
         RolloutBatch.concat([a, c])
+    c.engine_logp = None
+    with pytest.raises(ValueError, match="engine_logp"):
+        RolloutBatch.concat([make_batch([1], seed=3), c])
 
 
 def test_validate_catches_inconsistencies():
@@ -155,6 +163,10 @@ def test_validate_catches_inconsistencies():
     short.tokens[1, 2] = 9  # a token after row 1's end
     with pytest.raises(ValueError, match=r"rows \[1\] have non-pad tokens"):
         short.validate()
+    bad = b.permute(list(range(4)))
+    bad.engine_logp = bad.engine_logp[:, :-1]
+    with pytest.raises(ValueError, match="engine_logp must have shape"):
+        bad.validate()
 
 
 def test_response_mask_helper_shapes():

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from nemo_gdro.algorithms.dynamo import full_vocab_token_stats  # noqa: E402
+from nemo_gdro.algorithms.token_stats import full_vocab_token_stats  # noqa: E402
 from nemo_gdro.models.gpt import PRESETS, build_gpt  # noqa: E402
 from nemo_gdro.parallel.distributed import destroy_distributed, init_distributed  # noqa: E402
 from nemo_gdro.trainer.actor import MegatronActor, OptimConfig  # noqa: E402

@@ -101,8 +101,14 @@ def _scenario(
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from nemo_gdro.algorithms.dynamo import DynamoModulationConfig, modulation_stats
-    from nemo_gdro.algorithms.losses import DualVariableController, PolicyLossConfig, R2VPOConfig
+    from nemo_gdro.algorithms.dynamo_modulation import (
+        DynamoModulationConfig,
+        modulation_stats,
+    )
+    from nemo_gdro.algorithms.losses import PolicyLossConfig, R2VPOConfig
+    from nemo_gdro.parallel.rows import DataParallel
+    from nemo_gdro.stages.loss import R2VPOLoss
+    from nemo_gdro.stages.modulation import DynamoModulation
     from nemo_gdro.trainer.actor import MegatronActor, OptimConfig
     from nemo_gdro.trainer.rl_loss import MinibatchLoss
 
@@ -124,7 +130,6 @@ def _scenario(
 
     modulation = DynamoModulationConfig(scope="minibatch")
     r2vpo = R2VPOConfig(delta=0.001, eta_lam=10.0, lam_init=0.5)
-    dual = DualVariableController(r2vpo)
     behaviour = stats["logp"] + batch["noise"][rows]
     advantages = batch["raw_adv"][rows] * batch["weights"][rows]
     mod_stats = modulation_stats(
@@ -133,45 +138,31 @@ def _scenario(
     ).reduce(dp_group)
     counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64)
     dist.all_reduce(counts, group=dp_group)
-    signal = torch.zeros(B)
-    inner = MinibatchLoss(
+    dp = DataParallel(rank=dp_rank, size=dp_size, group=dp_group)
+    loss_stage = R2VPOLoss(r2vpo, dp)
+    loss_fn = MinibatchLoss(
         policy=PolicyLossConfig(),
-        r2vpo=r2vpo,
-        lam=dual.lam,
-        modulation=modulation,
-        modulation_stats=mod_stats,
-        ratio_mean=None,
+        loss=loss_stage,
+        loss_context={"lam": loss_stage.dual.lam, "ratio_mean": None},
+        modulation=DynamoModulation(modulation, dp),
+        modulation_context=mod_stats,
         global_num_tokens=float(counts[0]),
         global_num_seqs=float(counts[1]),
-        signal=signal,
     )
-
-    def loss_fn(token_stats, extras):
-        # The accumulator lives on the last stage; its per-micro-batch increments travel as
-        # metrics, which the actor sums over micro-batches and DP and broadcasts to all stages.
-        before = (inner.acc.sum_sq_dev, inner.acc.tokens)
-        loss, _ = inner(token_stats, extras)
-        return loss, {"sum_sq_dev": inner.acc.sum_sq_dev - before[0], "tokens": inner.acc.tokens - before[1]}
-
     extras = {
         "response_mask": mask,
         "behaviour_logp": behaviour,
         "advantages": advantages,
         "raw_advantages": batch["raw_adv"][rows],
-        "row_index": torch.arange(B)[rows],
     }
+    # The loss's sums and per-row outputs come back through the actor's one channel, on every stage.
     out = actor.train_step(tokens, extras, loss_fn)
-    v_hat = out["sum_sq_dev"] / max(out["tokens"], 1.0)
-    lam = dual.update(v_hat)
-    # The signal rows are filled on the last stage of each DP rank: sum the disjoint rows, then share.
-    if parallel_state.is_pipeline_last_stage():
-        dist.all_reduce(signal, group=dp_group)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(
-            signal,
-            src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group(),
-        )
+    v_hat = out["r2vpo/sum_sq_dev"] / max(out["tokens"], 1.0)
+    lam = loss_stage.after_update(out)["r2vpo/lambda"]
+    # Each DP rank holds its own rows' signal: sum the disjoint rows.
+    signal = torch.zeros(B, dtype=torch.float64)
+    signal[rows] = out.rows["signal"]
+    dist.all_reduce(signal, group=dp_group)
     return {
         "rows": (rows.start, rows.stop),
         "stats": {k: v.clone() for k, v in stats.items()},

@@ -4,20 +4,21 @@ from nemo_gdro.trainer.config import ConfigError, compose, validate
 
 
 def test_default_config_is_the_tiny_cpu_run():
-    cfg = compose()
-    setup = validate(cfg)
-    assert cfg.model.preset == "tiny" and cfg.rollout.engine == "hf"
-    assert setup.describe() == "sampler=uniform allocator=fixed advantage_weighting=none token_modulation=none loss=clipped"
+    cfg = validate(compose())
+    assert cfg.model.preset == "tiny" and cfg.rollout.engine == "hf" and cfg.data.task == "arithmetic"
+    assert cfg.algorithm.describe() == (
+        "prompt_scheduler=uniform rollout_scheduler=fixed advantage_weighting=none token_modulation=none loss=clipped"
+    )
 
 
 def test_nemo_style_overrides():
     cfg = compose(overrides=["trainer.max_steps=7", "+model.overrides.num_query_groups=4", "model.overrides.num_layers=2", "++run.name=abc"])
     assert cfg.trainer.max_steps == 7 and cfg.model.overrides.num_query_groups == 4 and cfg.model.overrides.num_layers == 2
     assert cfg.run.output_dir == "outputs/abc"
-    setup = validate(compose(overrides=["algorithm.rollout_gdro.enabled=true", "algorithm.r2vpo.enabled=true"]))
-    assert setup.allocator == "rollout_gdro" and setup.loss == "r2vpo"
-    resample = validate(compose(overrides=["algorithm.prompt_gdro.enabled=true", "algorithm.prompt_gdro.apply=resample"]))
-    assert resample.sampler == "prompt_gdro" and resample.advantage_weighting == "none"
+    setup = validate(compose(overrides=["algorithm.rollout_scheduler=rollout_gdro", "algorithm.loss=r2vpo"])).algorithm
+    assert setup.rollout_scheduler == "rollout_gdro" and setup.loss == "r2vpo"
+    resample = validate(compose(overrides=["algorithm.prompt_scheduler=prompt_gdro_resample"])).algorithm
+    assert resample.prompt_scheduler == "prompt_gdro_resample" and resample.advantage_weighting == "none"
 
 
 @pytest.mark.parametrize(
@@ -25,15 +26,31 @@ def test_nemo_style_overrides():
     [
         (["trainer.max_stepz=3"], "trainer.max_stepz"),
         (["++algorithm.r2vpo.deltaa=1"], "algorithm.r2vpo.deltaa"),
-        (["algorithm.rollout_gdro.n_min=20"], "rollout_gdro.n_max"),
-        (["algorithm.dynamo.allocation.n_min=10"], "dynamo.n_bar"),
-        (["algorithm.rollout_gdro.enabled=true", "algorithm.dynamo.allocation.enabled=true"], "one of them"),
-        (["rollout.engine=vllm"], "vllm"),
+        (["algorithm.rollout_scheduler=rollout_gdro", "algorithm.rollout_gdro.n_min=20"], "rollout_gdro.n_max"),
+        (["algorithm.rollout_scheduler=dynamo", "algorithm.dynamo.allocation.n_min=10"], "dynamo.n_bar"),
+        (["rollout.engine=vllm"], "rollout.engine"),
         (["trainer.prompts_per_step=0"], "trainer.prompts_per_step"),
-        (["algorithm.r2vpo.replay_ratio=1.0"], "algorithm.r2vpo.enabled"),
+        (["algorithm.r2vpo.replay_ratio=1.0"], "algorithm.loss=r2vpo"),
         (["algorithm.difficulty.edges=[0.5,0.2]"], "difficulty.edges"),
     ],
 )
 def test_bad_configs_fail_at_start_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(compose(overrides=overrides))
+
+
+@pytest.mark.parametrize(
+    "override, replacement",
+    [
+        ("algorithm.prompt_gdro.enabled=true", "algorithm.advantage_weighting=prompt_gdro"),
+        ("algorithm.prompt_gdro.apply=resample", "algorithm.prompt_scheduler=prompt_gdro_resample"),
+        ("algorithm.rollout_gdro.enabled=true", "algorithm.rollout_scheduler=rollout_gdro"),
+        ("algorithm.dynamo.allocation.enabled=true", "algorithm.rollout_scheduler=dynamo"),
+        ("algorithm.dynamo.modulation.enabled=true", "algorithm.token_modulation=dynamo"),
+        ("algorithm.r2vpo.enabled=true", "algorithm.loss=r2vpo"),
+        ("+algorithm.r2vpo.enabled=true", "algorithm.loss=r2vpo"),
+    ],
+)
+def test_retired_enabled_keys_say_which_key_to_use(override, replacement):
+    with pytest.raises(ConfigError, match=replacement.replace(".", r"\.")):
+        validate(compose(overrides=[override]))

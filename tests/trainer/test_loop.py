@@ -29,27 +29,26 @@ TINY = [
 
 CASES = {
     "grpo": [],
-    "prompt_gdro_weight": ["algorithm.prompt_gdro.enabled=true"],
+    "prompt_gdro_weight": ["algorithm.advantage_weighting=prompt_gdro"],
     "prompt_gdro_resample": [
-        "algorithm.prompt_gdro.enabled=true",
-        "algorithm.prompt_gdro.apply=resample",
+        "algorithm.prompt_scheduler=prompt_gdro_resample",
         "algorithm.prompt_gdro.importance_correct=true",
     ],
-    "rollout_gdro_sqrt": ["algorithm.rollout_gdro.enabled=true"],
-    "rollout_gdro_bandit": ["algorithm.rollout_gdro.enabled=true", "algorithm.rollout_gdro.mode=bandit"],
+    "rollout_gdro_sqrt": ["algorithm.rollout_scheduler=rollout_gdro"],
+    "rollout_gdro_bandit": ["algorithm.rollout_scheduler=rollout_gdro", "algorithm.rollout_gdro.mode=bandit"],
     "dynamo": [
-        "algorithm.dynamo.allocation.enabled=true",
+        "algorithm.rollout_scheduler=dynamo",
         "algorithm.dynamo.allocation.n_min=2",
         "algorithm.dynamo.allocation.n_max=8",
-        "algorithm.dynamo.modulation.enabled=true",
+        "algorithm.token_modulation=dynamo",
     ],
-    "r2vpo_replay": ["algorithm.r2vpo.enabled=true", "algorithm.r2vpo.replay_ratio=1.0"],
+    "r2vpo_replay": ["algorithm.loss=r2vpo", "algorithm.r2vpo.replay_ratio=1.0"],
     "all_together": [
-        "algorithm.prompt_gdro.enabled=true",
-        "algorithm.rollout_gdro.enabled=true",
+        "algorithm.advantage_weighting=prompt_gdro",
+        "algorithm.rollout_scheduler=rollout_gdro",
         "algorithm.rollout_gdro.mode=bandit",
-        "algorithm.dynamo.modulation.enabled=true",
-        "algorithm.r2vpo.enabled=true",
+        "algorithm.token_modulation=dynamo",
+        "algorithm.loss=r2vpo",
         "algorithm.r2vpo.replay_ratio=0.5",
         "algorithm.policy_loss.kl_coef=0.01",
     ],
@@ -58,6 +57,11 @@ CASES = {
 
 def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def controller_state(trainer):
+    """Every checkpointed component's state, by checkpoint name."""
+    return {name: item.obj.state_dict() for name, item in trainer.components.stateful().items() if item.scope != "model"}
 
 
 @pytest.mark.slow
@@ -74,30 +78,32 @@ def test_smoke_run(case, tmp_path):
         assert (tmp_path / "checkpoints" / "step_00000002" / "manifest.json").exists()
         assert any((tmp_path / "plots").glob("*.png"))
         # Both engines hold the policy as trained, not a stale copy.
-        trained = trainer.actor.export_hf_state_dict()
-        for engine in (trainer.engine, trainer.eval_engine):
+        c = trainer.components
+        trained = c.actor.export_hf_state_dict()
+        for engine in (c.engine, c.eval_engine):
             held = engine.model.state_dict()
             for key, value in trained.items():
                 assert torch.equal(held[key], value), key
-        state = trainer.controller_state()
-        assert float(state["store"]["rollouts"].sum()) == 32  # two steps of 16 rollouts, credited once
-        if trainer.prompt_gdro is not None:
-            assert "prompt_gdro/q/0" in rows[2] and trainer.prompt_gdro.num_updates == 2
-        if trainer.rollout_gdro is not None:
-            assert "rollout_gdro/mu" in rows[2] and trainer.rollout_gdro.num_updates == 2
-        if trainer.dual is not None:
+        stateful = c.stateful()
+        state = controller_state(trainer)
+        assert float(state["prompt_stats"]["rollouts"].sum()) == 32  # two steps of 16 rollouts, credited once
+        if "prompt_gdro" in stateful:
+            assert "prompt_gdro/q/0" in rows[2] and stateful["prompt_gdro"].obj.num_updates == 2
+        if "rollout_gdro" in stateful:
+            assert "rollout_gdro/mu" in rows[2] and stateful["rollout_gdro"].obj.num_updates == 2
+        if "dual" in stateful:
             assert rows[2]["r2vpo/lambda"] >= 0
-        if trainer.replay is not None:
+        if "replay" in stateful:
             assert rows[2]["train/replayed_rows"] > 0
-        if trainer.setup.dynamo_modulation is not None:
+        if trainer.cfg.algorithm.token_modulation == "dynamo":
             assert 0.0 < rows[2]["dynamo/beta_stab/mean"] <= 1.0
 
 
 RESUME_CASE = TINY + [
-    "algorithm.prompt_gdro.enabled=true",
-    "algorithm.rollout_gdro.enabled=true",
+    "algorithm.advantage_weighting=prompt_gdro",
+    "algorithm.rollout_scheduler=rollout_gdro",
     "algorithm.rollout_gdro.mode=bandit",
-    "algorithm.r2vpo.enabled=true",
+    "algorithm.loss=r2vpo",
     "algorithm.r2vpo.replay_ratio=0.5",
     "trainer.checkpoint_every=2",
 ]
@@ -108,15 +114,15 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     with Trainer(compose(overrides=RESUME_CASE + ["trainer.max_steps=4", f"run.output_dir={straight}"])) as a:
         a.run()
-        weights_a = {k: v.clone() for k, v in a.actor.export_hf_state_dict().items()}
-        state_a = a.controller_state()
+        weights_a = {k: v.clone() for k, v in a.components.actor.export_hf_state_dict().items()}
+        state_a = controller_state(a)
     with Trainer(compose(overrides=RESUME_CASE + ["trainer.max_steps=2", f"run.output_dir={split}"])) as b:
         b.run()
     with Trainer(compose(overrides=RESUME_CASE + ["trainer.max_steps=4", f"run.output_dir={split}", "run.resume=auto"])) as c:
         c.run()
         assert c.step == 4
-        weights_c = c.actor.export_hf_state_dict()
-        state_c = c.controller_state()
+        weights_c = c.components.actor.export_hf_state_dict()
+        state_c = controller_state(c)
     rows_a = {r["step"]: r for r in read_metrics(straight / "metrics.jsonl")}
     rows_c = {r["step"]: r for r in read_metrics(split / "metrics.jsonl")}
     for step in (3, 4):
@@ -126,7 +132,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     for key in weights_a:
         assert torch.equal(weights_a[key], weights_c[key]), key
     for name in ("window_bits", "rollouts", "correct", "last_bin"):
-        assert torch.equal(state_a["store"][name], state_c["store"][name])
+        assert torch.equal(state_a["prompt_stats"][name], state_c["prompt_stats"][name])
     assert torch.equal(state_a["prompt_gdro"]["scores"], state_c["prompt_gdro"]["scores"])
     assert torch.equal(state_a["rollout_gdro"]["scores"], state_c["rollout_gdro"]["scores"])
     assert state_a["rollout_gdro"]["mu"] == state_c["rollout_gdro"]["mu"]
@@ -139,34 +145,36 @@ def test_rows_are_scored_against_their_own_prompt_with_variable_n(tmp_path):
     overrides = TINY + [
         f"run.output_dir={tmp_path}",
         "trainer.prompts_per_step=8",
-        "algorithm.dynamo.allocation.enabled=true",
+        "algorithm.rollout_scheduler=dynamo",
         "algorithm.dynamo.allocation.n_min=1",
         "algorithm.dynamo.allocation.n_max=8",
         "algorithm.dynamo.allocation.warmup=1",
     ]
     with Trainer(compose(overrides=overrides)) as trainer:
+        c = trainer.components
+        train_ds, verifier = c.task.train, c.task.verifier
         # Give the prompts distinct histories so DynaMO hands out different n_i.
-        ids = torch.arange(len(trainer.train_ds))
-        trainer.store.observe(ids, torch.full_like(ids, 16), ids % 17)
+        ids = torch.arange(len(train_ds))
+        c.store.observe(ids, torch.full_like(ids, 16), ids % 17)
         trainer._push_weights()
         trainer.rl_step(0)
-        batch = trainer.last_batch
+        batch = trainer.rl_step.last.batch
         sizes = torch.bincount(batch.group_index, minlength=batch.num_prompts)
         assert sizes.unique().numel() > 1, "the allocation should be ragged for this test to mean anything"
         for r in range(batch.num_rows):
-            record = trainer.train_ds[int(batch.prompt_ids[r])]
+            record = train_ds[int(batch.prompt_ids[r])]
             assert batch.answers[r] == record.answer
             assert int(batch.step_prompt_ids[batch.group_index[r]]) == int(batch.prompt_ids[r])
-            assert batch.rewards[r] == trainer.verifier.score(batch.responses[r], record.answer)
+            assert batch.rewards[r] == verifier.score(batch.responses[r], record.answer)
         # Shuffle the rows: scores, advantages and per-prompt outcomes follow their rows.
         perm = torch.randperm(batch.num_rows, generator=torch.Generator().manual_seed(0))
         shuffled = batch.permute(perm)
-        rescored = trainer.verifier.score_batch(shuffled.responses, shuffled.answers)
+        rescored = verifier.score_batch(shuffled.responses, shuffled.answers)
         assert torch.equal(rescored, batch.rewards[perm])
         adv = grpo_advantages(batch.rewards, batch.group_index, batch.num_prompts)
         adv_s = grpo_advantages(rescored, shuffled.group_index, shuffled.num_prompts)
         torch.testing.assert_close(adv_s, adv[perm])
         # The store credited each prompt with exactly its own rollouts (16 seeded + n_i).
-        g, _ = trainer.store.counters(batch.step_prompt_ids)
+        g, _ = c.store.counters(batch.step_prompt_ids)
         expected = 16 + torch.zeros(batch.num_prompts).index_add_(0, batch.group_index, torch.ones(batch.num_rows))
         assert torch.equal(g.float(), expected)

@@ -107,4 +107,5 @@ def test_records_sharing_a_step_are_merged(tmp_path: Path) -> None:
         logger.log_eval(5, {"pass@1": 0.4})
     summary = write_summary(tmp_path).read_text()
     assert "eval/pass@1: 0.2 (step 0) -> 0.4 (step 5)" in summary
-    assert "eval/pass@1/before_sft: 0.1 (step 0) -> 0.1 (step 0)" in summary
+    # Logged once, before SFT: one value on its own line, not a meaningless "0.1 -> 0.1".
+    assert "eval before SFT: pass@1 0.1" in summary and "before_sft: 0.1 (step 0) ->" not in summary

@@ -1,0 +1,77 @@
+"""The synthetic arithmetic task of the default run (exact-integer rewards)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from nemo_gdro.data.arithmetic import ArithmeticConfig
+from nemo_gdro.data.dataset import arithmetic_splits
+from nemo_gdro.rewards.arithmetic import ArithmeticVerifier
+from nemo_gdro.tasks.base import EvalSuite, Task
+
+
+@dataclass(frozen=True)
+class ArithmeticConfigSection:
+    """``data`` for ``task: arithmetic`` (``conf/data/arithmetic.yaml``). All splits are disjoint by prompt text.
+
+    num_train: the RL prompt pool. num_eval: held-out problems.
+    num_validation: a second held-out split from the same distribution, for
+        choosing settings (``eval_split: validation`` reports on it instead).
+    num_sft: a warm-start pool disjoint from the RL pool (0: SFT on the RL pool).
+    unique_train: no repeated problem in the RL pool.
+    digit_probs / op_probs / max_mul_digits / allow_negative: the problem
+        distribution (:class:`~nemo_gdro.data.arithmetic.ArithmeticConfig`).
+    """
+
+    task: str = "arithmetic"
+    num_train: int = 2000
+    num_eval: int = 256
+    seed: int = 1234
+    num_validation: int = 0
+    num_sft: int = 0
+    unique_train: bool = False
+    eval_split: Literal["eval", "validation"] = "eval"
+    digit_probs: tuple[float, ...] = ArithmeticConfig.digit_probs
+    op_probs: tuple[float, float, float] = ArithmeticConfig.op_probs
+    max_mul_digits: int = ArithmeticConfig.max_mul_digits
+    allow_negative: bool = ArithmeticConfig.allow_negative
+
+    def __post_init__(self) -> None:
+        for key in ("num_train", "num_eval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be a positive integer, got {getattr(self, key)}")
+        for key in ("num_validation", "num_sft", "seed"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        if self.eval_split == "validation" and self.num_validation < 1:
+            raise ValueError("data.eval_split=validation needs data.num_validation > 0")
+        self.generator()  # validates the distribution
+
+    def generator(self) -> ArithmeticConfig:
+        try:
+            return ArithmeticConfig(self.digit_probs, self.op_probs, self.max_mul_digits, self.allow_negative)
+        except ValueError as err:
+            raise ValueError(f"data: {err}") from None
+
+
+class ArithmeticTask:
+    """``Q:37+45=A:`` -> ``82``: levels 1-4 of digits and operators, worked examples for SFT."""
+
+    Config = ArithmeticConfigSection
+
+    @staticmethod
+    def build(config: ArithmeticConfigSection, tokenizer: object) -> Task:
+        splits = arithmetic_splits(
+            config.num_train, config.num_eval, config.seed, config.generator(),
+            num_validation=config.num_validation, num_sft=config.num_sft, unique_train=config.unique_train,
+        )
+        verifier = ArithmeticVerifier()
+        held_out = splits.validation if config.eval_split == "validation" else splits.eval
+        return Task(
+            name="arithmetic",
+            train=splits.train,
+            verifier=verifier,
+            eval_suites={config.eval_split if config.eval_split == "validation" else "heldout": EvalSuite(held_out, verifier)},
+            sft=splits.sft_pool,
+        )

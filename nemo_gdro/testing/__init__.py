@@ -1,0 +1,1 @@
+"""Helpers that build small real assets (checkpoints, tokenizers) for tests, CI jobs and users."""

@@ -1,0 +1,208 @@
+"""The composition root: every component of a run, built from the typed config.
+
+Each component the config names is resolved through its registry
+(:mod:`nemo_gdro.registries`): the task (``data.task``), the tokenizer
+(``tokenizer.name``), the model source (``model.source``), the rollout
+engines (``rollout.engine``) and the five algorithm stages. Nothing else in
+the trainer constructs components, and :meth:`Components.stateful` is the one
+list of what goes into a checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nemo_gdro.algorithms.difficulty import DifficultyClassifier
+from nemo_gdro.parallel.rows import DataParallel
+from nemo_gdro.parallel.sharded_stats import ShardedPromptStats, checksum
+from nemo_gdro.registries import MODEL_SOURCES, ROLLOUT_ENGINES, TASKS, TOKENIZERS
+from nemo_gdro.rollout.engines import EngineRequest
+from nemo_gdro.rollout.sampling import SamplingConfig
+from nemo_gdro.stages import StageContext, Stages, build_stages
+from nemo_gdro.tasks.base import Task
+from nemo_gdro.trainer.replay import GroupReplay, NoReplay, ReplayBuffer
+from nemo_gdro.trainer.run_config import RunConfig
+from nemo_gdro.typed_config import ConfigError
+
+__all__ = ["Components", "Stateful", "build_components", "KLReference", "NoReference"]
+
+
+@dataclass(frozen=True)
+class Stateful:
+    """A checkpointed component: ``replicated`` state is identical on every DP rank (saved
+    once, checked across ranks every step when ``verify``), ``per_rank`` is saved by every rank."""
+
+    obj: Any
+    scope: str = "replicated"
+    verify: bool = False
+
+
+class NoReference:
+    """No KL penalty: no reference policy is kept."""
+
+    def freeze_from(self, actor: Any) -> None:
+        pass
+
+    def extras(self, tokens: Any) -> dict[str, Any]:
+        return {}
+
+    def stateful(self) -> dict[str, Stateful]:
+        return {}
+
+
+class KLReference:
+    """A frozen copy of the policy at the start of RL; its log-probs feed the k3 KL term."""
+
+    def __init__(self, build_actor: Any) -> None:
+        self._build_actor = build_actor
+        self.actor: Any = None
+
+    def freeze_from(self, actor: Any) -> None:
+        if self.actor is None:
+            self.actor = self._build_actor()
+            self.actor.load_state_dict(actor.state_dict())
+
+    def extras(self, tokens: Any) -> dict[str, Any]:
+        return {"ref_logp": self.actor.compute_token_stats(tokens)["logp"]}
+
+    def stateful(self) -> dict[str, Stateful]:
+        return {"reference": Stateful(self.actor, scope="model")} if self.actor is not None else {}
+
+
+@dataclass
+class Components:
+    """Everything a run is made of (built once by :func:`build_components`)."""
+
+    cfg: RunConfig
+    dist: Any
+    dp: DataParallel
+    tokenizer: Any
+    task: Task
+    spec: Any
+    hf_config: Any
+    actor: Any
+    rl_optim: Any
+    reference: Any
+    engine: Any
+    eval_engine: Any
+    store: ShardedPromptStats
+    classifier: DifficultyClassifier
+    stages: Stages
+    replay: Any
+    extra_state: dict[str, Stateful] = field(default_factory=dict)
+
+    @property
+    def model_parallel(self) -> int:
+        return self.dist.tensor_parallel * self.dist.pipeline_parallel
+
+    def stateful(self) -> dict[str, Stateful]:
+        """Checkpoint name -> component: the one list of what a checkpoint holds besides the actor.
+
+        ``model`` scope (the actor and the KL reference) is replicated under
+        plain DP and sliced under TP/PP (see :mod:`nemo_gdro.trainer.run_state`).
+        """
+        out: dict[str, Stateful] = {"classifier": Stateful(self.classifier)}
+        verified = {"prompt_gdro", "rollout_gdro", "dual"}
+        for name, obj in self.stages.stateful().items():
+            out[name] = Stateful(obj, verify=name in verified)
+        out.update({name: Stateful(obj, scope="per_rank") for name, obj in self.replay.stateful().items()})
+        out["prompt_stats"] = Stateful(self.store, scope="per_rank")
+        out.update(self.reference.stateful())
+        out.update(self.extra_state)
+        return out
+
+    def verify_replicated(self, step: int, decisions: dict[str, Any]) -> None:
+        """Fail loudly if replicated decisions or controller state differ across DP ranks."""
+        if self.dp.size == 1:
+            return
+        state = dict(decisions)
+        for name, item in self.stateful().items():
+            if item.verify:
+                state[name] = {k: v for k, v in item.obj.state_dict().items() if k != "rng"}
+        checksum(state, group=self.dp.group, step=step)
+
+
+def _sampling(section: Any, max_new_tokens: int) -> SamplingConfig:
+    return SamplingConfig(
+        temperature=section.temperature, top_p=section.top_p, top_k=section.top_k, max_new_tokens=max_new_tokens
+    )
+
+
+def build_components(cfg: RunConfig) -> Components:
+    """Initialise the process groups and build every component (collective)."""
+    from megatron.core import parallel_state
+
+    from nemo_gdro.models.hf_mapping import hf_config
+    from nemo_gdro.parallel.distributed import init_distributed
+    from nemo_gdro.trainer.actor import MegatronActor, OptimConfig
+
+    tokenizer = TOKENIZERS.get(cfg.tokenizer.name)(cfg.tokenizer, cfg.model)
+    task = TASKS.get(cfg.data.task).build(cfg.data, tokenizer)
+    if cfg.trainer.prompts_per_step > len(task.train):
+        raise ConfigError(
+            f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} exceeds the {len(task.train)} training "
+            f"prompts of data.task={cfg.data.task}"
+        )
+    try:
+        init = MODEL_SOURCES.get(cfg.model.source).build(cfg.model, tokenizer)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    dist = init_distributed(
+        tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel, seed=cfg.seed
+    )
+    dp = DataParallel(
+        rank=dist.dp_rank,
+        size=dist.data_parallel,
+        group=parallel_state.get_data_parallel_group(),
+        pipeline_size=dist.pipeline_parallel,
+        pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    hf_cfg = hf_config(init.spec)
+    build_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)
+    max_new, options = cfg.rollout.max_new_tokens, cfg.rollout.vllm_options
+    # Sampling seeds come per prompt from (run seed, step, prompt id), identical on every rank.
+    engine = build_engine(EngineRequest(hf_cfg, tokenizer, _sampling(cfg.rollout, max_new), cfg.seed, options=options))
+    eval_engine = build_engine(
+        EngineRequest(hf_cfg, tokenizer, _sampling(cfg.eval, max_new), cfg.seed, role="eval", options=options, shared=engine)
+    )
+
+    o, s, mbs = cfg.optim, cfg.sft, cfg.trainer.micro_batch_size
+    rl_optim = OptimConfig(
+        lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, grad_clip=o.grad_clip,
+        warmup_steps=o.warmup_steps, micro_batch_size=mbs,
+    )
+    sft_optim = OptimConfig(
+        lr=s.lr, weight_decay=s.weight_decay, betas=o.betas, eps=o.eps, grad_clip=o.grad_clip,
+        warmup_steps=s.warmup_steps, micro_batch_size=mbs,
+    )
+    temperature = cfg.rollout.temperature
+
+    def new_actor(optim: OptimConfig) -> MegatronActor:
+        return MegatronActor(init.spec, optim, seed=cfg.seed, temperature=temperature, params_dtype=cfg.model.torch_dtype)
+
+    actor = new_actor(sft_optim)
+    init.initialize(actor)
+    reference = KLReference(lambda: new_actor(rl_optim)) if cfg.algorithm.policy_loss.kl_coef > 0 else NoReference()
+
+    store = ShardedPromptStats(
+        len(task.train), cfg.algorithm.stats, group=dp.group, gather_capacity=-(-cfg.trainer.prompts_per_step // dp.size)
+    )
+    classifier = DifficultyClassifier(cfg.algorithm.difficulty, store)
+    ctx = StageContext(
+        setup=cfg.algorithm, store=store, classifier=classifier, num_prompts=len(task.train), seed=cfg.seed,
+        reward_range=task.verifier.reward_range, dp=dp,
+    )
+    stages = build_stages(ctx)
+    r2vpo = cfg.algorithm.r2vpo
+    replay = (
+        GroupReplay(ReplayBuffer(r2vpo.staleness, cfg.seed), r2vpo.replay_ratio, dp.rank, dp.size)
+        if cfg.algorithm.replays
+        else NoReplay()
+    )
+    return Components(
+        cfg=cfg, dist=dist, dp=dp, tokenizer=tokenizer, task=task, spec=init.spec, hf_config=hf_cfg, actor=actor,
+        rl_optim=rl_optim, reference=reference, engine=engine, eval_engine=eval_engine, store=store,
+        classifier=classifier, stages=stages, replay=replay,
+    )

@@ -1,0 +1,97 @@
+"""Hugging Face checkpoints out: from the live actor (``checkpoint.save_hf``) and from a saved checkpoint (``nemo-gdro export``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_gdro.models.hf_save import HFMetadata
+
+__all__ = ["hf_metadata", "export_live", "export_checkpoint", "HF_DTYPES"]
+
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def hf_metadata(model_section: Any, tokenizer: Any) -> HFMetadata:
+    """Tokenizer files and generation config to write next to the weights.
+
+    An HF tokenizer's directory is copied; with ``model.source=hf`` the
+    source's ``generation_config.json`` is kept (Qwen3-Base: eos 151643 and
+    151645); otherwise one is built from the tokenizer's stop ids.
+    """
+    tokenizer_dir = getattr(tokenizer, "path", None)
+    generation = None
+    if getattr(model_section, "path", None) and (Path(model_section.path) / "generation_config.json").is_file():
+        generation = Path(model_section.path) / "generation_config.json"
+    stop = sorted(getattr(tokenizer, "stop_ids", {tokenizer.eos_id}))
+    return HFMetadata(
+        tokenizer_dir=tokenizer_dir,
+        generation_config_source=generation,
+        eos_token_id=stop if len(stop) > 1 else stop[0],
+        pad_token_id=tokenizer.pad_id,
+    )
+
+
+def export_live(components: Any, out_dir: Path, dtype: str | None) -> Path:
+    """Write the actor's current weights as an HF directory (collective; rank 0 writes, atomically)."""
+    from nemo_gdro.models.hf_save import save_hf_checkpoint
+
+    c = components
+    return save_hf_checkpoint(
+        c.actor.module, c.spec, out_dir, dtype=HF_DTYPES[dtype] if dtype else None,
+        metadata=hf_metadata(c.cfg.model, c.tokenizer),
+    )
+
+
+def rotate(root: Path, keep: int) -> None:
+    """Keep the ``keep`` newest ``step_*`` HF exports under ``root``."""
+    dirs = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in dirs[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None = None) -> Path:
+    """Convert a saved training checkpoint (a run dir or one ``step_XXXXXXXX`` dir) to an HF directory.
+
+    Needs no Megatron and no process group: the saved model shards (one per
+    TP x PP position) are merged offline with the spec rebuilt from the
+    checkpoint's own ``config.yaml``.
+    """
+    from omegaconf import OmegaConf
+
+    from nemo_gdro.models.hf_save import write_hf_dir
+    from nemo_gdro.models.megatron_shards import hf_state_dict_from_megatron_shards
+    from nemo_gdro.registries import MODEL_SOURCES, TOKENIZERS
+    from nemo_gdro.trainer.checkpoint import CONFIG_NAME, CheckpointError, CheckpointManager
+    from nemo_gdro.trainer.config import validate
+
+    checkpoint = Path(checkpoint)
+    step_dir = checkpoint
+    if (checkpoint / "checkpoints").is_dir():
+        latest = CheckpointManager(checkpoint / "checkpoints").latest()
+        if latest is None:
+            raise CheckpointError(f"{checkpoint}: no complete checkpoint under {checkpoint / 'checkpoints'}")
+        step_dir = latest
+    config_path = step_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{step_dir}: no {CONFIG_NAME} (is this a nemo_gdro checkpoint directory?)")
+    cfg = validate(OmegaConf.load(config_path))
+    tokenizer = TOKENIZERS.get(cfg.tokenizer.name)(cfg.tokenizer, cfg.model)
+    spec = MODEL_SOURCES.get(cfg.model.source).build(cfg.model, tokenizer).spec
+    state = CheckpointManager(step_dir.parent).load(step_dir)
+    actor = state["actor"]
+    if isinstance(actor, list):  # TP/PP: one slice per rank (DP peers hold copies)
+        seen, shards = set(), []
+        for layout, part in zip(state["layout"], actor):
+            key = (layout["tp_rank"], layout["pp_rank"])
+            if key not in seen:
+                seen.add(key)
+                shards.append((layout, part["model"]))
+    else:
+        shards = [({"tp": 1, "pp": 1, "tp_rank": 0, "pp_rank": 0}, actor["model"])]
+    hf = hf_state_dict_from_megatron_shards(spec, shards)
+    stored = HF_DTYPES[dtype] if dtype else cfg.model.torch_dtype
+    return write_hf_dir(out_dir, hf.items(), spec, dtype=stored, metadata=hf_metadata(cfg.model, tokenizer))

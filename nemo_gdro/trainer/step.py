@@ -1,0 +1,272 @@
+"""One RL step, top to bottom (design.md's diagram)::
+
+    draw prompts -> classify (history up to t-1) -> allocate n_i -> generate
+    -> verify -> GRPO advantages x stage weights -> behaviour log-probs
+    (recomputed by the actor) -> [+ replayed groups] -> mini-batches:
+    optimizer steps (policy-loss stage, token-modulation stage)
+    -> weights to the rollout engine -> store + controllers observe -> metrics.
+
+Every stage is called through its protocol (:mod:`nemo_gdro.stages`); rows
+of all data-parallel ranks meet in their canonical order
+(:class:`~nemo_gdro.parallel.rows.StepRows`). Every decision is a
+deterministic function of the run seed, the step and the checkpointed state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nemo_gdro.algorithms.advantages import grpo_advantages, zero_variance_group_fraction
+from nemo_gdro.algorithms.mismatch import MismatchSums, mismatch_sums, truncated_is_weights
+from nemo_gdro.algorithms.stats import group_outcomes
+from nemo_gdro.parallel.rows import StepRows
+from nemo_gdro.parallel.sharded_stats import checksum
+from nemo_gdro.rollout.batch import RolloutBatch
+from nemo_gdro.rollout.seeds import prompt_seeds
+from nemo_gdro.stages import MinibatchView, PromptDraw, StepFeedback
+from nemo_gdro.stages.signal import controller_signal
+from nemo_gdro.trainer.rl_loss import MinibatchLoss
+
+__all__ = ["RLStep", "StepInputs"]
+
+
+@dataclass
+class Generated:
+    """This rank's rollouts of a step with their rewards, and the global row layout."""
+
+    batch: RolloutBatch
+    rows: StepRows
+    rewards: torch.Tensor  # float32 [R] global, canonical order
+
+
+class RLStep:
+    """Callable ``step -> metrics``; holds references to the run's components (see :class:`~nemo_gdro.trainer.components.Components`)."""
+
+    def __init__(self, components: Any) -> None:
+        self.c = components
+        cfg = components.cfg
+        self.num_prompts = cfg.trainer.prompts_per_step
+        self.num_minibatches = cfg.trainer.minibatches_per_step
+        self.seed = cfg.seed
+        self.setup = cfg.algorithm
+        self.tis_cap = cfg.rollout.tis_cap
+
+    def __call__(self, step: int) -> dict[str, float]:
+        c, stages = self.c, self.c.stages
+        t0 = time.perf_counter()
+        draw = stages.prompts.draw(self.num_prompts)
+        bins = c.classifier.classify(draw.ids)
+        allocation = stages.rollouts.allocate(draw, bins)
+        t_plan = time.perf_counter()
+
+        gen = self._generate(draw, allocation.counts, step)
+        t_gen = time.perf_counter()
+
+        raw_adv, bin_weights = self._advantages(gen, draw, bins)
+        gen.batch.behaviour_logp = c.actor.compute_token_stats(gen.batch.tokens)["logp"].detach()
+        train_batch, raw_all = c.replay.mix(gen.batch, raw_adv, step)
+        actor_metrics, signal = self._optimize(train_batch, raw_all, gen.rows, step)
+        actor_metrics.update(self._engine_mismatch(gen.batch))
+        t_train = time.perf_counter()
+
+        c.engine.load_weights(c.actor.export_hf_state_dict(), version=step + 1)
+        feedback = self._observe(gen, draw, bins, allocation, signal, bin_weights)
+        t_observe = time.perf_counter()
+        c.verify_replicated(step, {"bins": bins, "counts": allocation.counts})
+
+        metrics = self._step_metrics(gen, feedback, train_batch)
+        metrics.update(actor_metrics)
+        for observer in stages.observers:
+            metrics.update(observer.diagnostics(feedback))
+        metrics.update(
+            {
+                "time/generate_s": t_gen - t_plan,
+                "time/train_s": t_train - t_gen,
+                "time/controllers_ms": 1e3 * ((t_plan - t0) + (t_observe - t_train)),
+                "time/step_s": time.perf_counter() - t0,
+            }
+        )
+        self.last = gen  # kept for inspection (tests, debugging); replaced every step
+        self.last_bins = bins
+        return metrics
+
+    # ----------------------------------------------------------------- stages
+    def _generate(self, draw: PromptDraw, counts: torch.Tensor, step: int) -> Generated:
+        """This rank's prompts through the engine and the verifier; rewards assembled globally."""
+        c = self.c
+        mine = c.dp.my_positions(self.num_prompts)
+        records = c.task.train.get_many(draw.ids[mine])
+        # Seeds of the whole step's prompt list, then this rank's slice: rollouts do not depend on the layout.
+        seeds = prompt_seeds(self.seed, step, draw.ids)
+        batch = c.engine.generate(records, counts[mine], seeds[mine])
+        batch.rewards = c.task.verifier.score_batch(batch.responses, batch.answers).to(torch.float32)
+        rows = StepRows.build(counts, batch.group_index, c.dp)
+        return Generated(batch, rows, rows.scatter(batch.rewards.double()).float())
+
+    def _advantages(self, gen: Generated, draw: PromptDraw, bins: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """GRPO advantages of this rank's rows (each prompt's rows live on one rank) times the stages' weights."""
+        stages, batch, rows = self.c.stages, gen.batch, gen.rows
+        raw = grpo_advantages(batch.rewards, batch.group_index, rows.positions.numel(), self.setup.advantage)
+        response_bins = bins[rows.group_index]
+        weights = torch.ones(rows.num_rows, dtype=torch.float64)
+        stage_weights, bin_weights = stages.weighting.weights(response_bins)
+        correction = stages.prompts.response_weights(draw, response_bins)
+        for factor in (stage_weights, correction):
+            if factor is not None:
+                weights = weights * factor
+        batch.advantages = (raw.double() * rows.local_rows_of(weights)).to(torch.float32)
+        return raw, bin_weights
+
+    def _optimize(self, batch: RolloutBatch, raw_adv: torch.Tensor, rows: StepRows, step: int):
+        """One optimizer step per mini-batch; returns (metrics averaged over mini-batches, signal of fresh rows)."""
+        assignment = self._minibatch_assignment(batch.num_rows, rows, step)
+        signal = torch.full((batch.num_rows,), math.nan, dtype=torch.float64)
+        summed: dict[str, float] = {}
+        done = 0
+        for m in range(self.num_minibatches):
+            trained = self._train_minibatch(batch, raw_adv, torch.nonzero(assignment == m).flatten(), signal)
+            if trained is None:
+                continue  # nothing to learn from in this mini-batch on any rank
+            for key, value in trained.items():
+                summed[key] = summed.get(key, 0.0) + value
+            done += 1
+        actor_metrics = {k: v / max(done, 1) for k, v in summed.items()}
+        return actor_metrics, rows.scatter(signal[: rows.canon.numel()])
+
+    def _minibatch_assignment(self, num_rows: int, rows: StepRows, step: int) -> torch.Tensor:
+        """Mini-batch of every local row: fresh rows by one global permutation of the
+        canonical rows (so membership does not depend on the DP size), replayed rows
+        (kept per rank) by a per-rank permutation."""
+        gen = torch.Generator().manual_seed(self.seed * 104_729 + step)
+        chunk_of_global = torch.empty(rows.num_rows, dtype=torch.int64)
+        for m, chunk in enumerate(torch.tensor_split(torch.randperm(rows.num_rows, generator=gen), self.num_minibatches)):
+            chunk_of_global[chunk] = m
+        fresh = rows.canon.numel()
+        out = torch.empty(num_rows, dtype=torch.int64)
+        out[:fresh] = chunk_of_global[rows.canon]
+        if num_rows > fresh:
+            replay_gen = torch.Generator().manual_seed(self.seed * 7_907 + step * 131 + rows.dp.rank)
+            out[fresh:] = torch.randperm(num_rows - fresh, generator=replay_gen) % self.num_minibatches
+        return out
+
+    def _train_minibatch(
+        self, batch: RolloutBatch, raw_adv: torch.Tensor, rows: torch.Tensor, signal: torch.Tensor
+    ) -> dict[str, float] | None:
+        """One optimizer step on ``rows`` of this rank (collective: every rank calls it).
+
+        A rank without rows joins with one fully masked placeholder row so that
+        the collectives stay matched; its output is discarded.
+        """
+        c, stages = self.c, self.c.stages
+        placeholder = rows.numel() == 0
+        take = torch.zeros(1, dtype=torch.int64) if placeholder else rows
+        tokens = batch.tokens[take]
+        mask = batch.response_mask[take] & (not placeholder)
+        extras = {
+            "response_mask": mask,
+            "behaviour_logp": batch.behaviour_logp[take],
+            "advantages": batch.advantages[take],
+            "raw_advantages": raw_adv[take],
+        }
+        extras.update(c.reference.extras(tokens))
+        if self.tis_cap is not None:
+            # Truncated importance sampling against the engine that sampled the rows (FP8 / mismatch).
+            extras["token_weights"] = truncated_is_weights(
+                batch.behaviour_logp[take], batch.engine_logp[take], mask, cap=self.tis_cap
+            )
+        num_tokens, num_seqs = c.dp.total(float(mask.sum()), float((mask.sum(-1) > 0).sum()))
+        if num_tokens == 0:
+            return None
+        view = MinibatchView(
+            advantages=extras["advantages"],
+            behaviour_logp=extras["behaviour_logp"],
+            mask=mask,
+            current=c.actor.compute_token_stats(tokens) if stages.needs_current_policy else None,
+        )
+        loss_fn = MinibatchLoss(
+            policy=self.setup.policy_loss,
+            loss=stages.loss,
+            loss_context=stages.loss.prepare(view),
+            modulation=stages.modulation,
+            modulation_context=stages.modulation.prepare(view),
+            global_num_tokens=num_tokens,
+            global_num_seqs=num_seqs,
+            signal_include_kl=self.setup.prompt_gdro.signal_include_kl,
+        )
+        report = c.actor.train_step(tokens, extras, loss_fn)
+        if not placeholder:
+            signal[rows] = report.rows["signal"]
+        metrics = loss_fn.metrics(report)
+        metrics.update(stages.loss.after_update(report))
+        metrics["actor/grad_norm"] = float(report.get("grad_norm", math.nan))
+        metrics["actor/lr"] = float(report.get("lr", math.nan))
+        return metrics
+
+    def _observe(self, gen: Generated, draw: PromptDraw, bins, allocation, signal, bin_weights) -> StepFeedback:
+        """Per-prompt outcomes into the store, then every controller learns from the step, once."""
+        c, rows, batch = self.c, gen.rows, gen.batch
+        threshold = self.setup.difficulty.correct_threshold
+        p_rollouts, p_correct = group_outcomes(batch.rewards, batch.group_index, rows.positions.numel(), threshold)
+        c.store.observe(draw.ids[rows.positions], p_rollouts, p_correct)
+        self._correct = rows.scatter_prompts(p_correct)
+        loss_signal = controller_signal(
+            self.setup.prompt_gdro.signal, signal, gen.rewards, rows.group_index, rows.num_prompts,
+            reward_range=c.task.verifier.reward_range, correct_threshold=threshold,
+        )
+        feedback = StepFeedback(
+            draw=draw, bins=bins, allocation=allocation, response_bins=bins[rows.group_index],
+            group_index=rows.group_index, rewards=gen.rewards, loss_signal=loss_signal, bin_weights=bin_weights,
+        )
+        for observer in c.stages.observers:
+            observer.observe(feedback)
+        return feedback
+
+    def _engine_mismatch(self, batch: RolloutBatch) -> dict[str, float]:
+        """The engine's sampled-token log-probs against the actor's recomputed ones, over all DP ranks."""
+        if batch.engine_logp is None:
+            return {}
+        sums = mismatch_sums(batch.behaviour_logp, batch.engine_logp, batch.response_mask)
+        total = MismatchSums(self.c.dp.sum(sums.sums), self.c.dp.max(sums.max_abs.reshape(1)).reshape(()))
+        return total.finalize().as_metrics()
+
+    # ---------------------------------------------------------------- metrics
+    def _step_metrics(self, gen: Generated, feedback: StepFeedback, train_batch: RolloutBatch) -> dict[str, float]:
+        """Step-level metrics, global over DP ranks (identical on every rank)."""
+        rows, rewards, counts = gen.rows, gen.rewards, feedback.allocation.counts
+        tokens, replayed = self.c.dp.total(
+            float(gen.batch.response_mask.sum()), float(train_batch.num_rows - gen.batch.num_rows)
+        )
+        metrics = {
+            "train/reward_mean": float(rewards.mean()),
+            "train/pass_rate": float((self._correct > 0).double().mean()),
+            "train/zero_variance_groups": zero_variance_group_fraction(rewards, rows.group_index, rows.num_prompts),
+            "train/rollouts": float(counts.sum()),
+            "train/response_tokens": tokens,
+            "train/replayed_rows": replayed,
+        }
+        metrics.update(bin_metrics(feedback, self.c.classifier.num_bins))
+        for n_val, n_count in zip(*torch.unique(counts, return_counts=True)):
+            metrics[f"alloc/n_hist/{int(n_val)}"] = float(n_count)
+        return metrics
+
+
+def bin_metrics(feedback: StepFeedback, num_bins: int) -> dict[str, float]:
+    """Per-bin prompt share, budget share, mean reward and rollouts per prompt (gdro.md §4)."""
+    bins, response_bins, counts = feedback.bins, feedback.response_bins, feedback.allocation.counts
+    out: dict[str, float] = {}
+    prompt_share = torch.bincount(bins, minlength=num_bins).double() / bins.numel()
+    resp_count = torch.bincount(response_bins, minlength=num_bins).double()
+    reward_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, response_bins, feedback.rewards.double())
+    budget = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, counts.double())
+    for b in range(num_bins):
+        out[f"bins/prompt_share/{b}"] = float(prompt_share[b])
+        out[f"bins/budget_share/{b}"] = float(budget[b] / budget.sum())
+        if resp_count[b] > 0:
+            out[f"bins/reward_mean/{b}"] = float(reward_sum[b] / resp_count[b])
+            out[f"bins/n_per_prompt/{b}"] = float(budget[b] / (prompt_share[b] * bins.numel()))
+    return out
