@@ -49,9 +49,9 @@ def test_apply_overlong_shaping_adds_to_rewards():
     "kwargs,match",
     [
         ({"max_len": 0, "buffer_len": 1}, "max response length"),
-        ({"max_len": 100, "buffer_len": 0}, "buffer_len"),
-        ({"max_len": 100, "buffer_len": 101}, "buffer_len"),
-        ({"max_len": 100, "buffer_len": 10, "penalty_factor": -1.0}, "penalty_factor"),
+        ({"max_len": 100, "buffer_len": 0}, "buffer_tokens"),
+        ({"max_len": 100, "buffer_len": 101}, "buffer_tokens"),
+        ({"max_len": 100, "buffer_len": 10, "penalty_factor": -1.0}, "penalty"),
     ],
 )
 def test_overlong_bad_arguments(kwargs, match):
@@ -61,9 +61,13 @@ def test_overlong_bad_arguments(kwargs, match):
 
 def test_overlong_config_validate():
     OverlongConfig().validate(max_len=10)  # disabled: nothing to check
-    with pytest.raises(ValueError, match=r"reward.overlong.buffer_len"):
-        OverlongConfig(enabled=True, buffer_len=4096).validate(max_len=1024)
-    OverlongConfig(enabled=True, buffer_len=256).validate(max_len=1024)
+    with pytest.raises(ValueError, match=r"reward.overlong.buffer_tokens must be an integer in \[1, 1024\]"):
+        OverlongConfig(enabled=True, buffer_tokens=4096).validate(max_len=1024)
+    OverlongConfig(enabled=True, buffer_tokens=256).validate(max_len=1024)
+    with pytest.raises(ValueError, match=r"reward.overlong.buffer_tokens must be an integer >= 1"):
+        OverlongConfig(buffer_tokens=0)
+    with pytest.raises(ValueError, match=r"reward.overlong.penalty"):
+        OverlongConfig(penalty=-0.5)
 
 
 def test_truncation_mask():
