@@ -65,6 +65,6 @@ class VerifyResult:
             f"{prefix}timeouts": float(self.timeouts),
             f"{prefix}failures": float(self.failures),
             f"{prefix}timeout_frac": self.timeouts / n,
-            f"{prefix}verify_time_s": self.wall_s,
+            f"{prefix}verify_s": self.wall_s,
             f"{prefix}worker_restarts": float(self.worker_restarts),
         }

@@ -55,7 +55,7 @@ def test_verify_result():
         "reward/timeouts": 1.0,
         "reward/failures": 1.0,
         "reward/timeout_frac": 0.25,
-        "reward/verify_time_s": 0.25,
+        "reward/verify_s": 0.25,
         "reward/worker_restarts": 1.0,
     }
     assert STATUS_TIMEOUT == 1

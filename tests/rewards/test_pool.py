@@ -111,7 +111,7 @@ def test_rewards_and_metrics(table_pool):
     assert table_pool.rewards(res).tolist() == [1.0, 0.0, 1.0]
     assert table_pool.score_batch(["Answer: 3"], ["3"]).tolist() == [1.0]
     m = res.metrics()
-    assert m["reward/timeouts"] == 0.0 and m["reward/failures"] == 0.0 and m["reward/verify_time_s"] > 0.0
+    assert m["reward/timeouts"] == 0.0 and m["reward/failures"] == 0.0 and m["reward/verify_s"] > 0.0
 
 
 def test_deterministic_across_calls_worker_counts_and_inline(table_pool):
