@@ -52,9 +52,10 @@ Every rank of the job calls every method collectively.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,8 +66,14 @@ from nemo_gdro.models.hf_mapping import export_to_hf, import_from_hf
 from nemo_gdro.parallel import comm
 from nemo_gdro.parallel.distributed import preserved_rng_state, seed_everything
 from nemo_gdro.parallel.vocab_parallel import make_token_stats_fn
+from nemo_gdro.trainer.microbatch import (
+    MicroBatch,
+    pipeline_micro_batch_size,
+    plan_fixed,
+    plan_token_budget,
+)
 
-__all__ = ["OptimConfig", "MegatronActor", "LossFn", "StepReport", "TokenStatsFn"]
+__all__ = ["LossFn", "MegatronActor", "OptimConfig", "StepReport", "TokenStatsFn"]
 
 #: ``loss_fn(stats, extras_mb) -> (loss, metrics)`` or ``(loss, metrics, row_outputs)``:
 #: ``stats`` holds ``logp``, ``entropy`` (with grad) and ``ebar`` (detached), each
@@ -109,7 +116,11 @@ class OptimConfig:
         eps: Adam epsilon.
         grad_clip: max global L2 norm of the gradient; ``0`` disables clipping.
         warmup_steps: optimizer step ``k`` (0-based) uses ``lr * min(1, (k+1) / warmup_steps)``.
-        micro_batch_size: rows per forward/backward pass.
+        micro_batch_size: rows per forward/backward pass (fixed-size plan).
+        max_tokens_per_microbatch: token budget per forward/backward pass
+            (rows x longest row, padding counted); when set and the caller
+            passes row lengths, rows are packed by length under it instead
+            (:mod:`~nemo_gdro.trainer.microbatch`).
     """
 
     lr: float = 1e-6
@@ -119,6 +130,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 0
     micro_batch_size: int = 4
+    max_tokens_per_microbatch: int | None = None
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -135,6 +147,10 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.micro_batch_size < 1:
             raise ValueError(f"optim.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 2:
+            raise ValueError(
+                f"trainer.max_tokens_per_microbatch must be >= 2 or null, got {self.max_tokens_per_microbatch}"
+            )
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
@@ -306,9 +322,10 @@ class MegatronActor:
             return comm.broadcast(tensor, src=self._last_stage_rank, group=self._pp_group)
         return tensor
 
-    def _micro_batches(
-        self, tokens: torch.Tensor, extras: Mapping[str, torch.Tensor], micro_batch_size: int | None
-    ) -> list[dict[str, Any]]:
+    def _plan(
+        self, tokens: torch.Tensor, extras: Mapping[str, torch.Tensor], micro_batch_size: int | None,
+        lengths: torch.Tensor | None,
+    ) -> list[MicroBatch]:
         if tokens.dim() != 2 or tokens.dtype != torch.int64:
             raise ValueError(f"tokens must be int64 [B, S], got {tokens.dtype} {tuple(tokens.shape)}")
         b, s = tokens.shape
@@ -321,21 +338,40 @@ class MegatronActor:
         for key, value in extras.items():
             if value.shape[0] != b:
                 raise ValueError(f"extras[{key!r}] has {value.shape[0]} rows, tokens has {b}")
+        if lengths is not None and (lengths.shape != (b,) or int(lengths.max()) > s):
+            raise ValueError(f"lengths must be [B={b}] row lengths <= S={s}, got shape {tuple(lengths.shape)}")
+        budget = self.optim.max_tokens_per_microbatch if micro_batch_size is None else None
+        if budget is not None and lengths is not None:
+            if self._pp_size == 1:
+                return plan_token_budget(lengths, budget)
+            # Pipeline p2p exchanges fixed-shape activations: one width, a size that divides the batch.
+            width = max(2, int(lengths.max()))
+            return plan_fixed(b, width, pipeline_micro_batch_size(b, width, budget))
         mbs = self.optim.micro_batch_size if micro_batch_size is None else micro_batch_size
         if mbs < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {mbs}")
         if self._pp_size > 1 and b % mbs != 0:
-            # Pipeline p2p exchanges fixed-shape activations.
             raise ValueError(
                 f"with pipeline parallelism the batch ({b}) must be a multiple of micro_batch_size ({mbs})"
             )
-        device = self.device
+        return plan_fixed(b, s, mbs)
+
+    def _micro_batches(
+        self, tokens: torch.Tensor, extras: Mapping[str, torch.Tensor], plan: list[MicroBatch]
+    ) -> list[dict[str, Any]]:
+        """The tensors of each planned micro-batch on the device; token-aligned extras
+        (second dimension ``S`` or ``S-1``) are cut to the micro-batch's width with the tokens."""
+        s = tokens.shape[1]
+
+        def cut(value: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+            rows = value[mb.index]
+            if value.dim() >= 2 and value.shape[1] in (s, s - 1) and mb.width < s:
+                rows = rows[:, : mb.width - (s - value.shape[1])]
+            return rows.to(self.device)
+
         return [
-            {
-                "tokens": tokens[i : i + mbs].to(device),
-                "extras": {k: v[i : i + mbs].to(device) for k, v in extras.items()},
-            }
-            for i in range(0, b, mbs)
+            {"tokens": tokens[mb.index, : mb.width].to(self.device), "extras": {k: cut(v, mb) for k, v in extras.items()}}
+            for mb in plan
         ]
 
     def _stats(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -392,7 +428,7 @@ class MegatronActor:
             model=[self.model],
             num_microbatches=len(micro_batches),
             seq_length=micro_batches[0]["tokens"].shape[1],
-            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            micro_batch_size=micro_batches[0]["tokens"].shape[0],  # fixed with PP; unused without
             forward_only=forward_only,
             collect_non_loss_data=forward_only,
         )
@@ -400,7 +436,7 @@ class MegatronActor:
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def compute_token_stats(
-        self, tokens: torch.Tensor, *, micro_batch_size: int | None = None
+        self, tokens: torch.Tensor, *, micro_batch_size: int | None = None, lengths: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Per-token ``logp``, ``entropy``, ``ebar``, each ``[B, S-1]`` fp32 nats, without grad.
 
@@ -408,9 +444,13 @@ class MegatronActor:
         config's) through Megatron's schedule (forward only). ``tokens`` are
         this DP rank's rows; the result covers exactly those rows and is
         returned on every TP rank and pipeline stage (computed on the last
-        stage, then broadcast over the pipeline group).
+        stage, then broadcast over the pipeline group). With ``lengths`` (int
+        ``[B]`` tokens per row) and ``optim.max_tokens_per_microbatch``, rows are
+        packed by length; positions past a micro-batch's width are 0
+        (values at padding positions carry no meaning in either plan).
         """
-        micro_batches = self._micro_batches(tokens, {}, micro_batch_size)
+        plan = self._plan(tokens, {}, micro_batch_size, lengths)
+        micro_batches = self._micro_batches(tokens, {}, plan)
         self.model.eval()
         try:
             outputs = self._run_schedule(micro_batches, None, forward_only=True)
@@ -419,7 +459,11 @@ class MegatronActor:
         keys = ("logp", "entropy", "ebar")
         b, s = tokens.shape
         if self._is_last_stage:
-            stacked = torch.stack([torch.cat([o[key] for o in outputs]).float() for key in keys])
+            stacked = torch.zeros(len(keys), b, s - 1, dtype=torch.float32, device=self.device)
+            for mb, out in zip(plan, outputs):
+                rows = mb.index.to(self.device)
+                for i, key in enumerate(keys):
+                    stacked[i, rows, : mb.width - 1] = out[key].float()
         else:
             stacked = torch.empty(len(keys), b, s - 1, dtype=torch.float32, device=self.device)
         stacked = self._broadcast_from_last_stage(stacked)
@@ -432,6 +476,7 @@ class MegatronActor:
         loss_fn: LossFn,
         *,
         micro_batch_size: int | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> StepReport:
         """Zero the gradients, then accumulate ``grad(sum of loss_fn over micro-batches)``.
 
@@ -443,11 +488,13 @@ class MegatronActor:
         """
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        micro_batches = self._micro_batches(tokens, extras, micro_batch_size)
-        reported = self._run_schedule(micro_batches, loss_fn, forward_only=False)
-        return self._reduce_reported(reported, num_rows=tokens.shape[0])
+        plan = self._plan(tokens, extras, micro_batch_size, lengths)
+        reported = self._run_schedule(self._micro_batches(tokens, extras, plan), loss_fn, forward_only=False)
+        report = self._reduce_reported(reported, torch.cat([mb.index for mb in plan]))
+        report["num_microbatches"] = float(len(plan))
+        return report
 
-    def _reduce_reported(self, reported: list[dict[str, torch.Tensor]], num_rows: int) -> StepReport:
+    def _reduce_reported(self, reported: list[dict[str, torch.Tensor]], row_order: torch.Tensor) -> StepReport:
         """The one channel out of the loss: scalars summed over micro-batches and DP ranks,
         row outputs concatenated in row order (this rank's rows), both shared with every stage."""
         totals: dict[str, float] = {}
@@ -461,7 +508,9 @@ class MegatronActor:
             totals = {k: float(v) for k, v in zip(keys, summed.tolist())}
             row_keys = sorted(k for k in reported[0] if k.startswith(ROW_PREFIX))
             if row_keys:
-                rows = torch.stack([torch.cat([r[k].cpu() for r in reported]) for k in row_keys])
+                # Micro-batches hold rows in plan order: put each value back at its row.
+                rows = torch.empty(len(row_keys), row_order.numel(), dtype=torch.float64)
+                rows[:, row_order] = torch.stack([torch.cat([r[k].cpu() for r in reported]) for k in row_keys])
         if self._pp_size > 1:
             # The metric names are only known on the last stage: ship the small dict as an object.
             box: list[Any] = [(totals, row_keys)]
@@ -469,7 +518,7 @@ class MegatronActor:
             totals, row_keys = box[0]
             if row_keys:
                 if rows is None:
-                    rows = torch.empty(len(row_keys), num_rows, dtype=torch.float64)
+                    rows = torch.empty(len(row_keys), row_order.numel(), dtype=torch.float64)
                 rows = self._broadcast_from_last_stage(rows)
         report = StepReport(totals)
         if rows is not None:
@@ -506,6 +555,7 @@ class MegatronActor:
         loss_fn: LossFn,
         *,
         micro_batch_size: int | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> StepReport:
         """One optimizer step over the ``B`` rows of ``tokens``.
 
@@ -515,6 +565,8 @@ class MegatronActor:
             loss_fn: see :data:`LossFn`; its loss is normalised by the global token count.
             micro_batch_size: rows per forward/backward (default ``optim.micro_batch_size``);
                 the gradient does not depend on it.
+            lengths: int ``[B]`` tokens per row; with ``optim.max_tokens_per_microbatch``
+                rows are packed by length under that budget (same gradient).
         Returns:
             ``loss`` (sum over micro-batches and DP ranks), ``grad_norm``, ``lr``,
             ``num_microbatches`` (this rank's) and each metric of ``loss_fn`` summed over
@@ -522,10 +574,8 @@ class MegatronActor:
             normalised by global counts), identical on every rank; per-row
             outputs of ``loss_fn`` in ``.rows`` (see :class:`StepReport`).
         """
-        out = self.forward_backward(tokens, extras, loss_fn, micro_batch_size=micro_batch_size)
-        mbs = self.optim.micro_batch_size if micro_batch_size is None else micro_batch_size
+        out = self.forward_backward(tokens, extras, loss_fn, micro_batch_size=micro_batch_size, lengths=lengths)
         out.update(self.optimizer_step())
-        out["num_microbatches"] = float(math.ceil(tokens.shape[0] / mbs))
         return out
 
     # ------------------------------------------------------------------ weights and checkpoints

@@ -47,7 +47,7 @@ class NoReference:
     def freeze_from(self, actor: Any) -> None:
         pass
 
-    def extras(self, tokens: Any) -> dict[str, Any]:
+    def extras(self, tokens: Any, lengths: Any = None) -> dict[str, Any]:
         return {}
 
     def stateful(self) -> dict[str, Stateful]:
@@ -66,8 +66,8 @@ class KLReference:
             self.actor = self._build_actor()
             self.actor.load_state_dict(actor.state_dict())
 
-    def extras(self, tokens: Any) -> dict[str, Any]:
-        return {"ref_logp": self.actor.compute_token_stats(tokens)["logp"]}
+    def extras(self, tokens: Any, lengths: Any = None) -> dict[str, Any]:
+        return {"ref_logp": self.actor.compute_token_stats(tokens, lengths=lengths)["logp"]}
 
     def stateful(self) -> dict[str, Stateful]:
         return {"reference": Stateful(self.actor, scope="model")} if self.actor is not None else {}
@@ -206,10 +206,12 @@ def _build(cfg: RunConfig, tokenizer: Any, verifiers: VerifierSet) -> Components
     rl_optim = OptimConfig(
         lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, grad_clip=o.grad_clip,
         warmup_steps=o.warmup_steps, micro_batch_size=mbs,
+        max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
     )
     sft_optim = OptimConfig(
         lr=s.lr, weight_decay=s.weight_decay, betas=o.betas, eps=o.eps, grad_clip=o.grad_clip,
         warmup_steps=s.warmup_steps, micro_batch_size=mbs,
+        max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
     )
     temperature = cfg.rollout.temperature
 

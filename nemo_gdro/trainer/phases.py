@@ -38,7 +38,9 @@ def run_sft(components, steps: int, batch_size: int, seed: int) -> dict[str, flo
             m = extras["response_mask"]
             return -(stats["logp"] * m).sum() / count, {}
 
-        last = c.actor.train_step(tokens, {"response_mask": mask.to(torch.float32)}, loss_fn)
+        # Row length = through its last target token (rows are right-padded).
+        lengths = (mask * torch.arange(2, mask.shape[1] + 2)).amax(1).clamp(min=2)
+        last = c.actor.train_step(tokens, {"response_mask": mask.to(torch.float32)}, loss_fn, lengths=lengths)
     return {"sft/loss": float(last.get("loss", math.nan)), "sft/steps": float(steps)}
 
 

@@ -155,7 +155,12 @@ class SFTSection:
 
 @dataclass(frozen=True)
 class TrainerSection:
-    """``trainer``: the RL schedule. ``eval_every`` / ``checkpoint_every`` 0 disable (the last step always does both)."""
+    """``trainer``: the RL schedule. ``eval_every`` / ``checkpoint_every`` 0 disable (the last step always does both).
+
+    max_tokens_per_microbatch: when set, rows are packed by length into micro-batches of at
+    most this many tokens (rows x longest row) for the training and log-prob passes, instead
+    of ``micro_batch_size`` rows; the results are the same (the loss is globally normalised).
+    """
 
     max_steps: int
     prompts_per_step: int
@@ -164,8 +169,14 @@ class TrainerSection:
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_last_checkpoints: int = 2
+    max_tokens_per_microbatch: int | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch >= 2,
+            f"trainer.max_tokens_per_microbatch must be an integer >= 2 (tokens per forward/backward, padding "
+            f"counted) or null (micro_batch_size rows), got {self.max_tokens_per_microbatch}",
+        )
         for key in ("max_steps", "prompts_per_step", "minibatches_per_step", "micro_batch_size", "keep_last_checkpoints"):
             _require(getattr(self, key) >= 1, f"trainer.{key} must be a positive integer, got {getattr(self, key)}")
         for key in ("eval_every", "checkpoint_every"):

@@ -84,7 +84,7 @@ class RLStep:
         t_gen = time.perf_counter()
 
         raw_adv, bin_weights = self._advantages(gen, draw, bins)
-        gen.batch.behaviour_logp = c.actor.compute_token_stats(gen.batch.tokens)["logp"].detach()
+        gen.batch.behaviour_logp = c.actor.compute_token_stats(gen.batch.tokens, lengths=gen.batch.sequence_lengths)["logp"].detach()
         train_batch, raw_all = c.replay.mix(gen.batch, raw_adv, step)
         actor_metrics, signal = self._optimize(train_batch, raw_all, gen.rows, step)
         actor_metrics.update(self._engine_mismatch(gen.batch))
@@ -199,7 +199,7 @@ class RLStep:
         c, stages = self.c, self.c.stages
         placeholder = rows.numel() == 0
         take = torch.zeros(1, dtype=torch.int64) if placeholder else rows
-        tokens = batch.tokens[take]
+        tokens, lengths = batch.tokens[take], batch.sequence_lengths[take]
         mask = batch.response_mask[take] & (not placeholder)
         if self.mask_truncated and batch.truncated is not None:
             mask = mask & ~batch.truncated[take].unsqueeze(1)  # DAPO overlong filtering: no loss for truncated rows
@@ -209,7 +209,7 @@ class RLStep:
             "advantages": batch.advantages[take],
             "raw_advantages": raw_adv[take],
         }
-        extras.update(c.reference.extras(tokens))
+        extras.update(c.reference.extras(tokens, lengths))
         if self.tis_cap is not None:
             # Truncated importance sampling against the engine that sampled the rows (FP8 / mismatch).
             extras["token_weights"] = truncated_is_weights(
@@ -222,7 +222,7 @@ class RLStep:
             advantages=extras["advantages"],
             behaviour_logp=extras["behaviour_logp"],
             mask=mask,
-            current=c.actor.compute_token_stats(tokens) if stages.needs_current_policy else None,
+            current=c.actor.compute_token_stats(tokens, lengths=lengths) if stages.needs_current_policy else None,
         )
         loss_fn = MinibatchLoss(
             policy=self.setup.policy_loss,
@@ -234,7 +234,7 @@ class RLStep:
             global_num_seqs=num_seqs,
             signal_include_kl=self.setup.prompt_gdro.signal_include_kl,
         )
-        report = c.actor.train_step(tokens, extras, loss_fn)
+        report = c.actor.train_step(tokens, extras, loss_fn, lengths=lengths)
         if not placeholder:
             signal[rows] = report.rows["signal"]
         metrics = loss_fn.metrics(report)

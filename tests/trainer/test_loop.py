@@ -178,3 +178,25 @@ def test_rows_are_scored_against_their_own_prompt_with_variable_n(tmp_path):
         g, _ = c.store.counters(batch.step_prompt_ids)
         expected = 16 + torch.zeros(batch.num_prompts).index_add_(0, batch.group_index, torch.ones(batch.num_rows))
         assert torch.equal(g.float(), expected)
+
+
+@pytest.mark.slow
+def test_token_budget_micro_batches_give_the_same_run(tmp_path):
+    """trainer.max_tokens_per_microbatch (SFT, behaviour / reference log-probs and the updates
+    packed by length) changes speed, not numbers: the SFT losses (4 updates), then the RL
+    steps' rewards, log-prob / entropy statistics and losses, within float tolerance."""
+    case = CASES["all_together"]
+    runs = {}
+    for name, extra in {"fixed": [], "budget": ["trainer.max_tokens_per_microbatch=40"]}.items():
+        out = tmp_path / name
+        with Trainer(compose(overrides=TINY + case + extra + [f"run.output_dir={out}"])) as trainer:
+            trainer.run()
+        runs[name] = read_metrics(out / "metrics.jsonl")
+    fixed, budget = runs["fixed"], runs["budget"]
+    assert len(fixed) == len(budget) == 3  # SFT, then 2 RL steps
+    assert fixed[0]["sft/loss"] > 1.0
+    for a, b in zip(fixed, budget):
+        for key, value in a.items():
+            if key.startswith("time/") or not isinstance(value, float) or math.isnan(value):
+                continue
+            assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
