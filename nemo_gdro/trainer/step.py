@@ -293,7 +293,8 @@ class RLStep:
         return metrics
 
     def _reward_metrics(self, gen: Generated) -> dict[str, float]:
-        """Verification and shaping over all DP ranks: counts summed, ``verify_s`` the slowest rank's."""
+        """Verification and shaping over all DP ranks: counts summed; ``time/verify_s`` is the slowest
+        rank's wall time (under ``time/`` like every wall-clock metric, which run-equality checks skip)."""
         v, dp = gen.verify, self.c.dp
         timeouts, failures, restarts, correct, overlong, truncated = dp.total(
             float(v.timeouts), float(v.failures), float(v.worker_restarts), float(gen.correct.sum()),
@@ -305,7 +306,7 @@ class RLStep:
             "reward/timeouts": timeouts,
             "reward/failures": failures,
             "reward/worker_restarts": restarts,
-            "reward/verify_s": verify_s,
+            "time/verify_s": verify_s,
             "reward/correct_frac": correct / n,
             "reward/overlong_frac": overlong / n,
             "reward/truncated_frac": truncated / n,

@@ -87,7 +87,7 @@ def test_in_process_step_bounds_a_pathological_answer_and_close_reaps_workers(fi
     trainer = Trainer(cfg)
     try:
         metrics = trainer.rl_step(0)
-        for key in ("reward/timeouts", "reward/failures", "reward/verify_s", "reward/overlong_frac", "reward/truncated_frac"):
+        for key in ("reward/timeouts", "reward/failures", "time/verify_s", "reward/overlong_frac", "reward/truncated_frac"):
             assert math.isfinite(metrics[key]), key
         verifier = trainer.components.task.verifier
         assert verifier.uses_workers and verifier is trainer.components.task.eval_suites["math500"].verifier
@@ -126,7 +126,7 @@ def test_math_rl_under_dp2_and_tp2_then_export(files, tmp_path, layout):
     for step in (1, 2, 3):
         r = rows[step]
         assert r["train/rollouts"] == 8
-        for key in ("actor/loss", "train/reward_mean", "reward/verify_s", "reward/truncated_frac"):
+        for key in ("actor/loss", "train/reward_mean", "time/verify_s", "reward/truncated_frac"):
             assert math.isfinite(r[key]), (step, key)
         # Random tokens never stop: every row runs to max_new_tokens and carries the full penalty.
         assert r["reward/truncated_frac"] == 1.0 and r["reward/overlong_frac"] == 1.0
