@@ -33,6 +33,7 @@ __all__ = [
     "OptimSection",
     "RolloutSection",
     "EvalSection",
+    "RewardSection",
     "CheckpointSection",
     "LoggingSection",
     "RunConfig",
@@ -277,6 +278,62 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class RewardSection:
+    """``reward``: how a response becomes a correctness verdict and a reward.
+
+    verifier: ``reward.verifier`` registry name (``arithmetic`` | ``dapo_math`` |
+        ``math_verify`` | ``gpqa_choice``) for the task's free-form answers;
+        ``choice_verifier`` scores multiple-choice suites (GPQA-Diamond).
+    correct_reward / wrong_reward: reward values (1/0; DAPO uses 1/-1).
+    num_workers / timeout_s / soft_timeout_fraction / max_tasks_per_worker /
+        max_memory_mb / start_timeout_s / warmup: the worker pool
+        (:class:`~nemo_gdro.rewards.registry.RewardConfig`); verifiers that decide
+        every row by string work (``arithmetic``, ``gpqa_choice``) start no processes.
+    options: the verifier's own options (``reward.options.extract``, ...).
+    overlong: DAPO soft overlong punishment before ``rollout.max_new_tokens``
+        (:class:`~nemo_gdro.rewards.shaping.OverlongConfig`: ``enabled``,
+        ``buffer_tokens``, ``penalty``); shapes the advantages' rewards only,
+        never the correctness that feeds pass rates and difficulty bins.
+    mask_truncated: responses that hit ``rollout.max_new_tokens`` without a stop
+        token get no loss (DAPO's overlong filtering).
+    """
+
+    verifier: str = "arithmetic"
+    correct_reward: float = 1.0
+    wrong_reward: float = 0.0
+    num_workers: int = 2
+    timeout_s: float = 5.0
+    soft_timeout_fraction: float = 0.8
+    max_tasks_per_worker: int = 0
+    max_memory_mb: int = 4096
+    start_timeout_s: float = 120.0
+    warmup: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+    choice_verifier: str = "gpqa_choice"
+    overlong: dict[str, Any] = field(default_factory=dict)
+    mask_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        from nemo_gdro.rewards.registry import RewardConfig
+        from nemo_gdro.rewards.shaping import OverlongConfig
+
+        verifier_config = RewardConfig(
+            verifier=self.verifier, correct_reward=self.correct_reward, wrong_reward=self.wrong_reward,
+            num_workers=self.num_workers, timeout_s=self.timeout_s, soft_timeout_fraction=self.soft_timeout_fraction,
+            max_tasks_per_worker=self.max_tasks_per_worker, max_memory_mb=self.max_memory_mb,
+            start_timeout_s=self.start_timeout_s, warmup=self.warmup, options=dict(self.options),
+        )
+        from nemo_gdro.rewards.registry import VERIFIERS
+
+        _require(
+            self.choice_verifier in VERIFIERS,
+            f"reward.choice_verifier: unknown verifier {self.choice_verifier!r}; registered: {sorted(VERIFIERS)}",
+        )
+        object.__setattr__(self, "verifier_config", verifier_config)
+        object.__setattr__(self, "overlong_config", build_section(OverlongConfig, "reward.overlong", self.overlong))
+
+
+@dataclass(frozen=True)
 class CheckpointSection:
     """``checkpoint``: Hugging Face exports next to the training checkpoints.
 
@@ -313,6 +370,7 @@ class RunConfig:
     optim: OptimSection
     rollout: RolloutSection
     eval: EvalSection
+    reward: RewardSection
     algorithm: AlgorithmSetup
     checkpoint: CheckpointSection
     logging: LoggingSection
@@ -337,6 +395,7 @@ _SECTIONS = {
     "optim": OptimSection,
     "rollout": RolloutSection,
     "eval": EvalSection,
+    "reward": RewardSection,
     "checkpoint": CheckpointSection,
     "logging": LoggingSection,
     "megatron": MegatronSection,
@@ -352,6 +411,9 @@ def build_run_config(tree: DictConfig) -> RunConfig:
     known = set(_SECTIONS) | {"data", "algorithm"}
     unknown = sorted(set(data) - known)
     _require(not unknown, f"unknown top-level key(s) {', '.join(unknown)}; valid sections: {', '.join(sorted(known))}")
+
+    # Runs saved before the reward section existed were arithmetic runs: their defaults.
+    data.setdefault("reward", {})
 
     def section(name: str) -> Mapping[str, Any]:
         value = data.get(name)
@@ -369,11 +431,21 @@ def build_run_config(tree: DictConfig) -> RunConfig:
     except ValueError as err:  # registries' unknown names and the algorithm configs' own checks
         raise ConfigError(str(err)) from None
     cfg = RunConfig(data=task_config, algorithm=algorithm, tree=tree, **sections)
-    _check_cross_section(cfg)
+    _check_cross_section(cfg, task_cls)
     return cfg
 
 
-def _check_cross_section(cfg: RunConfig) -> None:
+def _check_cross_section(cfg: RunConfig, task_cls: Any) -> None:
+    accepted = getattr(task_cls, "verifiers", None)
+    _require(
+        accepted is None or cfg.reward.verifier in accepted,
+        f"reward.verifier={cfg.reward.verifier} does not score data.task={cfg.data.task} answers; "
+        f"use one of: {', '.join(accepted or ())}",
+    )
+    try:
+        cfg.reward.overlong_config.validate(cfg.rollout.max_new_tokens)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for module, extra in (("megatron", "megatron"), ("transformers", "hf")):
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"the training loop needs {module}: pip install 'nemo_gdro[{extra}]'")

@@ -78,3 +78,35 @@ def test_bad_configs_fail_at_start_naming_the_key(overrides, message):
 def test_retired_enabled_keys_say_which_key_to_use(override, replacement):
     with pytest.raises(ConfigError, match=replacement.replace(".", r"\.")):
         validate(compose(overrides=[override]))
+
+
+def test_reward_section_defaults_keep_the_arithmetic_run():
+    cfg = validate(compose(overrides=[]))
+    assert cfg.reward.verifier == "arithmetic" and cfg.reward.verifier_config.verifier == "arithmetic"
+    assert (cfg.reward.correct_reward, cfg.reward.wrong_reward) == (1.0, 0.0)
+    assert not cfg.reward.overlong_config.enabled and not cfg.reward.mask_truncated
+    dapo = validate(compose(overrides=["rollout.max_new_tokens=64", "reward.overlong.enabled=true",
+                                       "reward.overlong.buffer_tokens=16", "reward.wrong_reward=-1.0"]))
+    assert dapo.reward.overlong_config.buffer_tokens == 16 and dapo.reward.verifier_config.wrong_reward == -1.0
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+reward.timeout=3"], "unknown key.*reward.timeout"),
+        (["reward.timeout_s=0"], "reward.timeout_s must be a number > 0"),
+        (["reward.num_workers=-1"], "reward.num_workers"),
+        (["reward.wrong_reward=2.0"], "reward.correct_reward must be > reward.wrong_reward"),
+        (["reward.verifier=nope"], "reward.verifier: unknown verifier 'nope'"),
+        (["reward.choice_verifier=nope"], "reward.choice_verifier: unknown verifier 'nope'"),
+        (["+reward.options.extract=dapo"], "reward.options: unknown key"),
+        (["reward.verifier=dapo_math"], "reward.verifier=dapo_math does not score data.task=arithmetic"),
+        (["+reward.overlong.len=4"], "unknown key.*reward.overlong.len"),
+        (["reward.overlong.enabled=true"], r"reward.overlong.buffer_tokens must be an integer in \[1, 8\]"),
+        (["reward.overlong.penalty=-1"], "reward.overlong.penalty"),
+        (["reward.mask_truncated=1"], "reward.mask_truncated must be true or false"),
+    ],
+)
+def test_bad_reward_configs_fail_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(overrides=overrides))

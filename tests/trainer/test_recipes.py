@@ -31,6 +31,7 @@ def test_recipe_has_the_paper_settings(recipe):
     assert (cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.top_k) == (8, 0.6, 0.8, 20)
     assert cfg.algorithm.stats.window == 50 and cfg.algorithm.difficulty.hysteresis == 0.03
     assert cfg.algorithm.loss == "clipped" and cfg.algorithm.rollout_scheduler == "fixed"
+    assert cfg.reward.verifier == "dapo_math" and cfg.reward.choice_verifier == "gpqa_choice"
 
 
 @pytest.mark.parametrize(
