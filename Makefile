@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-vllm run test test-slurm test-vllm bench clean
+.PHONY: setup setup-vllm run test test-slurm test-vllm bench gpu-wheels gpu-check-dry clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,24 @@ test-vllm: $(VLLM_STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/controllers.py
+
+# Wheels for scripts/gpu_check.sh on a GPU host without network (Python 3.12, x86-64):
+# megatron-core and the pure-python packages of ours that such a host lacks. antlr4 4.9.3
+# (hydra-core's parser runtime) is published as an sdist only, so it is built into a wheel here.
+GPU_WHEELS     ?= .whl
+GPU_PYVER      ?= 3.12
+GPU_PLATFORMS  := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+                  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels: $(STAMP)
+	mkdir -p $(GPU_WHEELS)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(GPU_PYVER) --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS) megatron-core==0.16.1 omegaconf==2.3.1 hydra-core==1.3.8
+	$(PIP) wheel -q --no-deps -w $(GPU_WHEELS) antlr4-python3-runtime==4.9.3
+	ls -l $(GPU_WHEELS)
+
+# The GPU check at toy sizes on CPU (what tests/benchmarks/test_gpu_check.py runs in parts).
+gpu-check-dry: $(STAMP)
+	PYTHON=$(PY) bash scripts/gpu_check.sh --cpu-dry-run --out outputs/gpu_check_dry/gpu_check.json
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis

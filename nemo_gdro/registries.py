@@ -62,8 +62,10 @@ STAGE_REGISTRIES: dict[str, Registry] = {
 }
 
 # --------------------------------------------------------------------- task side
-#: ``data.task``: a task class with ``Config`` (its ``data`` section) and
-#: ``build(config, tokenizer) -> task`` (train pool, eval suites, verifier, SFT examples).
+#: ``data.task``: a task class with ``Config`` (its ``data`` section), ``verifiers`` (the
+#: ``reward.verifier`` names that score its answers) and ``build(config, tokenizer, verifiers) -> Task``
+#: (train pool, eval suites, verifier, SFT examples), where ``verifiers.for_answer_type("math" | "choice")``
+#: gives the run's verifiers (:class:`~nemo_gdro.rewards.verifier_set.VerifierSet`).
 TASKS = Registry(
     "task", "data.task", {"arithmetic": "nemo_gdro.tasks.arithmetic:ArithmeticTask", "math": "nemo_gdro.tasks.math:MathTask"}
 )

@@ -1,10 +1,14 @@
-"""Qwen-style GPT models on Megatron-Core's local (Transformer-Engine-free) layer spec.
+"""Qwen-style GPT models on Megatron-Core's local layer spec or Transformer Engine's.
 
 A :class:`GPTSpec` is the architecture (what an HF ``config.json`` says);
 :func:`build_gpt` turns it into a ``megatron.core.models.gpt.GPTModel`` with
 RMSNorm, SwiGLU MLP (``linear_fc1 = [gate; up]``), rotary position embeddings,
 grouped-query attention, optional q/k RMSNorm (Qwen3) or qkv bias (Qwen2), no
 other linear biases, and tied or untied input/output embeddings.
+:func:`layer_spec` picks the layer implementation: Megatron's local modules
+(CPU and GPU) or Transformer Engine's (GPU; FP8, sequence parallelism; the
+input and pre-MLP norms are fused into ``linear_qkv`` / ``linear_fc1``, see
+:func:`nemo_gdro.models.hf_mapping.canonical_megatron_name`).
 
 Megatron's parallel state must be initialised first
 (:func:`nemo_gdro.parallel.distributed.init_distributed`).
@@ -42,7 +46,19 @@ def _qwen3(hidden: int, layers: int, heads: int, ffn: int, *, tie_word_embedding
 #: Hugging Face layouts a :class:`GPTSpec` can describe.
 HF_ARCHITECTURES: tuple[str, ...] = ("qwen3", "qwen2", "llama")
 
-__all__ = ["GPTSpec", "HF_ARCHITECTURES", "PRESETS", "spec_from_overrides", "transformer_config", "build_gpt"]
+__all__ = [
+    "GPTSpec",
+    "HF_ARCHITECTURES",
+    "PRESETS",
+    "TRANSFORMER_IMPLS",
+    "spec_from_overrides",
+    "transformer_config",
+    "layer_spec",
+    "build_gpt",
+]
+
+#: ``megatron.transformer_impl`` values.
+TRANSFORMER_IMPLS: tuple[str, ...] = ("local", "transformer_engine")
 
 
 @dataclass(frozen=True)
@@ -142,6 +158,7 @@ PRESETS: dict[str, GPTSpec] = {
         hf_architecture="qwen3",
     ),
     # Hyperparameters of the released Qwen3 checkpoints (their config.json).
+    "qwen3_0p6b": _qwen3(1024, 28, 16, 3072, tie_word_embeddings=True),
     "qwen3_1p7b": _qwen3(2048, 28, 16, 6144, tie_word_embeddings=True),
     "qwen3_4b": _qwen3(2560, 36, 32, 9728, tie_word_embeddings=True),
     "qwen3_8b": _qwen3(4096, 36, 32, 12_288, tie_word_embeddings=False),
@@ -212,6 +229,28 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+def layer_spec(transformer_impl: str, qk_layernorm: bool):  # -> megatron.core.transformer.spec_utils.ModuleSpec
+    """Megatron's transformer-layer spec for ``transformer_impl`` (``local`` | ``transformer_engine``).
+
+    Raises ``RuntimeError`` for ``transformer_engine`` when Megatron-Core could
+    not import Transformer Engine (``gpt_layer_specs.HAVE_TE``), instead of
+    the ``NameError`` Megatron raises there.
+    """
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_impl == "local":
+        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    if transformer_impl != "transformer_engine":
+        raise ValueError(f"megatron.transformer_impl must be one of {list(TRANSFORMER_IMPLS)}, got {transformer_impl!r}")
+    if not getattr(gpt_layer_specs, "HAVE_TE", False):
+        raise RuntimeError(
+            "megatron.transformer_impl=transformer_engine: Megatron-Core cannot import Transformer Engine "
+            "(gpt_layer_specs.HAVE_TE is False); pip install 'nemo_gdro[te]' on a GPU host"
+        )
+    # Normalisation (RMSNorm) comes from the TransformerConfig through TENorm / TE's fused norm + linear.
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+
+
 def build_gpt(
     spec: GPTSpec,
     *,
@@ -220,8 +259,9 @@ def build_gpt(
     post_process: bool = True,
     config_overrides: Mapping[str, Any] | None = None,
     use_cpu_initialization: bool | None = None,
+    transformer_impl: str = "local",
 ):  # -> megatron.core.models.gpt.GPTModel
-    """Build the Megatron GPT model for ``spec`` (local spec, no Transformer Engine).
+    """Build the Megatron GPT model for ``spec`` on the ``transformer_impl`` layer spec.
 
     Args:
         spec: the architecture.
@@ -230,13 +270,13 @@ def build_gpt(
         post_process: this pipeline stage holds the final norm and output layer.
         config_overrides: extra ``TransformerConfig`` fields.
         use_cpu_initialization: see :func:`transformer_config`.
+        transformer_impl: ``local`` or ``transformer_engine`` (:func:`layer_spec`).
     Returns:
         ``GPTModel`` on CPU, or moved to the current CUDA device when CUDA is
         available. ``model(input_ids [b, s], position_ids [b, s], None)``
         returns logits ``[b, s, vocab_size / tp]`` (vocab-parallel shard).
     """
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     config = transformer_config(
         spec,
@@ -244,10 +284,9 @@ def build_gpt(
         use_cpu_initialization=use_cpu_initialization,
         **dict(config_overrides or {}),
     )
-    layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=layer_spec(transformer_impl, spec.qk_layernorm),
         vocab_size=spec.vocab_size,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pre_process,

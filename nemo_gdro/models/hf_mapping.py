@@ -12,7 +12,11 @@ Megatron fuses two pairs of projections that HF keeps separate:
 * ``mlp.linear_fc1.weight`` ``[2 f, h]`` is ``[gate; up]`` (megatron's GLU
   applies the activation to the first half).
 
-The remaining tensors map one to one. :func:`tensor_maps` lists every
+The remaining tensors map one to one. Names are those of Megatron's local
+layer spec; Transformer Engine's spec fuses the input norm into
+``linear_qkv`` and the pre-MLP norm into ``linear_fc1`` (``layer_norm_weight``
+of those modules), which :func:`canonical_megatron_name` maps back, so both
+layer specs share the table. :func:`tensor_maps` lists every
 Megatron tensor of the TP = PP = 1 model ("full", global layer numbers) with
 its HF sources, its kind (``copy`` / ``qkv`` / ``glu``) and the dimension
 Megatron splits it along over TP; every conversion in this package (live
@@ -53,6 +57,8 @@ from nemo_gdro.models.gpt import GPTSpec
 
 __all__ = [
     "HF_CLASS_NAMES",
+    "TE_FUSED_NORMS",
+    "canonical_megatron_name",
     "TensorMap",
     "tensor_maps",
     "hf_key_names",
@@ -78,6 +84,30 @@ HF_CLASS_NAMES: dict[str, str] = {
 
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
+
+#: Transformer Engine layer-spec name (inside ``decoder.layers.N.``) -> local-spec name.
+#: TE's ``LayerNormColumnParallelLinear`` holds the norm that precedes the linear layer.
+TE_FUSED_NORMS: dict[str, str] = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+_LAYER_PREFIX = "decoder.layers."
+
+
+def canonical_megatron_name(name: str) -> str:
+    """A Megatron parameter name in local-layer-spec terms (TE's fused norm names mapped back).
+
+    ``decoder.layers.3.self_attention.linear_qkv.layer_norm_weight`` ->
+    ``decoder.layers.3.input_layernorm.weight``; every other name is returned
+    unchanged (both specs name the remaining tensors alike).
+    """
+    if not name.startswith(_LAYER_PREFIX):
+        return name
+    parts = name.split(".", 3)
+    if len(parts) < 4:
+        return name
+    local = TE_FUSED_NORMS.get(parts[3])
+    return name if local is None else ".".join(parts[:3]) + "." + local
 
 
 def _transformers() -> Any:

@@ -2,7 +2,8 @@
 
 For ``nemo-gdro export <checkpoint> <out_dir>``: each TP x PP rank saved its
 ``GPTModel.state_dict()`` (local layer names ``decoder.layers.0..``; the
-``_extra_state`` entries may be present or absent). Stage ``p`` of ``pp``
+``_extra_state`` entries may be present or absent; local or Transformer Engine
+layer-spec names). Stage ``p`` of ``pp``
 holds global layers ``p L/pp .. (p+1) L/pp - 1`` (Megatron's even split, the
 only one :func:`nemo_gdro.models.gpt.build_gpt` makes); TP shards are merged
 along each tensor's partition dim (fc1 from the per-rank ``[gate_k; up_k]``)
@@ -18,6 +19,7 @@ import torch
 from nemo_gdro.models.gpt import GPTSpec
 from nemo_gdro.models.hf_mapping import (
     OUTPUT_LAYER,
+    canonical_megatron_name,
     hf_shapes,
     megatron_shape,
     merge_tp_shards,
@@ -103,7 +105,7 @@ def hf_state_dict_from_megatron_shards(
                         f"{where}: tensor {key!r} has local layer {local}, but each of pp={pp} stages holds "
                         f"{per_stage} of num_layers={spec.num_layers}"
                     )
-                name = f"decoder.layers.{pp_rank * per_stage + local}.{parts[3]}"
+                name = canonical_megatron_name(f"decoder.layers.{pp_rank * per_stage + local}.{parts[3]}")
             if name not in expected:
                 raise KeyError(f"{where}: tensor {key!r} is not part of the {spec.hf_architecture} spec")
             if not isinstance(value, torch.Tensor):

@@ -92,11 +92,15 @@ def model_layout(model: torch.nn.Module) -> ModelLayout:
 
 
 def global_param_names(model: torch.nn.Module) -> dict[str, str]:
-    """Local parameter name -> name in the TP = PP = 1 model (global layer numbers).
+    """Local parameter name -> name in the TP = PP = 1 model (global layer numbers, local-spec names).
 
     A pipeline stage numbers its layers ``decoder.layers.0..`` locally; each
-    ``TransformerLayer`` knows its 1-based global ``layer_number``.
+    ``TransformerLayer`` knows its 1-based global ``layer_number``. Transformer
+    Engine's fused norm names become the local spec's
+    (:func:`~nemo_gdro.models.hf_mapping.canonical_megatron_name`).
     """
+    from nemo_gdro.models.hf_mapping import canonical_megatron_name
+
     model = unwrap(model)
     prefix_map = {
         f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}."
@@ -108,6 +112,7 @@ def global_param_names(model: torch.nn.Module) -> dict[str, str]:
         if name.startswith("decoder.layers."):
             local_prefix = ".".join(name.split(".")[:3]) + "."
             out[name] = prefix_map[local_prefix] + name[len(local_prefix) :]
+        out[name] = canonical_megatron_name(out[name])
     return out
 
 

@@ -62,6 +62,14 @@ Patches
    the original with the embedding-group test answering "no" (so it only
    zero-fills the last stage's copy and sets the parameter attributes) and
    then performs the same all-reduce itself, on the tensor's own device.
+5. **Mixed-precision and distributed optimizers.** ``Float16OptimizerWithFloat16Params``
+   (bf16 parameters with fp32 master weights) and ``DistributedOptimizer``
+   sort parameters by ``param.type()`` strings (``'torch.cuda.BFloat16Tensor'``,
+   ``'torch.cuda.FloatTensor'``) and reject anything else, so every CPU
+   parameter is "wrong". For the duration of their constructors only, each
+   parameter of the wrapped torch optimizer answers ``type()`` (no arguments)
+   with its CUDA type name; ``type(dtype)`` conversions and everything after
+   construction see the real method.
 
 Megatron behaviour that needs configuration rather than a patch (done by the
 callers): ``TransformerConfig.use_cpu_initialization=True`` on CPU, and
@@ -275,6 +283,40 @@ def _cpu_setup_embeddings(original: Callable[[Any], None]) -> Callable[[Any], No
     return setup
 
 
+@contextlib.contextmanager
+def _params_report_cuda_type(params: list[torch.Tensor]) -> Any:
+    """Inside the block ``p.type()`` of each of ``params`` is ``'torch.cuda.<Kind>Tensor'`` (patch 5)."""
+    shadowed = []
+    for p in params:
+        if "type" in vars(p):
+            continue
+        real = p.type
+        cuda_name = real().replace("torch.", "torch.cuda.", 1)
+
+        def report(*args: Any, _real: Any = real, _name: str = cuda_name, **kwargs: Any) -> Any:
+            return _name if not args and not kwargs else _real(*args, **kwargs)
+
+        p.type = report  # type: ignore[method-assign]
+        shadowed.append(p)
+    try:
+        yield
+    finally:
+        for p in shadowed:
+            del p.type
+
+
+def _cuda_typed_constructor(original: Callable[..., None]) -> Callable[..., None]:
+    """Wrap an optimizer ``__init__(self, optimizer, ...)`` so its params pass the CUDA type checks (patch 5)."""
+
+    @functools.wraps(original)
+    def init(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
+        with _params_report_cuda_type(params):
+            original(self, optimizer, *args, **kwargs)
+
+    return init
+
+
 def cpu_compat_applied() -> bool:
     """Whether :func:`apply_cpu_compat` has patched megatron in this process."""
     return _APPLIED
@@ -316,5 +358,10 @@ def apply_cpu_compat() -> bool:
     LanguageModule.setup_embeddings_and_output_layer = _cpu_setup_embeddings(
         LanguageModule.setup_embeddings_and_output_layer
     )
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for cls in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        cls.__init__ = _cuda_typed_constructor(cls.__init__)  # type: ignore[method-assign]
     _APPLIED = True
     return True

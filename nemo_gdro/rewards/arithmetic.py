@@ -10,8 +10,10 @@ wrong. Scoring never raises on a response.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
 from nemo_gdro.data.tokenizer import EOS_TOKEN
-from nemo_gdro.rewards.base import Verifier
+from nemo_gdro.rewards.base import GroundTruthError, Verifier, WorkItem
 
 # ASCII digits only: Python's \d and int() also accept other scripts' digits.
 _INT_RE = re.compile(r"[+-]?[0-9]+")
@@ -37,6 +39,13 @@ def extract_answer_text(response: str, eos_marker: str = EOS_TOKEN) -> str:
     return response[:cut]
 
 
+@dataclass(frozen=True)
+class ArithmeticOptions:
+    """Options of ``arithmetic`` (``reward.options.*``): ``eos_marker`` as in :class:`ArithmeticVerifier`."""
+
+    eos_marker: str = EOS_TOKEN
+
+
 class ArithmeticVerifier(Verifier):
     """Rewards ``correct_reward`` for an exactly right integer, ``wrong_reward`` otherwise.
 
@@ -47,15 +56,22 @@ class ArithmeticVerifier(Verifier):
             final eos itself; see ``HFRolloutEngine``).
     """
 
+    Options = ArithmeticOptions
+    decides_in_prepare = True
+
     def __init__(self, correct_reward: float = 1.0, wrong_reward: float = 0.0, eos_marker: str = EOS_TOKEN) -> None:
         super().__init__(correct_reward, wrong_reward)
         self.eos_marker = eos_marker
 
     def is_correct(self, response_text: str, answer: str) -> bool:
-        """Raises ``ValueError`` only when the ground truth ``answer`` is not an integer."""
-        gold = _parse_int(answer)
+        """Raises :class:`GroundTruthError` (a ``ValueError``) only when the ground truth is not an integer."""
+        gold = _parse_int(answer) if isinstance(answer, str) else None
         if gold is None:
-            raise ValueError(f"arithmetic ground-truth answer must be an integer literal, got {answer!r}")
+            raise GroundTruthError(f"arithmetic ground-truth answer must be an integer literal, got {answer!r}")
         if not isinstance(response_text, str):
             return False
         return _parse_int(extract_answer_text(response_text, self.eos_marker)) == gold
+
+    def prepare(self, response_text: str, answer: str) -> bool | WorkItem:
+        # Linear-time string work with a digit cap: always decided in the caller's process.
+        return self.is_correct(response_text, answer)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from nemo_gdro.data.arithmetic import ArithmeticConfig
 from nemo_gdro.data.dataset import arithmetic_splits
-from nemo_gdro.rewards.arithmetic import ArithmeticVerifier
 from nemo_gdro.tasks.base import EvalSuite, Task
 
 
@@ -59,14 +58,17 @@ class ArithmeticTask:
     """``Q:37+45=A:`` -> ``82``: levels 1-4 of digits and operators, worked examples for SFT."""
 
     Config = ArithmeticConfigSection
+    #: ``reward.verifier`` values that score this task's answers.
+    verifiers = ("arithmetic",)
 
     @staticmethod
-    def build(config: ArithmeticConfigSection, tokenizer: object) -> Task:
+    def build(config: ArithmeticConfigSection, tokenizer: object, verifiers: Any) -> Task:
+        """The splits; ``verifiers.for_answer_type("math")`` (the ``reward`` section's) scores them."""
         splits = arithmetic_splits(
             config.num_train, config.num_eval, config.seed, config.generator(),
             num_validation=config.num_validation, num_sft=config.num_sft, unique_train=config.unique_train,
         )
-        verifier = ArithmeticVerifier()
+        verifier = verifiers.for_answer_type("math")
         held_out = splits.validation if config.eval_split == "validation" else splits.eval
         return Task(
             name="arithmetic",

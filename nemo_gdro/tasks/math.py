@@ -56,9 +56,13 @@ class MathTask:
     """DAPO-Math training and the math benchmarks, with the configured math reward."""
 
     Config = MathConfigSection
+    #: ``reward.verifier`` values that score this task's math answers (GPQA letters: ``reward.choice_verifier``).
+    verifiers = ("dapo_math", "math_verify")
 
     @staticmethod
     def build(config: MathConfigSection, tokenizer: Any, verifiers: Any) -> Task:
+        """Eval suites first (their uids leave the training pool); ``verifiers``: a
+        :class:`~nemo_gdro.rewards.verifier_set.VerifierSet`."""
         from nemo_gdro.data.benchmarks import load_benchmark
         from nemo_gdro.data.prompt_files import load_prompt_files
         from nemo_gdro.data.prompt_format import PromptFormat

@@ -47,26 +47,53 @@ Every rank of the job calls every method collectively.
   every rank gets them; a ``loss_fn`` object's own side effects (e.g. its
   accumulators) happen on the last stage only: report what other ranks
   need through its metrics.
+
+GPU paths (``megatron`` section, :class:`~nemo_gdro.models.megatron_options.MegatronOptions`)
+--------------------------------------------------------------------------------------
+* Transformer Engine layers and FP8 GEMMs; each micro-batch's sequence
+  length is padded to the multiple FP8 (16 / 32 / 128 tokens) and sequence
+  parallelism (x TP) need. Padding is appended after every row, so under
+  causal attention it changes no real position; logits of the padding are
+  dropped before the token statistics, and ``loss_fn`` sees ``[b, S-1]`` as
+  always.
+* Megatron's distributed optimizer (Adam state and fp32 master weights
+  sharded over DP); :meth:`MegatronActor.state_dict` gathers the state on
+  DP rank 0 and :meth:`MegatronActor.load_state_dict` scatters it from there,
+  so checkpoints keep the layout they have with the plain optimizer.
+* Activation recompute (selective / full), passed to ``TransformerConfig``.
+* :meth:`MegatronActor.offloaded_for_generation`: Adam state and master
+  weights in host memory and gradient buffers freed while the rollout engine
+  generates (GPU only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from nemo_gdro.algorithms.token_stats import full_vocab_token_stats
+from nemo_gdro.models.fp8 import padded_length
 from nemo_gdro.models.gpt import GPTSpec, build_gpt
 from nemo_gdro.models.hf_mapping import export_to_hf, import_from_hf
+from nemo_gdro.models.megatron_options import MegatronOptions, check_environment, check_model, host_info
 from nemo_gdro.parallel import comm
 from nemo_gdro.parallel.distributed import preserved_rng_state, seed_everything
 from nemo_gdro.parallel.vocab_parallel import make_token_stats_fn
+from nemo_gdro.trainer.microbatch import (
+    MicroBatch,
+    pipeline_micro_batch_size,
+    plan_fixed,
+    plan_token_budget,
+)
 
-__all__ = ["OptimConfig", "MegatronActor", "LossFn", "StepReport", "TokenStatsFn"]
+__all__ = ["LossFn", "MegatronActor", "OptimConfig", "StepReport", "TokenStatsFn"]
 
 #: ``loss_fn(stats, extras_mb) -> (loss, metrics)`` or ``(loss, metrics, row_outputs)``:
 #: ``stats`` holds ``logp``, ``entropy`` (with grad) and ``ebar`` (detached), each
@@ -109,7 +136,11 @@ class OptimConfig:
         eps: Adam epsilon.
         grad_clip: max global L2 norm of the gradient; ``0`` disables clipping.
         warmup_steps: optimizer step ``k`` (0-based) uses ``lr * min(1, (k+1) / warmup_steps)``.
-        micro_batch_size: rows per forward/backward pass.
+        micro_batch_size: rows per forward/backward pass (fixed-size plan).
+        max_tokens_per_microbatch: token budget per forward/backward pass
+            (rows x longest row, padding counted); when set and the caller
+            passes row lengths, rows are packed by length under it instead
+            (:mod:`~nemo_gdro.trainer.microbatch`).
     """
 
     lr: float = 1e-6
@@ -119,6 +150,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 0
     micro_batch_size: int = 4
+    max_tokens_per_microbatch: int | None = None
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -135,6 +167,10 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.micro_batch_size < 1:
             raise ValueError(f"optim.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 2:
+            raise ValueError(
+                f"trainer.max_tokens_per_microbatch must be >= 2 or null, got {self.max_tokens_per_microbatch}"
+            )
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
@@ -154,6 +190,27 @@ def _finalize_grads_globally_normalised(model: list[torch.nn.Module], num_tokens
     finalize_model_grads(model, None, **kwargs)
 
 
+@contextlib.contextmanager
+def _step_state_set_aside(inner: torch.optim.Optimizer) -> Iterator[None]:
+    """Hide torch Adam's per-parameter ``step`` while Megatron's distributed optimizer loads its state.
+
+    Without TE / Apex the inner optimizer is torch's Adam, which keeps ``step``
+    per parameter; ``load_parameter_state_from_dp_zero`` copies every key of
+    that state from the checkpoint's ``param`` / ``exp_avg`` / ``exp_avg_sq``
+    and raises ``KeyError: 'step'``. The step itself is restored from the
+    param groups by ``load_state_dict`` before, as ONE tensor shared by every
+    parameter, which torch's Adam would then increment once per parameter and
+    step: each parameter gets its own copy back here.
+    """
+    steps = {id(st): st.pop("step") for st in inner.state.values() if "step" in st}
+    try:
+        yield
+    finally:
+        for st in inner.state.values():
+            if id(st) in steps:
+                st["step"] = steps[id(st)].detach().clone()
+
+
 class MegatronActor:
     """A Megatron GPT policy: token statistics, training steps, HF export, checkpoints.
 
@@ -171,6 +228,12 @@ class MegatronActor:
         token_stats_fn: logits -> per-token statistics (see :data:`TokenStatsFn`);
             default: the full-vocabulary reference with TP = 1 and the
             vocabulary-parallel one over the TP group with TP > 1.
+        megatron: layer implementation, FP8, recompute, sequence parallelism,
+            distributed optimizer, offloading (default: local spec, none of them).
+            Invalid for this host or model -> ``ConfigError`` naming the key.
+        sequence_multiple: pad each micro-batch's sequence length to a multiple
+            of this (default: what ``megatron`` needs, 1 without FP8 / sequence
+            parallelism).
     """
 
     def __init__(
@@ -182,6 +245,8 @@ class MegatronActor:
         temperature: float = 1.0,
         params_dtype: torch.dtype = torch.float32,
         token_stats_fn: TokenStatsFn | None = None,
+        megatron: MegatronOptions | None = None,
+        sequence_multiple: int | None = None,
     ) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import (
@@ -215,6 +280,18 @@ class MegatronActor:
         # Global rank of the last stage of this rank's pipeline: the source of every broadcast.
         self._last_stage_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         self._dp_group = parallel_state.get_data_parallel_group()
+        self.megatron = megatron = megatron if megatron is not None else MegatronOptions()
+        dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(params_dtype, str(params_dtype))
+        # Before anything is built: FP8 without a usable TE must not silently train in bf16.
+        check_environment(
+            megatron, params_dtype=dtype_name, tensor_parallel=tp_size, host=host_info(check_megatron=megatron.uses_te)
+        )
+        check_model(megatron, spec, tensor_parallel=tp_size, pipeline_parallel=self._pp_size)
+        if sequence_multiple is not None and sequence_multiple < 1:
+            raise ValueError(f"sequence_multiple must be >= 1, got {sequence_multiple}")
+        #: Micro-batch sequence lengths are padded to a multiple of this.
+        self.sequence_multiple = sequence_multiple or megatron.sequence_multiple(tp_size)
+        self._offloaded: list[tuple[Any, Any, torch.device]] | None = None
 
         # The initial weights depend on ``seed`` only; the caller's RNG streams are left as they were.
         with preserved_rng_state():
@@ -224,17 +301,14 @@ class MegatronActor:
                 params_dtype=params_dtype,
                 pre_process=parallel_state.is_pipeline_first_stage(),
                 post_process=parallel_state.is_pipeline_last_stage(),
-                config_overrides={"calculate_per_token_loss": True},
+                config_overrides={"calculate_per_token_loss": True, **megatron.transformer_config_kwargs()},
+                transformer_impl=megatron.transformer_impl,
             )
         config = module.config
         # Megatron DDP works on CPU with the compat shim (its buffers are placed via
         # torch.cuda.current_device()); fp32 main grads even for bf16 parameters.
         self.model = DistributedDataParallel(
-            config=config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
-            ),
-            module=module,
+            config=config, ddp_config=DistributedDataParallelConfig(**megatron.ddp_config_kwargs()), module=module
         )
         # Without a finalize function the schedules never trigger the DP all-reduce.
         config.finalize_model_grads_func = _finalize_grads_globally_normalised
@@ -268,7 +342,7 @@ class MegatronActor:
                 clip_grad=optim.grad_clip if optim.grad_clip > 0 else math.inf,
                 bf16=params_dtype == torch.bfloat16,
                 params_dtype=params_dtype,
-                use_distributed_optimizer=False,
+                **self.megatron.optimizer_config_kwargs(),
             ),
             [self.model],
         )
@@ -306,9 +380,10 @@ class MegatronActor:
             return comm.broadcast(tensor, src=self._last_stage_rank, group=self._pp_group)
         return tensor
 
-    def _micro_batches(
-        self, tokens: torch.Tensor, extras: Mapping[str, torch.Tensor], micro_batch_size: int | None
-    ) -> list[dict[str, Any]]:
+    def _plan(
+        self, tokens: torch.Tensor, extras: Mapping[str, torch.Tensor], micro_batch_size: int | None,
+        lengths: torch.Tensor | None,
+    ) -> list[MicroBatch]:
         if tokens.dim() != 2 or tokens.dtype != torch.int64:
             raise ValueError(f"tokens must be int64 [B, S], got {tokens.dtype} {tuple(tokens.shape)}")
         b, s = tokens.shape
@@ -321,26 +396,56 @@ class MegatronActor:
         for key, value in extras.items():
             if value.shape[0] != b:
                 raise ValueError(f"extras[{key!r}] has {value.shape[0]} rows, tokens has {b}")
+        if lengths is not None and (lengths.shape != (b,) or int(lengths.max()) > s):
+            raise ValueError(f"lengths must be [B={b}] row lengths <= S={s}, got shape {tuple(lengths.shape)}")
+        budget = self.optim.max_tokens_per_microbatch if micro_batch_size is None else None
+        if budget is not None and lengths is not None:
+            if self._pp_size == 1:
+                return plan_token_budget(lengths, budget)
+            # Pipeline p2p exchanges fixed-shape activations: one width, a size that divides the batch.
+            width = max(2, int(lengths.max()))
+            return plan_fixed(b, width, pipeline_micro_batch_size(b, width, budget))
         mbs = self.optim.micro_batch_size if micro_batch_size is None else micro_batch_size
         if mbs < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {mbs}")
         if self._pp_size > 1 and b % mbs != 0:
-            # Pipeline p2p exchanges fixed-shape activations.
             raise ValueError(
                 f"with pipeline parallelism the batch ({b}) must be a multiple of micro_batch_size ({mbs})"
             )
-        device = self.device
-        return [
-            {
-                "tokens": tokens[i : i + mbs].to(device),
-                "extras": {k: v[i : i + mbs].to(device) for k, v in extras.items()},
-            }
-            for i in range(0, b, mbs)
-        ]
+        return plan_fixed(b, s, mbs)
 
-    def _stats(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``logits [b, S, V]`` -> (logp, entropy, ebar), each ``[b, S-1]`` fp32."""
-        return self.token_stats_fn(logits[:, :-1], tokens[:, 1:], self.temperature)
+    def _micro_batches(
+        self, tokens: torch.Tensor, extras: Mapping[str, torch.Tensor], plan: list[MicroBatch]
+    ) -> list[dict[str, Any]]:
+        """The tensors of each planned micro-batch on the device; token-aligned extras
+        (second dimension ``S`` or ``S-1``) are cut to the micro-batch's width with the tokens,
+        and the tokens padded to the multiple FP8 needs (``seq_len`` keeps the real width)."""
+        s = tokens.shape[1]
+
+        def cut(value: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+            rows = value[mb.index]
+            if value.dim() >= 2 and value.shape[1] in (s, s - 1) and mb.width < s:
+                rows = rows[:, : mb.width - (s - value.shape[1])]
+            return rows.to(self.device)
+
+        out = []
+        for mb in plan:
+            mb_tokens = tokens[mb.index, : mb.width]
+            padded = padded_length(mb.width, self.sequence_multiple)
+            if padded > mb.width:
+                # Appended positions: causal attention keeps them out of every real position.
+                mb_tokens = torch.nn.functional.pad(mb_tokens, (0, padded - mb.width), value=0)
+            out.append(
+                {"tokens": mb_tokens.to(self.device), "seq_len": mb.width, "extras": {k: cut(v, mb) for k, v in extras.items()}}
+            )
+        return out
+
+    def _stats(
+        self, logits: torch.Tensor, tokens: torch.Tensor, seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``logits [b, S', V]`` of padded ``tokens [b, S']`` -> (logp, entropy, ebar), each ``[b, S-1]`` fp32
+        for the first ``seq_len = S`` (real) positions."""
+        return self.token_stats_fn(logits[:, : seq_len - 1], tokens[:, 1:seq_len], self.temperature)
 
     def _forward_step(
         self, loss_fn: LossFn | None, data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module
@@ -356,7 +461,7 @@ class MegatronActor:
     def _loss_func(
         self, loss_fn: LossFn | None, batch: dict[str, Any], logits: torch.Tensor, non_loss_data: bool = False
     ):
-        logp, entropy, ebar = self._stats(logits, batch["tokens"])
+        logp, entropy, ebar = self._stats(logits, batch["tokens"], batch["seq_len"])
         if non_loss_data:  # compute_token_stats (forward only)
             return {"logp": logp, "entropy": entropy, "ebar": ebar}
         assert loss_fn is not None
@@ -392,7 +497,7 @@ class MegatronActor:
             model=[self.model],
             num_microbatches=len(micro_batches),
             seq_length=micro_batches[0]["tokens"].shape[1],
-            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            micro_batch_size=micro_batches[0]["tokens"].shape[0],  # fixed with PP; unused without
             forward_only=forward_only,
             collect_non_loss_data=forward_only,
         )
@@ -400,7 +505,7 @@ class MegatronActor:
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def compute_token_stats(
-        self, tokens: torch.Tensor, *, micro_batch_size: int | None = None
+        self, tokens: torch.Tensor, *, micro_batch_size: int | None = None, lengths: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Per-token ``logp``, ``entropy``, ``ebar``, each ``[B, S-1]`` fp32 nats, without grad.
 
@@ -408,9 +513,13 @@ class MegatronActor:
         config's) through Megatron's schedule (forward only). ``tokens`` are
         this DP rank's rows; the result covers exactly those rows and is
         returned on every TP rank and pipeline stage (computed on the last
-        stage, then broadcast over the pipeline group).
+        stage, then broadcast over the pipeline group). With ``lengths`` (int
+        ``[B]`` tokens per row) and ``optim.max_tokens_per_microbatch``, rows are
+        packed by length; positions past a micro-batch's width are 0
+        (values at padding positions carry no meaning in either plan).
         """
-        micro_batches = self._micro_batches(tokens, {}, micro_batch_size)
+        plan = self._plan(tokens, {}, micro_batch_size, lengths)
+        micro_batches = self._micro_batches(tokens, {}, plan)
         self.model.eval()
         try:
             outputs = self._run_schedule(micro_batches, None, forward_only=True)
@@ -419,7 +528,11 @@ class MegatronActor:
         keys = ("logp", "entropy", "ebar")
         b, s = tokens.shape
         if self._is_last_stage:
-            stacked = torch.stack([torch.cat([o[key] for o in outputs]).float() for key in keys])
+            stacked = torch.zeros(len(keys), b, s - 1, dtype=torch.float32, device=self.device)
+            for mb, out in zip(plan, outputs):
+                rows = mb.index.to(self.device)
+                for i, key in enumerate(keys):
+                    stacked[i, rows, : mb.width - 1] = out[key].float()
         else:
             stacked = torch.empty(len(keys), b, s - 1, dtype=torch.float32, device=self.device)
         stacked = self._broadcast_from_last_stage(stacked)
@@ -432,6 +545,7 @@ class MegatronActor:
         loss_fn: LossFn,
         *,
         micro_batch_size: int | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> StepReport:
         """Zero the gradients, then accumulate ``grad(sum of loss_fn over micro-batches)``.
 
@@ -441,13 +555,17 @@ class MegatronActor:
         per-row outputs for this rank's rows, on every rank (from the last
         pipeline stage).
         """
+        if self._offloaded is not None:
+            raise RuntimeError("forward_backward inside offloaded_for_generation(): the gradient buffers are freed")
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        micro_batches = self._micro_batches(tokens, extras, micro_batch_size)
-        reported = self._run_schedule(micro_batches, loss_fn, forward_only=False)
-        return self._reduce_reported(reported, num_rows=tokens.shape[0])
+        plan = self._plan(tokens, extras, micro_batch_size, lengths)
+        reported = self._run_schedule(self._micro_batches(tokens, extras, plan), loss_fn, forward_only=False)
+        report = self._reduce_reported(reported, torch.cat([mb.index for mb in plan]))
+        report["num_microbatches"] = float(len(plan))
+        return report
 
-    def _reduce_reported(self, reported: list[dict[str, torch.Tensor]], num_rows: int) -> StepReport:
+    def _reduce_reported(self, reported: list[dict[str, torch.Tensor]], row_order: torch.Tensor) -> StepReport:
         """The one channel out of the loss: scalars summed over micro-batches and DP ranks,
         row outputs concatenated in row order (this rank's rows), both shared with every stage."""
         totals: dict[str, float] = {}
@@ -461,7 +579,9 @@ class MegatronActor:
             totals = {k: float(v) for k, v in zip(keys, summed.tolist())}
             row_keys = sorted(k for k in reported[0] if k.startswith(ROW_PREFIX))
             if row_keys:
-                rows = torch.stack([torch.cat([r[k].cpu() for r in reported]) for k in row_keys])
+                # Micro-batches hold rows in plan order: put each value back at its row.
+                rows = torch.empty(len(row_keys), row_order.numel(), dtype=torch.float64)
+                rows[:, row_order] = torch.stack([torch.cat([r[k].cpu() for r in reported]) for k in row_keys])
         if self._pp_size > 1:
             # The metric names are only known on the last stage: ship the small dict as an object.
             box: list[Any] = [(totals, row_keys)]
@@ -469,7 +589,7 @@ class MegatronActor:
             totals, row_keys = box[0]
             if row_keys:
                 if rows is None:
-                    rows = torch.empty(len(row_keys), num_rows, dtype=torch.float64)
+                    rows = torch.empty(len(row_keys), row_order.numel(), dtype=torch.float64)
                 rows = self._broadcast_from_last_stage(rows)
         report = StepReport(totals)
         if rows is not None:
@@ -477,7 +597,11 @@ class MegatronActor:
         return report
 
     def gradients(self) -> dict[str, torch.Tensor]:
-        """Copies of the accumulated gradients by parameter name (fp32 ``main_grad``)."""
+        """Copies of the accumulated gradients by parameter name (fp32 ``main_grad``).
+
+        With the distributed optimizer and DP > 1 the gradients are
+        reduce-scattered: only this rank's shard of each buffer holds the sum.
+        """
         return {name: p.main_grad.detach().clone() for name, p in self.module.named_parameters()}
 
     def optimizer_step(self) -> dict[str, float]:
@@ -506,6 +630,7 @@ class MegatronActor:
         loss_fn: LossFn,
         *,
         micro_batch_size: int | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> StepReport:
         """One optimizer step over the ``B`` rows of ``tokens``.
 
@@ -515,6 +640,8 @@ class MegatronActor:
             loss_fn: see :data:`LossFn`; its loss is normalised by the global token count.
             micro_batch_size: rows per forward/backward (default ``optim.micro_batch_size``);
                 the gradient does not depend on it.
+            lengths: int ``[B]`` tokens per row; with ``optim.max_tokens_per_microbatch``
+                rows are packed by length under that budget (same gradient).
         Returns:
             ``loss`` (sum over micro-batches and DP ranks), ``grad_norm``, ``lr``,
             ``num_microbatches`` (this rank's) and each metric of ``loss_fn`` summed over
@@ -522,10 +649,8 @@ class MegatronActor:
             normalised by global counts), identical on every rank; per-row
             outputs of ``loss_fn`` in ``.rows`` (see :class:`StepReport`).
         """
-        out = self.forward_backward(tokens, extras, loss_fn, micro_batch_size=micro_batch_size)
-        mbs = self.optim.micro_batch_size if micro_batch_size is None else micro_batch_size
+        out = self.forward_backward(tokens, extras, loss_fn, micro_batch_size=micro_batch_size, lengths=lengths)
         out.update(self.optimizer_step())
-        out["num_microbatches"] = float(math.ceil(tokens.shape[0] / mbs))
         return out
 
     # ------------------------------------------------------------------ weights and checkpoints
@@ -557,10 +682,18 @@ class MegatronActor:
         self.optimizer.reload_model_params()
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer and schedule state (live references; ``torch.save`` or deep-copy it)."""
+        """Model, optimizer and schedule state (live references; ``torch.save`` or deep-copy it).
+
+        Collective over DP with the distributed optimizer: its sharded Adam
+        state and fp32 master weights are gathered on DP rank 0 (into host
+        memory; other ranks hold ``None`` there), which is the copy a
+        checkpoint keeps (plain DP: rank 0 writes the actor; TP/PP: the
+        DP-rank-0 slice of each position is the one loaded), and
+        :meth:`load_state_dict` scatters it again from DP rank 0.
+        """
         return {
             "model": {k: v for k, v in self.module.state_dict().items() if not k.endswith("_extra_state")},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state_dict(),
             "schedule": {"step_count": self.step_count},
         }
 
@@ -570,5 +703,107 @@ class MegatronActor:
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise KeyError(f"model state mismatch: missing {missing}, unexpected {list(unexpected)}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state_dict(state["optimizer"])
         self.step_count = int(state["schedule"]["step_count"])
+
+    # ------------------------------------------------------------------ optimizer state
+    def _megatron_optimizers(self) -> list[Any]:
+        """The Megatron optimizers under the (chained) optimizer: one per parameter dtype group."""
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
+    def _optimizer_state_dict(self) -> dict[str, Any]:
+        if not self.megatron.distributed_optimizer:
+            return self.optimizer.state_dict()
+        optimizers = self._megatron_optimizers()
+        if not any(len(o.optimizer.state) for o in optimizers):
+            # Megatron's DistributedOptimizer cannot describe state before its first step.
+            return {"distributed": True, "fresh": True}
+        return {
+            "distributed": True,
+            "common": self.optimizer.state_dict(),
+            # Full state on DP rank 0 only: every rank holding it would cost the whole model's fp32
+            # weights and moments in host memory per rank.
+            "param_state": [o.get_parameter_state_dp_zero() for o in optimizers],
+        }
+
+    def _load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:
+        distributed = isinstance(state, Mapping) and bool(state.get("distributed"))
+        if distributed != self.megatron.distributed_optimizer:
+            raise ValueError(
+                f"the optimizer state was saved with megatron.distributed_optimizer={str(distributed).lower()}, "
+                f"this actor has {str(self.megatron.distributed_optimizer).lower()}"
+            )
+        if not distributed:
+            self.optimizer.load_state_dict(state)
+        elif state.get("fresh"):
+            self.optimizer = self._build_optimizer(self.optim)
+        else:
+            self.optimizer.load_state_dict(state["common"])
+            # no_grad: with fp32 parameters the master shards are views of the (leaf) model parameters.
+            with torch.no_grad():
+                for optimizer, param_state in zip(self._megatron_optimizers(), state["param_state"], strict=True):
+                    with _step_state_set_aside(optimizer.optimizer):
+                        optimizer.load_parameter_state_from_dp_zero(param_state)
+
+    # ------------------------------------------------------------------ memory around generation
+    @contextlib.contextmanager
+    def offloaded_for_generation(self) -> Iterator[None]:
+        """Context for the rollout phase: with ``megatron.offload_optimizer_during_generation``
+        the optimizer state lives in host memory and the gradient buffers are freed inside it
+        (:meth:`offload_optimizer_state`); otherwise (and on CPU) it does nothing.
+
+        No training call may happen inside; :meth:`compute_token_stats` may (it needs neither).
+        """
+        if not self.megatron.offload_optimizer_during_generation:
+            yield
+            return
+        self.offload_optimizer_state()
+        try:
+            yield
+        finally:
+            self.reload_optimizer_state()
+
+    def offload_optimizer_state(self) -> int:
+        """Move Adam moments and fp32 master weights to host memory and free the gradient buffers.
+
+        GPU only (on CPU there is nothing to free: returns 0). Tensors that are
+        views of model parameters (fp32 shards of the distributed optimizer)
+        stay. Returns the bytes moved off the GPU (gradient buffers included).
+        Idempotent; undone by :meth:`reload_optimizer_state`.
+        """
+        if self._offloaded is not None or self.device.type != "cuda":
+            return 0
+        model_storages = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
+        moved: list[tuple[Any, Any, torch.device]] = []
+        nbytes = 0
+        for optimizer in self._megatron_optimizers():
+            inner = optimizer.optimizer
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if p.is_cuda and p.untyped_storage().data_ptr() not in model_storages:
+                        moved.append((p, None, p.device))
+                        nbytes += p.numel() * p.element_size()
+                        p.data = p.data.to("cpu")
+            for param_state in inner.state.values():
+                for key, value in param_state.items():
+                    if isinstance(value, torch.Tensor) and value.is_cuda:
+                        moved.append((param_state, key, value.device))
+                        nbytes += value.numel() * value.element_size()
+                        param_state[key] = value.to("cpu")
+        nbytes += sum(b.grad_data.numel() * b.grad_data.element_size() for b in self.model.buffers)
+        self.model.offload_grad_buffers()
+        self._offloaded = moved
+        return nbytes
+
+    def reload_optimizer_state(self) -> None:
+        """Undo :meth:`offload_optimizer_state`: every moved tensor back on its device, gradient
+        buffers reallocated (zeroed). A no-op when nothing is offloaded."""
+        if self._offloaded is None:
+            return
+        self.model.restore_grad_buffers()
+        for holder, key, device in self._offloaded:
+            if key is None:
+                holder.data = holder.data.to(device)
+            else:
+                holder[key] = holder[key].to(device)
+        self._offloaded = None

@@ -3,7 +3,9 @@
 Each component the config names is resolved through its registry
 (:mod:`nemo_gdro.registries`): the task (``data.task``), the tokenizer
 (``tokenizer.name``), the model source (``model.source``), the rollout
-engines (``rollout.engine``) and the five algorithm stages. Nothing else in
+engines (``rollout.engine``), the verifiers (``reward``, handed to the task
+as a :class:`~nemo_gdro.rewards.verifier_set.VerifierSet`) and the five
+algorithm stages. Nothing else in
 the trainer constructs components, and :meth:`Components.stateful` is the one
 list of what goes into a checkpoint.
 """
@@ -17,6 +19,7 @@ from nemo_gdro.algorithms.difficulty import DifficultyClassifier
 from nemo_gdro.parallel.rows import DataParallel
 from nemo_gdro.parallel.sharded_stats import ShardedPromptStats, checksum
 from nemo_gdro.registries import MODEL_SOURCES, ROLLOUT_ENGINES, TASKS, TOKENIZERS
+from nemo_gdro.rewards.verifier_set import VerifierSet
 from nemo_gdro.rollout.engines import EngineRequest
 from nemo_gdro.rollout.sampling import SamplingConfig
 from nemo_gdro.stages import StageContext, Stages, build_stages
@@ -44,7 +47,7 @@ class NoReference:
     def freeze_from(self, actor: Any) -> None:
         pass
 
-    def extras(self, tokens: Any) -> dict[str, Any]:
+    def extras(self, tokens: Any, lengths: Any = None) -> dict[str, Any]:
         return {}
 
     def stateful(self) -> dict[str, Stateful]:
@@ -63,8 +66,8 @@ class KLReference:
             self.actor = self._build_actor()
             self.actor.load_state_dict(actor.state_dict())
 
-    def extras(self, tokens: Any) -> dict[str, Any]:
-        return {"ref_logp": self.actor.compute_token_stats(tokens)["logp"]}
+    def extras(self, tokens: Any, lengths: Any = None) -> dict[str, Any]:
+        return {"ref_logp": self.actor.compute_token_stats(tokens, lengths=lengths)["logp"]}
 
     def stateful(self) -> dict[str, Stateful]:
         return {"reference": Stateful(self.actor, scope="model")} if self.actor is not None else {}
@@ -90,6 +93,7 @@ class Components:
     classifier: DifficultyClassifier
     stages: Stages
     replay: Any
+    verifiers: VerifierSet
     extra_state: dict[str, Stateful] = field(default_factory=dict)
 
     @property
@@ -122,6 +126,10 @@ class Components:
                 state[name] = {k: v for k, v in item.obj.state_dict().items() if k != "rng"}
         checksum(state, group=self.dp.group, step=step)
 
+    def close(self) -> None:
+        """Stop the verifiers' worker processes (the process groups are the trainer's)."""
+        self.verifiers.close()
+
 
 def _sampling(section: Any, max_new_tokens: int) -> SamplingConfig:
     return SamplingConfig(
@@ -130,24 +138,59 @@ def _sampling(section: Any, max_new_tokens: int) -> SamplingConfig:
 
 
 def build_components(cfg: RunConfig) -> Components:
-    """Initialise the process groups and build every component (collective)."""
+    """Initialise the process groups and build every component (collective).
+
+    The verifiers' worker pools start first (their imports overlap with the
+    model build) and are closed again if anything after them fails.
+    """
+    from nemo_gdro.models.fp8 import apply_fp8_environment, fp8_environment
+    from nemo_gdro.models.megatron_options import host_info
+
+    # TE reads its FP8 environment when imported, and `import megatron.core` imports TE.
+    apply_fp8_environment(fp8_environment(cfg.megatron.fp8_recipe if cfg.megatron.fp8 else None, host_info().sm))
+    try:
+        tokenizer = TOKENIZERS.get(cfg.tokenizer.name)(cfg.tokenizer, cfg.model)
+    except (ValueError, OSError) as err:
+        raise _config_error(err) from None
+    reward = cfg.reward
+    verifiers = VerifierSet(reward.verifier_config, reward.choice_verifier)
+    try:
+        return _build(cfg, tokenizer, verifiers)
+    except BaseException:
+        verifiers.close()
+        raise
+
+
+def _config_error(err: Exception) -> ConfigError:
+    return err if isinstance(err, ConfigError) else ConfigError(str(err))
+
+
+def _build(cfg: RunConfig, tokenizer: Any, verifiers: VerifierSet) -> Components:
+    from nemo_gdro.models.megatron_options import check_model
     from megatron.core import parallel_state
 
     from nemo_gdro.models.hf_mapping import hf_config
     from nemo_gdro.parallel.distributed import init_distributed
     from nemo_gdro.trainer.actor import MegatronActor, OptimConfig
 
-    tokenizer = TOKENIZERS.get(cfg.tokenizer.name)(cfg.tokenizer, cfg.model)
-    task = TASKS.get(cfg.data.task).build(cfg.data, tokenizer)
+    try:  # a bad data file, column or row is a configuration error naming it
+        task = TASKS.get(cfg.data.task).build(cfg.data, tokenizer, verifiers)
+    except (ValueError, OSError) as err:
+        raise _config_error(err) from None
     if cfg.trainer.prompts_per_step > len(task.train):
         raise ConfigError(
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} exceeds the {len(task.train)} training "
             f"prompts of data.task={cfg.data.task}"
         )
+    if cfg.sft.steps > 0 and task.sft is None:
+        raise ConfigError(f"sft.steps={cfg.sft.steps} but data.task={cfg.data.task} has no worked examples; set sft.steps=0")
     try:
         init = MODEL_SOURCES.get(cfg.model.source).build(cfg.model, tokenizer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    # The architecture is known: layer counts and FP8 GEMM shapes, before any process group exists.
+    check_model(cfg.megatron, init.spec, tensor_parallel=cfg.parallel.tensor_parallel,
+                pipeline_parallel=cfg.parallel.pipeline_parallel)
 
     dist = init_distributed(
         tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel, seed=cfg.seed
@@ -172,15 +215,20 @@ def build_components(cfg: RunConfig) -> Components:
     rl_optim = OptimConfig(
         lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, grad_clip=o.grad_clip,
         warmup_steps=o.warmup_steps, micro_batch_size=mbs,
+        max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
     )
     sft_optim = OptimConfig(
         lr=s.lr, weight_decay=s.weight_decay, betas=o.betas, eps=o.eps, grad_clip=o.grad_clip,
         warmup_steps=s.warmup_steps, micro_batch_size=mbs,
+        max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
     )
     temperature = cfg.rollout.temperature
 
     def new_actor(optim: OptimConfig) -> MegatronActor:
-        return MegatronActor(init.spec, optim, seed=cfg.seed, temperature=temperature, params_dtype=cfg.model.torch_dtype)
+        return MegatronActor(
+            init.spec, optim, seed=cfg.seed, temperature=temperature, params_dtype=cfg.model.torch_dtype,
+            megatron=cfg.megatron,
+        )
 
     actor = new_actor(sft_optim)
     init.initialize(actor)
@@ -204,5 +252,5 @@ def build_components(cfg: RunConfig) -> Components:
     return Components(
         cfg=cfg, dist=dist, dp=dp, tokenizer=tokenizer, task=task, spec=init.spec, hf_config=hf_cfg, actor=actor,
         rl_optim=rl_optim, reference=reference, engine=engine, eval_engine=eval_engine, store=store,
-        classifier=classifier, stages=stages, replay=replay,
+        classifier=classifier, stages=stages, replay=replay, verifiers=verifiers,
     )

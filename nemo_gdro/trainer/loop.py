@@ -46,9 +46,13 @@ class Trainer:
         self.cfg: RunConfig = cfg if isinstance(cfg, RunConfig) else validate(cfg)
         self.output_dir = Path(self.cfg.run.output_dir).resolve()
         self.components: Components = build_components(self.cfg)
-        self.progress = TrainerState()
-        self.state = RunState(self.components, self.progress, self.output_dir)
-        self.rl_step = RLStep(self.components)
+        try:
+            self.progress = TrainerState()
+            self.state = RunState(self.components, self.progress, self.output_dir)
+            self.rl_step = RLStep(self.components)
+        except BaseException:
+            self.close()
+            raise
         self.is_main = self.components.dist.rank == 0
 
     @property
@@ -122,6 +126,9 @@ class Trainer:
             if not self.progress.sft_done:
                 self._warm_start(logger)
             self._rl_steps(logger)
+        except BaseException:
+            c.close()  # no verification worker outlives a failed run, with or without close()
+            raise
         finally:
             logger.close()
         return self._finish()
@@ -167,10 +174,13 @@ class Trainer:
 
     # ----------------------------------------------------------------- lifetime
     def close(self) -> None:
-        """Tear down the process groups this trainer initialised."""
+        """Stop the verifiers' worker processes and tear down the process groups this trainer initialised."""
         from nemo_gdro.parallel.distributed import destroy_distributed
 
-        destroy_distributed()
+        try:
+            self.components.close()
+        finally:
+            destroy_distributed()
 
     def __enter__(self) -> Trainer:
         return self

@@ -38,7 +38,9 @@ def run_sft(components, steps: int, batch_size: int, seed: int) -> dict[str, flo
             m = extras["response_mask"]
             return -(stats["logp"] * m).sum() / count, {}
 
-        last = c.actor.train_step(tokens, {"response_mask": mask.to(torch.float32)}, loss_fn)
+        # Row length = through its last target token (rows are right-padded).
+        lengths = (mask * torch.arange(2, mask.shape[1] + 2)).amax(1).clamp(min=2)
+        last = c.actor.train_step(tokens, {"response_mask": mask.to(torch.float32)}, loss_fn, lengths=lengths)
     return {"sft/loss": float(last.get("loss", math.nan)), "sft/steps": float(steps)}
 
 
@@ -72,8 +74,8 @@ def evaluate(components, step: int, k: int, seed: int) -> dict[str, float]:
         n = torch.full((len(records),), k, dtype=torch.int64)
         seeds = prompt_seeds(seed, EVAL_STEP_OFFSET + step, [r.prompt_id for r in records])
         batch = c.eval_engine.generate(records, n, seeds)
-        rewards = suite.verifier.score_batch(batch.responses, batch.answers)
-        correct = segment_sum((rewards > 0.5).to(torch.int64), batch.group_index, len(records))
+        verdicts = suite.verifier.verify_batch(batch.responses, batch.answers).correct  # correctness, not rewards
+        correct = segment_sum(verdicts.to(torch.int64), batch.group_index, len(records))
         p1, pk = pass_at_k(n, correct, 1), pass_at_k(n, correct, k)
         pooled_p1.append(p1)
         pooled_pk.append(pk)

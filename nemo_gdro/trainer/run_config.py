@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_gdro.models.megatron_options import MegatronOptions, check_environment, host_info
 from nemo_gdro.stages.setup import AlgorithmSetup
 from nemo_gdro.typed_config import ConfigError, build_section
 
@@ -25,12 +26,14 @@ __all__ = [
     "RunSection",
     "ParallelSection",
     "ModelSection",
+    "MegatronSection",
     "TokenizerSection",
     "SFTSection",
     "TrainerSection",
     "OptimSection",
     "RolloutSection",
     "EvalSection",
+    "RewardSection",
     "CheckpointSection",
     "LoggingSection",
     "RunConfig",
@@ -82,8 +85,9 @@ class ModelSection:
     source: a ``model.source`` registry name: ``preset`` (random init of a
         :data:`~nemo_gdro.models.gpt.PRESETS` entry with ``overrides``) or
         ``hf`` (architecture from ``path/config.json``, weights from its safetensors).
-    dtype: parameter dtype of the actor: ``bfloat16`` (GPU; fp32 gradients and
-        master weights), ``float32``, or ``auto`` (bfloat16 with CUDA, float32 without).
+    dtype: parameter dtype of the actor: ``bfloat16`` (fp32 gradients and master
+        weights; on CPU too, through :mod:`nemo_gdro.parallel.megatron_compat`),
+        ``float32``, or ``auto`` (bfloat16 with CUDA, float32 without).
     """
 
     source: str = "preset"
@@ -93,13 +97,6 @@ class ModelSection:
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
-        import torch
-
-        _require(
-            self.dtype != "bfloat16" or torch.cuda.is_available(),
-            "model.dtype=bfloat16 needs CUDA (Megatron's mixed-precision optimizer only wraps CUDA tensors); "
-            "use model.dtype=float32 or auto on CPU",
-        )
         from nemo_gdro.models.gpt import PRESETS
         from nemo_gdro.registries import MODEL_SOURCES
 
@@ -112,12 +109,26 @@ class ModelSection:
                      "model.source=hf comes from model.path/config.json")
 
     @property
+    def resolved_dtype(self) -> Literal["float32", "bfloat16"]:
+        """``dtype`` with ``auto`` resolved on this host."""
+        if self.dtype != "auto":
+            return self.dtype
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+
+    @property
     def torch_dtype(self) -> Any:
         import torch
 
-        if self.dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.resolved_dtype]
+
+
+#: ``megatron``: layer implementation (local / Transformer Engine), FP8, recompute, sequence
+#: parallelism, distributed optimizer, optimizer offload during generation. Keys, defaults and
+#: the rules of their combinations: :class:`~nemo_gdro.models.megatron_options.MegatronOptions`;
+#: the rules that involve other sections and the host are checked with the whole config.
+MegatronSection = MegatronOptions
 
 
 @dataclass(frozen=True)
@@ -154,7 +165,12 @@ class SFTSection:
 
 @dataclass(frozen=True)
 class TrainerSection:
-    """``trainer``: the RL schedule. ``eval_every`` / ``checkpoint_every`` 0 disable (the last step always does both)."""
+    """``trainer``: the RL schedule. ``eval_every`` / ``checkpoint_every`` 0 disable (the last step always does both).
+
+    max_tokens_per_microbatch: when set, rows are packed by length into micro-batches of at
+    most this many tokens (rows x longest row) for the training and log-prob passes, instead
+    of ``micro_batch_size`` rows; the results are the same (the loss is globally normalised).
+    """
 
     max_steps: int
     prompts_per_step: int
@@ -163,8 +179,14 @@ class TrainerSection:
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_last_checkpoints: int = 2
+    max_tokens_per_microbatch: int | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch >= 2,
+            f"trainer.max_tokens_per_microbatch must be an integer >= 2 (tokens per forward/backward, padding "
+            f"counted) or null (micro_batch_size rows), got {self.max_tokens_per_microbatch}",
+        )
         for key in ("max_steps", "prompts_per_step", "minibatches_per_step", "micro_batch_size", "keep_last_checkpoints"):
             _require(getattr(self, key) >= 1, f"trainer.{key} must be a positive integer, got {getattr(self, key)}")
         for key in ("eval_every", "checkpoint_every"):
@@ -256,6 +278,62 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class RewardSection:
+    """``reward``: how a response becomes a correctness verdict and a reward.
+
+    verifier: ``reward.verifier`` registry name (``arithmetic`` | ``dapo_math`` |
+        ``math_verify`` | ``gpqa_choice``) for the task's free-form answers;
+        ``choice_verifier`` scores multiple-choice suites (GPQA-Diamond).
+    correct_reward / wrong_reward: reward values (1/0; DAPO uses 1/-1).
+    num_workers / timeout_s / soft_timeout_fraction / max_tasks_per_worker /
+        max_memory_mb / start_timeout_s / warmup: the worker pool
+        (:class:`~nemo_gdro.rewards.registry.RewardConfig`); verifiers that decide
+        every row by string work (``arithmetic``, ``gpqa_choice``) start no processes.
+    options: the verifier's own options (``reward.options.extract``, ...).
+    overlong: DAPO soft overlong punishment before ``rollout.max_new_tokens``
+        (:class:`~nemo_gdro.rewards.shaping.OverlongConfig`: ``enabled``,
+        ``buffer_tokens``, ``penalty``); shapes the advantages' rewards only,
+        never the correctness that feeds pass rates and difficulty bins.
+    mask_truncated: responses that hit ``rollout.max_new_tokens`` without a stop
+        token get no loss (DAPO's overlong filtering).
+    """
+
+    verifier: str = "arithmetic"
+    correct_reward: float = 1.0
+    wrong_reward: float = 0.0
+    num_workers: int = 2
+    timeout_s: float = 5.0
+    soft_timeout_fraction: float = 0.8
+    max_tasks_per_worker: int = 0
+    max_memory_mb: int = 4096
+    start_timeout_s: float = 120.0
+    warmup: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+    choice_verifier: str = "gpqa_choice"
+    overlong: dict[str, Any] = field(default_factory=dict)
+    mask_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        from nemo_gdro.rewards.registry import RewardConfig
+        from nemo_gdro.rewards.shaping import OverlongConfig
+
+        verifier_config = RewardConfig(
+            verifier=self.verifier, correct_reward=self.correct_reward, wrong_reward=self.wrong_reward,
+            num_workers=self.num_workers, timeout_s=self.timeout_s, soft_timeout_fraction=self.soft_timeout_fraction,
+            max_tasks_per_worker=self.max_tasks_per_worker, max_memory_mb=self.max_memory_mb,
+            start_timeout_s=self.start_timeout_s, warmup=self.warmup, options=dict(self.options),
+        )
+        from nemo_gdro.rewards.registry import VERIFIERS
+
+        _require(
+            self.choice_verifier in VERIFIERS,
+            f"reward.choice_verifier: unknown verifier {self.choice_verifier!r}; registered: {sorted(VERIFIERS)}",
+        )
+        object.__setattr__(self, "verifier_config", verifier_config)
+        object.__setattr__(self, "overlong_config", build_section(OverlongConfig, "reward.overlong", self.overlong))
+
+
+@dataclass(frozen=True)
 class CheckpointSection:
     """``checkpoint``: Hugging Face exports next to the training checkpoints.
 
@@ -292,10 +370,12 @@ class RunConfig:
     optim: OptimSection
     rollout: RolloutSection
     eval: EvalSection
+    reward: RewardSection
     algorithm: AlgorithmSetup
     checkpoint: CheckpointSection
     logging: LoggingSection
     tree: DictConfig
+    megatron: MegatronSection = field(default_factory=MegatronSection)
 
     @property
     def seed(self) -> int:
@@ -315,8 +395,10 @@ _SECTIONS = {
     "optim": OptimSection,
     "rollout": RolloutSection,
     "eval": EvalSection,
+    "reward": RewardSection,
     "checkpoint": CheckpointSection,
     "logging": LoggingSection,
+    "megatron": MegatronSection,
 }
 
 
@@ -330,8 +412,13 @@ def build_run_config(tree: DictConfig) -> RunConfig:
     unknown = sorted(set(data) - known)
     _require(not unknown, f"unknown top-level key(s) {', '.join(unknown)}; valid sections: {', '.join(sorted(known))}")
 
+    # Runs saved before the reward section existed were arithmetic runs: their defaults.
+    data.setdefault("reward", {})
+
     def section(name: str) -> Mapping[str, Any]:
         value = data.get(name)
+        if value is None and name == "megatron":
+            value = {}  # optional: plain Megatron
         _require(isinstance(value, Mapping), f"config section {name!r} is missing or not a mapping")
         return value  # type: ignore[return-value]
 
@@ -344,11 +431,25 @@ def build_run_config(tree: DictConfig) -> RunConfig:
     except ValueError as err:  # registries' unknown names and the algorithm configs' own checks
         raise ConfigError(str(err)) from None
     cfg = RunConfig(data=task_config, algorithm=algorithm, tree=tree, **sections)
-    _check_cross_section(cfg)
+    _check_cross_section(cfg, task_cls)
     return cfg
 
 
-def _check_cross_section(cfg: RunConfig) -> None:
+def _check_cross_section(cfg: RunConfig, task_cls: Any) -> None:
+    accepted = getattr(task_cls, "verifiers", None)
+    _require(
+        accepted is None or cfg.reward.verifier in accepted,
+        f"reward.verifier={cfg.reward.verifier} does not score data.task={cfg.data.task} answers; "
+        f"use one of: {', '.join(accepted or ())}",
+    )
+    try:
+        cfg.reward.overlong_config.validate(cfg.rollout.max_new_tokens)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for module, extra in (("megatron", "megatron"), ("transformers", "hf")):
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"the training loop needs {module}: pip install 'nemo_gdro[{extra}]'")
+    # FP8 / TE requests fail here, before anything is built (Megatron would fall back to bf16 silently).
+    check_environment(
+        cfg.megatron, params_dtype=cfg.model.resolved_dtype, tensor_parallel=cfg.parallel.tensor_parallel, host=host_info()
+    )

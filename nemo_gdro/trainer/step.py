@@ -1,7 +1,8 @@
 """One RL step, top to bottom (design.md's diagram)::
 
     draw prompts -> classify (history up to t-1) -> allocate n_i -> generate
-    -> verify -> GRPO advantages x stage weights -> behaviour log-probs
+    -> verify (correctness) -> shape rewards (overlong) -> GRPO advantages
+    x stage weights -> behaviour log-probs
     (recomputed by the actor) -> [+ replayed groups] -> mini-batches:
     optimizer steps (policy-loss stage, token-modulation stage)
     -> weights to the rollout engine -> store + controllers observe -> metrics.
@@ -10,6 +11,11 @@ Every stage is called through its protocol (:mod:`nemo_gdro.stages`); rows
 of all data-parallel ranks meet in their canonical order
 (:class:`~nemo_gdro.parallel.rows.StepRows`). Every decision is a
 deterministic function of the run seed, the step and the checkpointed state.
+
+Correctness and rewards are kept apart: the verifier's ``correct`` verdicts
+feed the pass-rate statistics, difficulty bins and the controllers' failure /
+learnability signals; the shaped rewards (``reward.correct_reward`` /
+``wrong_reward`` plus the optional overlong penalty) feed the advantages.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from nemo_gdro.algorithms.mismatch import MismatchSums, mismatch_sums, truncated
 from nemo_gdro.algorithms.stats import group_outcomes
 from nemo_gdro.parallel.rows import StepRows
 from nemo_gdro.parallel.sharded_stats import checksum
+from nemo_gdro.rewards.result import VerifyResult
+from nemo_gdro.rewards.shaping import overlong_penalty
 from nemo_gdro.rollout.batch import RolloutBatch
 from nemo_gdro.rollout.seeds import prompt_seeds
 from nemo_gdro.stages import MinibatchView, PromptDraw, StepFeedback
@@ -41,7 +49,12 @@ class Generated:
 
     batch: RolloutBatch
     rows: StepRows
-    rewards: torch.Tensor  # float32 [R] global, canonical order
+    rewards: torch.Tensor  # float32 [R] global, canonical order (shaped)
+    correct: torch.Tensor  # bool [R_local]: the verifier's verdicts of this rank's rows
+    correct_global: torch.Tensor  # float64 [R] 0/1, canonical order
+    verify: VerifyResult  # this rank's verification outcome (timeouts, failures, wall time)
+    overlong: torch.Tensor  # bool [R_local]: the row's reward carries an overlong penalty
+    truncated: torch.Tensor  # bool [R_local]: hit rollout.max_new_tokens without a stop token
 
 
 class RLStep:
@@ -55,6 +68,9 @@ class RLStep:
         self.seed = cfg.seed
         self.setup = cfg.algorithm
         self.tis_cap = cfg.rollout.tis_cap
+        self.max_new_tokens = cfg.rollout.max_new_tokens
+        self.overlong = cfg.reward.overlong_config
+        self.mask_truncated = cfg.reward.mask_truncated
 
     def __call__(self, step: int) -> dict[str, float]:
         c, stages = self.c, self.c.stages
@@ -68,7 +84,7 @@ class RLStep:
         t_gen = time.perf_counter()
 
         raw_adv, bin_weights = self._advantages(gen, draw, bins)
-        gen.batch.behaviour_logp = c.actor.compute_token_stats(gen.batch.tokens)["logp"].detach()
+        gen.batch.behaviour_logp = c.actor.compute_token_stats(gen.batch.tokens, lengths=gen.batch.sequence_lengths)["logp"].detach()
         train_batch, raw_all = c.replay.mix(gen.batch, raw_adv, step)
         actor_metrics, signal = self._optimize(train_batch, raw_all, gen.rows, step)
         actor_metrics.update(self._engine_mismatch(gen.batch))
@@ -104,9 +120,25 @@ class RLStep:
         # Seeds of the whole step's prompt list, then this rank's slice: rollouts do not depend on the layout.
         seeds = prompt_seeds(self.seed, step, draw.ids)
         batch = c.engine.generate(records, counts[mine], seeds[mine])
-        batch.rewards = c.task.verifier.score_batch(batch.responses, batch.answers).to(torch.float32)
+        verifier = c.task.verifier
+        result = verifier.verify_batch(batch.responses, batch.answers)
+        rewards = verifier.rewards(result).to(torch.float32)
+        overlong = torch.zeros(batch.num_rows, dtype=torch.bool)
+        if self.overlong.enabled:
+            penalty = overlong_penalty(
+                batch.response_lengths, self.max_new_tokens, self.overlong.buffer_tokens, self.overlong.penalty
+            )
+            rewards = rewards + penalty
+            overlong = penalty < 0
+        batch.rewards = rewards
+        truncated = (
+            batch.truncated if batch.truncated is not None else batch.response_lengths >= self.max_new_tokens
+        ).to(torch.bool)
         rows = StepRows.build(counts, batch.group_index, c.dp)
-        return Generated(batch, rows, rows.scatter(batch.rewards.double()).float())
+        return Generated(
+            batch, rows, rows.scatter(batch.rewards.double()).float(), correct=result.correct,
+            correct_global=rows.scatter(result.correct.double()), verify=result, overlong=overlong, truncated=truncated,
+        )
 
     def _advantages(self, gen: Generated, draw: PromptDraw, bins: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """GRPO advantages of this rank's rows (each prompt's rows live on one rank) times the stages' weights."""
@@ -126,6 +158,8 @@ class RLStep:
         """One optimizer step per mini-batch; returns (metrics averaged over mini-batches, signal of fresh rows)."""
         assignment = self._minibatch_assignment(batch.num_rows, rows, step)
         signal = torch.full((batch.num_rows,), math.nan, dtype=torch.float64)
+        if self.mask_truncated and batch.truncated is not None:
+            signal[batch.truncated] = 0.0  # no loss, so no surrogate: its row's signal is zero
         summed: dict[str, float] = {}
         done = 0
         for m in range(self.num_minibatches):
@@ -165,15 +199,17 @@ class RLStep:
         c, stages = self.c, self.c.stages
         placeholder = rows.numel() == 0
         take = torch.zeros(1, dtype=torch.int64) if placeholder else rows
-        tokens = batch.tokens[take]
+        tokens, lengths = batch.tokens[take], batch.sequence_lengths[take]
         mask = batch.response_mask[take] & (not placeholder)
+        if self.mask_truncated and batch.truncated is not None:
+            mask = mask & ~batch.truncated[take].unsqueeze(1)  # DAPO overlong filtering: no loss for truncated rows
         extras = {
             "response_mask": mask,
             "behaviour_logp": batch.behaviour_logp[take],
             "advantages": batch.advantages[take],
             "raw_advantages": raw_adv[take],
         }
-        extras.update(c.reference.extras(tokens))
+        extras.update(c.reference.extras(tokens, lengths))
         if self.tis_cap is not None:
             # Truncated importance sampling against the engine that sampled the rows (FP8 / mismatch).
             extras["token_weights"] = truncated_is_weights(
@@ -186,7 +222,7 @@ class RLStep:
             advantages=extras["advantages"],
             behaviour_logp=extras["behaviour_logp"],
             mask=mask,
-            current=c.actor.compute_token_stats(tokens) if stages.needs_current_policy else None,
+            current=c.actor.compute_token_stats(tokens, lengths=lengths) if stages.needs_current_policy else None,
         )
         loss_fn = MinibatchLoss(
             policy=self.setup.policy_loss,
@@ -198,7 +234,7 @@ class RLStep:
             global_num_seqs=num_seqs,
             signal_include_kl=self.setup.prompt_gdro.signal_include_kl,
         )
-        report = c.actor.train_step(tokens, extras, loss_fn)
+        report = c.actor.train_step(tokens, extras, loss_fn, lengths=lengths)
         if not placeholder:
             signal[rows] = report.rows["signal"]
         metrics = loss_fn.metrics(report)
@@ -210,13 +246,14 @@ class RLStep:
     def _observe(self, gen: Generated, draw: PromptDraw, bins, allocation, signal, bin_weights) -> StepFeedback:
         """Per-prompt outcomes into the store, then every controller learns from the step, once."""
         c, rows, batch = self.c, gen.rows, gen.batch
-        threshold = self.setup.difficulty.correct_threshold
-        p_rollouts, p_correct = group_outcomes(batch.rewards, batch.group_index, rows.positions.numel(), threshold)
+        # Verdicts as 0/1 "rewards": pass rates, bins and the failure / learnability signals see
+        # correctness only (never the overlong penalty); with 1/0 rewards this is the reward itself.
+        p_rollouts, p_correct = group_outcomes(gen.correct.double(), batch.group_index, rows.positions.numel(), 0.5)
         c.store.observe(draw.ids[rows.positions], p_rollouts, p_correct)
         self._correct = rows.scatter_prompts(p_correct)
         loss_signal = controller_signal(
-            self.setup.prompt_gdro.signal, signal, gen.rewards, rows.group_index, rows.num_prompts,
-            reward_range=c.task.verifier.reward_range, correct_threshold=threshold,
+            self.setup.prompt_gdro.signal, signal, gen.correct_global, rows.group_index, rows.num_prompts,
+            reward_range=(0.0, 1.0), correct_threshold=0.5,
         )
         feedback = StepFeedback(
             draw=draw, bins=bins, allocation=allocation, response_bins=bins[rows.group_index],
@@ -249,10 +286,31 @@ class RLStep:
             "train/response_tokens": tokens,
             "train/replayed_rows": replayed,
         }
+        metrics.update(self._reward_metrics(gen))
         metrics.update(bin_metrics(feedback, self.c.classifier.num_bins))
         for n_val, n_count in zip(*torch.unique(counts, return_counts=True)):
             metrics[f"alloc/n_hist/{int(n_val)}"] = float(n_count)
         return metrics
+
+    def _reward_metrics(self, gen: Generated) -> dict[str, float]:
+        """Verification and shaping over all DP ranks: counts summed; ``time/verify_s`` is the slowest
+        rank's wall time (under ``time/`` like every wall-clock metric, which run-equality checks skip)."""
+        v, dp = gen.verify, self.c.dp
+        timeouts, failures, restarts, correct, overlong, truncated = dp.total(
+            float(v.timeouts), float(v.failures), float(v.worker_restarts), float(gen.correct.sum()),
+            float(gen.overlong.sum()), float(gen.truncated.sum()),
+        )
+        verify_s = float(dp.max(torch.tensor([v.wall_s], dtype=torch.float64))[0])
+        n = max(gen.rows.num_rows, 1)
+        return {
+            "reward/timeouts": timeouts,
+            "reward/failures": failures,
+            "reward/worker_restarts": restarts,
+            "time/verify_s": verify_s,
+            "reward/correct_frac": correct / n,
+            "reward/overlong_frac": overlong / n,
+            "reward/truncated_frac": truncated / n,
+        }
 
 
 def bin_metrics(feedback: StepFeedback, num_bins: int) -> dict[str, float]:

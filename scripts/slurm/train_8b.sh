@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# nemo-gdro RL training on a multi-node H100 Slurm cluster: Qwen3-8B layout,
-# one task per GPU, torch.distributed initialised from the Slurm task variables
-# (no torchrun). Submit from the repository root:
+# nemo-gdro RL training on a multi-node H100 Slurm cluster: Qwen3-8B-Base on
+# DAPO-Math with the math-verify reward (the qwen3_8b_dapo recipe), one task per
+# GPU, torch.distributed initialised from the Slurm task variables (no torchrun).
+# Submit from the repository root:
 #
-#   sbatch --nodes=4 --account=ACCT --partition=PART scripts/slurm/train_8b.sh [override ...]
+#   MODEL_PATH=/ckpt/Qwen3-8B-Base TRAIN_FILES=/data/dapo-math-17k.parquet \
+#   EVAL_FILES="math500=/data/math500.jsonl aime24=/data/aime_2024.parquet" \
+#   sbatch --nodes=2 --account=ACCT --partition=PART scripts/slurm/train_8b.sh [override ...]
 #
 # Every #SBATCH line below is a default: a command-line option or an SBATCH_*
 # environment variable (sbatch's own) replaces it. Everything else is an
@@ -40,14 +43,48 @@ WORKDIR=${NEMO_GDRO_WORKDIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 PYTHON=${NEMO_GDRO_PYTHON:-python3}
 # GPUs per node; 0 = CPU mode (gloo), as in the CPU test cluster.
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
-RUN_NAME=${RUN_NAME:-qwen3_8b}
+RECIPE=${RECIPE:-qwen3_8b_dapo}
+RUN_NAME=${RUN_NAME:-${RECIPE}}
 OUTPUT_DIR=${OUTPUT_DIR:-${WORKDIR}/outputs/${RUN_NAME}}
 CONFIG_NAME=${CONFIG_NAME:-train}
-# The Qwen3-8B layout on top of the embedded config: the qwen3_8b preset with
-# none of the tiny model's size overrides, TP=8 inside a node (NVLink), DP across nodes.
-# Set NEMO_GDRO_RECIPE_OVERRIDES (even empty) to replace it.
-DEFAULT_RECIPE_OVERRIDES='model.preset=qwen3_8b ~model.overrides +model.overrides={} parallel.tensor_parallel=8 parallel.pipeline_parallel=1'
-RECIPE_OVERRIDES=${NEMO_GDRO_RECIPE_OVERRIDES-$DEFAULT_RECIPE_OVERRIDES}
+# The recipe (nemo_gdro/conf/recipe/<name>.yaml) and its three inputs:
+#   MODEL_PATH   HF checkpoint directory (config.json, *.safetensors, tokenizer files)
+#   TRAIN_FILES  comma-separated JSONL / Parquet training files (DAPO-Math-17k layout or id,prompt,answer)
+#   EVAL_FILES   space-separated benchmark=file[,file] entries, benchmarks: aime24 aime25 amc23
+#                math500 minerva olympiadbench gpqa_diamond
+# Set NEMO_GDRO_RECIPE_OVERRIDES (even empty) to replace all of this with your own overrides.
+if [[ -z "${NEMO_GDRO_RECIPE_OVERRIDES+set}" ]]; then
+    missing=()
+    [[ -n "${MODEL_PATH:-}" ]] || missing+=("MODEL_PATH (HF checkpoint dir)")
+    [[ -n "${TRAIN_FILES:-}" ]] || missing+=("TRAIN_FILES (comma-separated JSONL/Parquet)")
+    [[ -n "${EVAL_FILES:-}" ]] || missing+=("EVAL_FILES (e.g. \"math500=/data/math500.jsonl aime24=/data/aime24.parquet\")")
+    if (( ${#missing[@]} )); then
+        printf 'train_8b.sh: recipe %s needs these environment variables:\n' "$RECIPE" >&2
+        printf '  %s\n' "${missing[@]}" >&2
+        echo "(or set NEMO_GDRO_RECIPE_OVERRIDES to run your own overrides instead of the recipe)" >&2
+        exit 2
+    fi
+    [[ -f "${MODEL_PATH}/config.json" ]] || { echo "train_8b.sh: MODEL_PATH=${MODEL_PATH} has no config.json" >&2; exit 2; }
+    IFS=, read -r -a train_list <<< "$TRAIN_FILES"
+    for f in "${train_list[@]}"; do
+        [[ -f "$f" ]] || { echo "train_8b.sh: TRAIN_FILES entry ${f} does not exist" >&2; exit 2; }
+    done
+    eval_args=""
+    read -r -a eval_list <<< "$EVAL_FILES"
+    for entry in "${eval_list[@]}"; do
+        name=${entry%%=*}; files=${entry#*=}
+        if [[ "$entry" != *=* || -z "$name" || -z "$files" ]]; then
+            echo "train_8b.sh: EVAL_FILES entry '${entry}' is not benchmark=file[,file]" >&2; exit 2
+        fi
+        IFS=, read -r -a flist <<< "$files"
+        for f in "${flist[@]}"; do
+            [[ -f "$f" ]] || { echo "train_8b.sh: EVAL_FILES ${name}: ${f} does not exist" >&2; exit 2; }
+        done
+        eval_args+=" ++data.eval_files.${name}=[${files}]"
+    done
+    NEMO_GDRO_RECIPE_OVERRIDES="+recipe=${RECIPE} model.path=${MODEL_PATH} data.train_files=[${TRAIN_FILES}]${eval_args}"
+fi
+RECIPE_OVERRIDES=$NEMO_GDRO_RECIPE_OVERRIDES
 # Extra Hydra overrides (space-separated); the script's arguments come last and win.
 CONFIG_OVERRIDES=${NEMO_GDRO_CONFIG_OVERRIDES:-}
 # Container (pyxis/enroot): empty runs on the host.

@@ -27,6 +27,7 @@ def _positions(tokens: torch.Tensor) -> torch.Tensor:
 def test_qwen3_presets_match_released_configs():
     # Values of the released Qwen3 config.json files.
     expect = {
+        "qwen3_0p6b": (1024, 28, 16, 8, 3072, True),
         "qwen3_1p7b": (2048, 28, 16, 8, 6144, True),
         "qwen3_4b": (2560, 36, 32, 8, 9728, True),
         "qwen3_8b": (4096, 36, 32, 8, 12288, False),
@@ -105,3 +106,48 @@ def test_seeded_init_is_reproducible_and_attention_is_causal(dist_env):
         lb = a(changed, _positions(changed), None)
     torch.testing.assert_close(la[:, :8], lb[:, :8], rtol=0, atol=1e-6)
     assert not torch.allclose(la[:, 8:], lb[:, 8:])
+
+
+# ---------------------------------------------------------------------------- layer spec selection
+def test_local_layer_spec_is_megatrons_local_one():
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from nemo_gdro.models.gpt import layer_spec
+
+    spec = layer_spec("local", qk_layernorm=True)
+    assert spec.module is TransformerLayer
+    attention = spec.submodules.self_attention.submodules
+    assert attention.q_layernorm is not gpt_layer_specs.IdentityOp  # Qwen3's q/k norm is built
+    assert layer_spec("local", qk_layernorm=False).submodules.self_attention.submodules.q_layernorm is gpt_layer_specs.IdentityOp
+
+
+def test_transformer_engine_spec_needs_megatrons_te(monkeypatch):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from nemo_gdro.models.gpt import layer_spec
+
+    monkeypatch.setattr(gpt_layer_specs, "HAVE_TE", False)
+    with pytest.raises(RuntimeError, match="megatron.transformer_impl=transformer_engine.*HAVE_TE is False"):
+        layer_spec("transformer_engine", qk_layernorm=True)
+    with pytest.raises(ValueError, match="megatron.transformer_impl must be one of"):
+        layer_spec("te", qk_layernorm=True)
+
+
+@pytest.mark.parametrize("qk_layernorm", [True, False])
+def test_transformer_engine_spec_is_requested_with_qk_layernorm(monkeypatch, qk_layernorm):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from nemo_gdro.models.gpt import layer_spec
+
+    calls = []
+    sentinel = object()
+
+    def fake_te_spec(**kwargs):
+        calls.append(kwargs)
+        return sentinel
+
+    monkeypatch.setattr(gpt_layer_specs, "HAVE_TE", True)
+    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", fake_te_spec)
+    assert layer_spec("transformer_engine", qk_layernorm=qk_layernorm) is sentinel
+    assert calls == [{"qk_layernorm": qk_layernorm}]

@@ -70,3 +70,76 @@ def test_tensor_errors_name_tensor_and_shard(saved):
         "embedding.word_embeddings.weight",
         "over tp=2",
     )
+
+
+# ---------------------------------------------------------------------------- Transformer Engine names
+#: The local-spec names TE's layer spec replaces (its fused norm + linear modules).
+_TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def _te_named(state: dict) -> dict:
+    """The same tensors under Transformer Engine's names (TE also keeps ``_extra_state`` per module)."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("_extra_state"):
+            continue
+        parts = key.split(".", 3)
+        if key.startswith("decoder.layers.") and parts[3] in _TE_NAMES:
+            key = ".".join(parts[:3]) + "." + _TE_NAMES[parts[3]]
+        out[key] = value
+        if key.endswith("linear_qkv.weight") or key.endswith("linear_fc1.weight"):
+            out[key.replace(".weight", "._extra_state")] = None
+    return out
+
+
+def test_canonical_names():
+    from nemo_gdro.models.hf_mapping import canonical_megatron_name
+
+    assert canonical_megatron_name("decoder.layers.7.self_attention.linear_qkv.layer_norm_weight") == (
+        "decoder.layers.7.input_layernorm.weight"
+    )
+    assert canonical_megatron_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight") == (
+        "decoder.layers.0.pre_mlp_layernorm.weight"
+    )
+    for same in ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.final_layernorm.weight",
+                 "embedding.word_embeddings.weight", "decoder.layers.x", "output_layer.weight"):
+        assert canonical_megatron_name(same) == same
+
+
+def test_te_named_state_dict_gives_the_same_hf_tensors(saved):
+    spec, state, live = saved
+    te_state = _te_named(state)
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in te_state
+    assert "decoder.layers.0.input_layernorm.weight" not in te_state
+    merged = hf_state_dict_from_megatron_shards(spec, [(ONE, te_state)])
+    assert list(merged) == list(live) and all(torch.equal(merged[k], live[k]) for k in live)
+
+
+def test_te_named_tp_shards_merge_like_local_ones(saved):
+    """TP = 2 shards (split as Megatron splits them) under both naming schemes give the same HF tensors."""
+    from nemo_gdro.models.hf_mapping import canonical_megatron_name, tensor_maps
+
+    spec, state, live = saved
+    dims = {tm.megatron: tm.tp_dim for tm in tensor_maps(spec)}
+    shards = [{}, {}]
+    for key, value in state.items():
+        if key.endswith("_extra_state"):
+            continue
+        dim = dims[canonical_megatron_name(key)]
+        if dim is None:
+            parts = (value, value)
+        elif key.endswith("linear_fc1.weight"):  # rank k holds [gate_k; up_k]
+            gate, up = value.chunk(2, dim=0)
+            parts = tuple(torch.cat([g, u]) for g, u in zip(gate.chunk(2), up.chunk(2)))
+        else:
+            parts = value.chunk(2, dim=dim)
+        for rank in range(2):
+            shards[rank][key] = parts[rank].clone()
+    layouts = [{"tp": 2, "pp": 1, "tp_rank": r, "pp_rank": 0} for r in range(2)]
+    local = hf_state_dict_from_megatron_shards(spec, list(zip(layouts, shards)))
+    te = hf_state_dict_from_megatron_shards(spec, list(zip(layouts, [_te_named(s) for s in shards])))
+    assert list(local) == list(te) == list(live)
+    assert all(torch.equal(local[k], live[k]) and torch.equal(te[k], live[k]) for k in live)

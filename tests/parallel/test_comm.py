@@ -120,6 +120,6 @@ def test_actor_reduces_its_report_on_the_backend_device(fake_accelerator_world):
     actor = MegatronActor.__new__(MegatronActor)  # only the reduction is exercised: no model needed
     actor._is_last_stage, actor._dp_group, actor._pp_size = True, object(), 1
     reported = [{"loss": torch.tensor(1.0, dtype=torch.float64), "row/signal": torch.ones(2, dtype=torch.float64)}]
-    report = actor._reduce_reported(reported, num_rows=2)
+    report = actor._reduce_reported(reported, torch.arange(2))
     assert set(report) == {"loss"} and report.rows["signal"].shape == (2,)
     assert [c for c in fake_accelerator_world.calls] == [("all_reduce", "meta")]

@@ -99,3 +99,22 @@ def test_clip_grad_by_total_norm_on_cpu(dist_env):
     torch.testing.assert_close(p.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))
     norm = clip_grads.get_grad_norm_fp32([torch.full((4,), 3.0)])
     assert norm == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mixed_precision_optimizer_builds_on_cpu_and_params_keep_their_type(dist_env, dtype):
+    """Patch 5: Megatron's Float16 optimizer sorts parameters by CUDA type names; on CPU it
+    accepts them while it is being built, and afterwards ``type()`` is the real method again."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    params = [torch.nn.Parameter(torch.randn(4, 3).to(dtype)), torch.nn.Parameter(torch.randn(3).float())]
+    inner = torch.optim.AdamW(params, lr=0.1)
+    config = OptimizerConfig(optimizer="adam", lr=0.1, bf16=True, params_dtype=torch.bfloat16)
+    opt = Float16OptimizerWithFloat16Params(inner, config, None, None)
+    expected_float16 = [params[0]] if dtype == torch.bfloat16 else []
+    assert [p for g in opt.float16_groups for p in g] == expected_float16
+    assert all(m.dtype == torch.float32 for g in opt.fp32_from_float16_groups for m in g)
+    for p in params:
+        assert "type" not in vars(p) and p.type().startswith("torch.") and "cuda" not in p.type()
+    assert params[0].type(torch.float64).dtype == torch.float64

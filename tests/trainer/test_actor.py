@@ -100,6 +100,36 @@ def test_gradient_equals_plain_autograd_for_any_micro_batch_size(actor):
     actor.model.zero_grad_buffer()
 
 
+def test_token_budget_micro_batches_equal_fixed_size(dist_env):
+    """Rows packed by length (cut to each micro-batch's longest row) give the fixed-size
+    results: token stats on every real position, loss, gradients, per-row outputs in row order."""
+    budget = MegatronActor(SPEC, OptimConfig(lr=1e-2, micro_batch_size=2, max_tokens_per_microbatch=60), seed=5)
+    tokens, extras = _batch()
+    lengths = torch.tensor([20, 17, 12, 20, 8, 15])
+    packed = budget.compute_token_stats(tokens, lengths=lengths)
+    fixed = budget.compute_token_stats(tokens, micro_batch_size=2)
+    real = torch.arange(S - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    for key in ("logp", "entropy", "ebar"):
+        torch.testing.assert_close(packed[key][real], fixed[key][real], rtol=0, atol=1e-5)
+
+    base = _pg_loss(float(extras["mask"].sum()))
+
+    def loss_fn(stats, extras):
+        loss, metrics = base(stats, extras)
+        return loss, metrics, {"row_id": extras["row_id"]}
+
+    extras = {**extras, "row_id": torch.arange(B, dtype=torch.float32)}
+    ref = budget.forward_backward(tokens, extras, loss_fn, micro_batch_size=2)
+    ref_grads = budget.gradients()
+    out = budget.forward_backward(tokens, extras, loss_fn, lengths=lengths)
+    assert out["num_microbatches"] == 2 < ref["num_microbatches"] == 3  # 20,20,17 | 15,12,8 under 60
+    assert out["loss"] == pytest.approx(ref["loss"], abs=1e-6)
+    assert out.rows["row_id"].tolist() == list(range(B))
+    for name, g in budget.gradients().items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=1e-6, msg=name)
+    budget.model.zero_grad_buffer()
+
+
 def test_sft_steps_reduce_loss(actor):
     tokens, extras = _batch(seed=1)
     loss_fn = _sft_loss(float(extras["mask"].sum()))

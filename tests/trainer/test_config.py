@@ -11,6 +11,24 @@ def test_default_config_is_the_tiny_cpu_run():
     )
 
 
+def test_megatron_section_defaults_and_overrides():
+    from nemo_gdro.models.megatron_options import MegatronOptions
+
+    assert validate(compose()).megatron == MegatronOptions()
+    cfg = validate(compose(overrides=["megatron.distributed_optimizer=true", "megatron.recompute_granularity=selective",
+                                      "megatron.recompute_modules=[core_attn,mlp]"]))
+    assert cfg.megatron.distributed_optimizer and cfg.megatron.recompute_modules == ("core_attn", "mlp")
+
+
+def test_bf16_parameters_are_allowed_without_cuda():
+    """The CPU shim (parallel/megatron_compat.py, patch 5) runs Megatron's bf16 optimizer on CPU."""
+    import torch
+
+    assert validate(compose(overrides=["model.dtype=bfloat16"])).model.torch_dtype == torch.bfloat16
+    auto = validate(compose(overrides=["model.dtype=auto"])).model
+    assert auto.resolved_dtype == ("bfloat16" if torch.cuda.is_available() else "float32")
+
+
 def test_nemo_style_overrides():
     cfg = compose(overrides=["trainer.max_steps=7", "+model.overrides.num_query_groups=4", "model.overrides.num_layers=2", "++run.name=abc"])
     assert cfg.trainer.max_steps == 7 and cfg.model.overrides.num_query_groups == 4 and cfg.model.overrides.num_layers == 2
@@ -32,6 +50,12 @@ def test_nemo_style_overrides():
         (["trainer.prompts_per_step=0"], "trainer.prompts_per_step"),
         (["algorithm.r2vpo.replay_ratio=1.0"], "algorithm.loss=r2vpo"),
         (["algorithm.difficulty.edges=[0.5,0.2]"], "difficulty.edges"),
+        (["megatron.fp8=e4m3"], "megatron.fp8=e4m3 needs megatron.transformer_impl=transformer_engine"),
+        (["megatron.fp8=e4m3", "megatron.transformer_impl=transformer_engine"], "needs model.dtype=bfloat16"),
+        (["megatron.transformer_impl=transformer_engine"], "needs NVIDIA Transformer Engine"),
+        (["megatron.recompute_granularity=full", "megatron.recompute_method=block"], "megatron.recompute_num_layers"),
+        (["++megatron.fp8_recipie=blockwise"], "megatron.fp8_recipie"),
+        (["model.dtype=float16"], "model.dtype"),
     ],
 )
 def test_bad_configs_fail_at_start_naming_the_key(overrides, message):
@@ -54,3 +78,35 @@ def test_bad_configs_fail_at_start_naming_the_key(overrides, message):
 def test_retired_enabled_keys_say_which_key_to_use(override, replacement):
     with pytest.raises(ConfigError, match=replacement.replace(".", r"\.")):
         validate(compose(overrides=[override]))
+
+
+def test_reward_section_defaults_keep_the_arithmetic_run():
+    cfg = validate(compose(overrides=[]))
+    assert cfg.reward.verifier == "arithmetic" and cfg.reward.verifier_config.verifier == "arithmetic"
+    assert (cfg.reward.correct_reward, cfg.reward.wrong_reward) == (1.0, 0.0)
+    assert not cfg.reward.overlong_config.enabled and not cfg.reward.mask_truncated
+    dapo = validate(compose(overrides=["rollout.max_new_tokens=64", "reward.overlong.enabled=true",
+                                       "reward.overlong.buffer_tokens=16", "reward.wrong_reward=-1.0"]))
+    assert dapo.reward.overlong_config.buffer_tokens == 16 and dapo.reward.verifier_config.wrong_reward == -1.0
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+reward.timeout=3"], "unknown key.*reward.timeout"),
+        (["reward.timeout_s=0"], "reward.timeout_s must be a number > 0"),
+        (["reward.num_workers=-1"], "reward.num_workers"),
+        (["reward.wrong_reward=2.0"], "reward.correct_reward must be > reward.wrong_reward"),
+        (["reward.verifier=nope"], "reward.verifier: unknown verifier 'nope'"),
+        (["reward.choice_verifier=nope"], "reward.choice_verifier: unknown verifier 'nope'"),
+        (["+reward.options.extract=dapo"], "reward.options: unknown key"),
+        (["reward.verifier=dapo_math"], "reward.verifier=dapo_math does not score data.task=arithmetic"),
+        (["+reward.overlong.len=4"], "unknown key.*reward.overlong.len"),
+        (["reward.overlong.enabled=true"], r"reward.overlong.buffer_tokens must be an integer in \[1, 8\]"),
+        (["reward.overlong.penalty=-1"], "reward.overlong.penalty"),
+        (["reward.mask_truncated=1"], "reward.mask_truncated must be true or false"),
+    ],
+)
+def test_bad_reward_configs_fail_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(overrides=overrides))

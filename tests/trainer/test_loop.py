@@ -99,6 +99,25 @@ def test_smoke_run(case, tmp_path):
             assert 0.0 < rows[2]["dynamo/beta_stab/mean"] <= 1.0
 
 
+@pytest.mark.slow
+def test_bf16_parameters_train_end_to_end(tmp_path):
+    """model.dtype=bfloat16 on CPU (Megatron's mixed-precision optimizer through the CPU shim):
+    one RL step, and both engines hold the trained bf16 weights."""
+    cfg = compose(overrides=TINY + ["model.dtype=bfloat16", "sft.steps=0", "trainer.max_steps=1",
+                                    f"run.output_dir={tmp_path}"])
+    with Trainer(cfg) as trainer:
+        assert trainer.run().steps_done == 1
+        row = read_metrics(tmp_path / "metrics.jsonl")[-1]
+        assert math.isfinite(row["actor/loss"])
+        c = trainer.components
+        assert c.actor.module.embedding.word_embeddings.weight.dtype == torch.bfloat16
+        trained = c.actor.export_hf_state_dict()
+        for engine in (c.engine, c.eval_engine):
+            held = engine.model.state_dict()
+            for key, value in trained.items():
+                assert torch.equal(held[key], value.to(held[key].dtype)), key
+
+
 RESUME_CASE = TINY + [
     "algorithm.advantage_weighting=prompt_gdro",
     "algorithm.rollout_scheduler=rollout_gdro",
@@ -178,3 +197,25 @@ def test_rows_are_scored_against_their_own_prompt_with_variable_n(tmp_path):
         g, _ = c.store.counters(batch.step_prompt_ids)
         expected = 16 + torch.zeros(batch.num_prompts).index_add_(0, batch.group_index, torch.ones(batch.num_rows))
         assert torch.equal(g.float(), expected)
+
+
+@pytest.mark.slow
+def test_token_budget_micro_batches_give_the_same_run(tmp_path):
+    """trainer.max_tokens_per_microbatch (SFT, behaviour / reference log-probs and the updates
+    packed by length) changes speed, not numbers: the SFT losses (4 updates), then the RL
+    steps' rewards, log-prob / entropy statistics and losses, within float tolerance."""
+    case = CASES["all_together"]
+    runs = {}
+    for name, extra in {"fixed": [], "budget": ["trainer.max_tokens_per_microbatch=40"]}.items():
+        out = tmp_path / name
+        with Trainer(compose(overrides=TINY + case + extra + [f"run.output_dir={out}"])) as trainer:
+            trainer.run()
+        runs[name] = read_metrics(out / "metrics.jsonl")
+    fixed, budget = runs["fixed"], runs["budget"]
+    assert len(fixed) == len(budget) == 3  # SFT, then 2 RL steps
+    assert fixed[0]["sft/loss"] > 1.0
+    for a, b in zip(fixed, budget):
+        for key, value in a.items():
+            if key.startswith("time/") or not isinstance(value, float) or math.isnan(value):
+                continue
+            assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
