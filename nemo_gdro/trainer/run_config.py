@@ -49,12 +49,16 @@ class RunSection:
 
     resume: ``null`` (fresh run; an output dir holding checkpoints is an
         error), ``auto`` (newest complete checkpoint, if any) or a checkpoint path.
+    allow_config_change: keys (or key prefixes, ``data`` for the training
+        data, ``*`` for all) whose change against the resumed checkpoint's
+        config is deliberate (:mod:`nemo_gdro.trainer.resume_check`).
     """
 
     name: str
     output_dir: str
     seed: int = 0
     resume: str | None = "auto"
+    allow_config_change: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "run.name must be a non-empty string")
@@ -65,14 +69,19 @@ class RunSection:
 
 @dataclass(frozen=True)
 class ParallelSection:
-    """``parallel``: Megatron layout; data parallel = world size / (tensor_parallel * pipeline_parallel)."""
+    """``parallel``: Megatron layout; data parallel = world size / (tensor_parallel * pipeline_parallel).
+
+    timeout_s: collective timeout in seconds: a rank that stalls or dies fails the job after this long.
+    """
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for key in ("tensor_parallel", "pipeline_parallel"):
             _require(getattr(self, key) >= 1, f"parallel.{key} must be an integer >= 1, got {getattr(self, key)}")
+        _require(0 < self.timeout_s < float("inf"), f"parallel.timeout_s must be a finite number > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,12 @@ class SFTSection:
 
 @dataclass(frozen=True)
 class TrainerSection:
-    """``trainer``: the RL schedule. ``eval_every`` / ``checkpoint_every`` 0 disable (the last step always does both)."""
+    """``trainer``: the RL schedule. ``eval_every`` / ``checkpoint_every`` 0 disable (the last step always does both).
+
+    on_nonfinite: a non-finite loss or gradient ``stop``s the run naming the
+        step, or ``skip``s that optimizer step (counted in ``guard/*``
+        metrics; after ``max_consecutive_skips`` in a row the run stops too).
+    """
 
     max_steps: int
     prompts_per_step: int
@@ -152,9 +166,12 @@ class TrainerSection:
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_last_checkpoints: int = 2
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = 5
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "prompts_per_step", "minibatches_per_step", "micro_batch_size", "keep_last_checkpoints"):
+        for key in ("max_steps", "prompts_per_step", "minibatches_per_step", "micro_batch_size", "keep_last_checkpoints",
+                    "max_consecutive_skips"):
             _require(getattr(self, key) >= 1, f"trainer.{key} must be a positive integer, got {getattr(self, key)}")
         for key in ("eval_every", "checkpoint_every"):
             _require(getattr(self, key) >= 0, f"trainer.{key} must be an integer >= 0 (0 disables), got {getattr(self, key)}")
