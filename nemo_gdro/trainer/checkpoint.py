@@ -62,6 +62,8 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 import torch
 
+from nemo_gdro.typed_config import ConfigError
+
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "config.yaml"
 MANIFEST_FORMAT_VERSION = 1
@@ -79,6 +81,10 @@ _HASH_CHUNK = 1 << 22  # 4 MiB reads when re-hashing files
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
+
+
+class ResumePathError(CheckpointError, ConfigError):
+    """``run.resume`` names a path that is not a usable checkpoint (a configuration error too)."""
 
 
 class DiskFullError(CheckpointError):
@@ -639,7 +645,7 @@ class CheckpointManager:
                 return self.latest()
         path = Path(resume).expanduser()
         if not path.exists():
-            raise CheckpointError(
+            raise ResumePathError(
                 f"run.resume={str(resume)!r}: no such checkpoint directory (allowed: auto, null, or a "
                 "checkpoints/step_XXXXXXXX directory)"
             )
@@ -649,7 +655,7 @@ class CheckpointManager:
             hint = ""
             if path.is_dir() and any(_STEP_DIR_RE.match(c.name) for c in path.iterdir()):
                 hint = f" ({path} holds step_XXXXXXXX checkpoints: pass one of them, or resume='auto')"
-            raise CheckpointError(f"run.resume={str(resume)!r} is not a valid checkpoint: {e}{hint}") from e
+            raise ResumePathError(f"run.resume={str(resume)!r} is not a valid checkpoint: {e}{hint}") from e
         return path
 
     # ------------------------------------------------------------------ load

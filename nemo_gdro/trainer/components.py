@@ -137,12 +137,6 @@ def _sampling(section: Any, max_new_tokens: int) -> SamplingConfig:
 
 def build_components(cfg: RunConfig) -> Components:
     """Initialise the process groups and build every component (collective)."""
-    from megatron.core import parallel_state
-
-    from nemo_gdro.models.hf_mapping import hf_config
-    from nemo_gdro.parallel.distributed import init_distributed
-    from nemo_gdro.trainer.actor import MegatronActor, OptimConfig
-
     tokenizer = TOKENIZERS.get(cfg.tokenizer.name)(cfg.tokenizer, cfg.model)
     task = TASKS.get(cfg.data.task).build(cfg.data, tokenizer)
     if cfg.trainer.prompts_per_step > len(task.train):
@@ -150,6 +144,13 @@ def build_components(cfg: RunConfig) -> Components:
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} exceeds the {len(task.train)} training "
             f"prompts of data.task={cfg.data.task}"
         )
+    # Heavy imports after the cheap checks, so that those fail in seconds.
+    from megatron.core import parallel_state
+
+    from nemo_gdro.models.hf_mapping import hf_config
+    from nemo_gdro.parallel.distributed import init_distributed
+    from nemo_gdro.trainer.actor import MegatronActor, OptimConfig
+
     try:
         init = MODEL_SOURCES.get(cfg.model.source).build(cfg.model, tokenizer)
     except ValueError as err:

@@ -24,7 +24,7 @@ import torch
 from nemo_gdro.parallel import comm
 from nemo_gdro.trainer.errors import NonFiniteError
 
-__all__ = ["UpdateGuard", "first_nonfinite", "any_rank"]
+__all__ = ["UpdateGuard", "any_rank", "first_nonfinite", "sampling_failure"]
 
 _HINT = (
     "lower optim.lr (or sft.lr), check the data and the rewards, or set trainer.on_nonfinite=skip to drop such "
@@ -61,6 +61,17 @@ def first_nonfinite(state: Any, prefix: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def sampling_failure(err: BaseException, step: int, what: str) -> NonFiniteError | None:
+    """The one-line error for a generation that failed on non-finite probabilities (a diverged policy), else None."""
+    text = str(err)
+    if "inf" not in text and "nan" not in text:
+        return None
+    return NonFiniteError(
+        f"step {step}: {what} failed on non-finite sampling probabilities ({text.splitlines()[0][:120]}): the "
+        f"policy's logits overflowed (it diverged). {_HINT}"
+    )
 
 
 class UpdateGuard:

@@ -20,6 +20,7 @@ collective that times out (``parallel.timeout_s``) ends it with one line.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ from omegaconf import DictConfig
 from nemo_gdro.trainer.checkpoint import CheckpointError, CheckpointManager
 from nemo_gdro.trainer.components import Components, Stateful, build_components
 from nemo_gdro.trainer.config import validate
-from nemo_gdro.trainer.errors import CollectiveTimeout, RunError, RunInterrupted
-from nemo_gdro.trainer.guards import UpdateGuard, any_rank
+from nemo_gdro.trainer.errors import CollectiveTimeout, NonFiniteError, RunError, RunInterrupted
+from nemo_gdro.trainer.guards import UpdateGuard, any_rank, sampling_failure
 from nemo_gdro.trainer.phases import evaluate, run_sft
 from nemo_gdro.trainer.preflight import check_world_size
 from nemo_gdro.trainer.resume_check import check_resume_config
@@ -101,7 +102,10 @@ class Trainer:
         self.components.engine.load_weights(self.components.actor.export_hf_state_dict(), version=self.progress.step)
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        return evaluate(self.components, step, self.cfg.eval.k, self.cfg.seed)
+        try:
+            return evaluate(self.components, step, self.cfg.eval.k, self.cfg.seed)
+        except RuntimeError as err:
+            raise (sampling_failure(err, max(step, 0), "evaluation") or err) from err
 
     def _warm_start(self, logger) -> None:
         """SFT (when configured) with evaluations before and after; ends in a checkpoint at step 0."""
@@ -110,7 +114,14 @@ class Trainer:
         if sft.steps > 0:
             before = self._evaluate(-1)
             logger.log_eval(0, {f"{k}/before_sft": v for k, v in before.items()})
-            logger.log(0, run_sft(self.components, sft.steps, sft.batch_size, self.cfg.seed))
+            sft_metrics = run_sft(self.components, sft.steps, sft.batch_size, self.cfg.seed)
+            logger.log(0, sft_metrics)
+            if not (math.isfinite(sft_metrics["sft/loss"]) and self.components.actor.weights_finite()):
+                raise NonFiniteError(
+                    f"the SFT warm start diverged (last loss {sft_metrics['sft/loss']}, weights "
+                    f"{'finite' if self.components.actor.weights_finite() else 'non-finite'}): lower sft.lr; "
+                    "nothing was checkpointed"
+                )
         self.progress.sft_done = True
         self._enter_rl_phase()
         self._push_weights()
@@ -288,10 +299,11 @@ class Trainer:
     # ----------------------------------------------------------------- lifetime
     def close(self) -> None:
         """Tear down the process groups this trainer initialised; release the output directory."""
-        from nemo_gdro.parallel.distributed import destroy_distributed
-
         try:
-            destroy_distributed()
+            if self.components is not None:
+                from nemo_gdro.parallel.distributed import destroy_distributed
+
+                destroy_distributed()
         finally:
             if self.lock is not None:
                 self.lock.release()

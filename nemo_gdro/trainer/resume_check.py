@@ -82,7 +82,7 @@ class Change:
 
 
 def _short(value: Any) -> str:
-    text = repr(value) if not isinstance(value, str) or value == _MISSING else value
+    text = value if (isinstance(value, str) and value == _MISSING) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -145,7 +145,7 @@ class SFTSection:
     def __post_init__(self) -> None:
         _require(self.steps >= 0, f"sft.steps must be an integer >= 0 (0 disables), got {self.steps}")
         _require(self.batch_size >= 1, f"sft.batch_size must be a positive integer, got {self.batch_size}")
-        _require(self.lr > 0, f"sft.lr must be > 0, got {self.lr}")
+        _require(0 < self.lr < float("inf"), f"sft.lr must be a finite number > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"sft.weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.warmup_steps >= 0, f"sft.warmup_steps must be >= 0, got {self.warmup_steps}")
 

@@ -31,7 +31,7 @@ from nemo_gdro.rollout.seeds import prompt_seeds
 from nemo_gdro.stages import MinibatchView, PromptDraw, StepFeedback
 from nemo_gdro.stages.signal import controller_signal
 from nemo_gdro.trainer.diagnostics import modulation_extremes
-from nemo_gdro.trainer.guards import UpdateGuard
+from nemo_gdro.trainer.guards import UpdateGuard, sampling_failure
 from nemo_gdro.trainer.rl_loss import MinibatchLoss
 
 __all__ = ["RLStep", "StepInputs"]
@@ -108,7 +108,10 @@ class RLStep:
         records = c.task.train.get_many(draw.ids[mine])
         # Seeds of the whole step's prompt list, then this rank's slice: rollouts do not depend on the layout.
         seeds = prompt_seeds(self.seed, step, draw.ids)
-        batch = c.engine.generate(records, counts[mine], seeds[mine])
+        try:
+            batch = c.engine.generate(records, counts[mine], seeds[mine])
+        except RuntimeError as err:
+            raise (sampling_failure(err, step + 1, "generation") or err) from err
         batch.rewards = c.task.verifier.score_batch(batch.responses, batch.answers).to(torch.float32)
         rows = StepRows.build(counts, batch.group_index, c.dp)
         return Generated(batch, rows, rows.scatter(batch.rewards.double()).float())
