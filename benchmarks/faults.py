@@ -34,22 +34,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nemo_gdro.testing.faults import Launcher, compare_runs, corrupt_newest  # noqa: E402
+from nemo_gdro.testing.faults import (  # noqa: E402
+    JOB_ARGS,
+    Launcher,
+    compare_runs,
+    corrupt_newest,
+    prepare_reference,
+    seed_run,
+)
 
 STEPS = 4
-ARGS = [
-    "sft.steps=40", "sft.batch_size=32", "data.num_train=64", "data.num_eval=4", "trainer.prompts_per_step=8",
-    "rollout.n=4", "eval.k=1", "rollout.max_new_tokens=4", "trainer.eval_every=2", "trainer.checkpoint_every=1",
-    "trainer.keep_last_checkpoints=3", "trainer.micro_batch_size=16", "logging.tensorboard=false",
-    "logging.progress=false", "algorithm.loss=r2vpo", "algorithm.r2vpo.replay_ratio=0.5",
-    "algorithm.advantage_weighting=prompt_gdro", "algorithm.rollout_scheduler=rollout_gdro",
-]
-
-
-def seed_run(warm: Path, run: Path) -> None:
-    """``run`` starts from the warm start's step-0 checkpoint (its records come back from the checkpoint)."""
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(warm / "checkpoints" / "step_00000000", run / "checkpoints" / "step_00000000")
 
 
 def trial(
@@ -57,7 +51,7 @@ def trial(
 ) -> dict:
     run = out / "run"
     seed_run(warm, run)
-    args = [*ARGS, f"trainer.max_steps={STEPS}", f"run.output_dir={run}", "run.resume=auto"]
+    args = [*JOB_ARGS, f"trainer.max_steps={STEPS}", f"run.output_dir={run}", "run.resume=auto"]
     faults: list[str] = []
     kills = rng.randint(1, 3)
     done = False
@@ -100,19 +94,11 @@ def main() -> int:
     launcher = Launcher()
     start = time.monotonic()
     try:
-        warm, reference = root / "warm", root / "reference"
-        for name, run_args in (
-            ("warm", [*ARGS, "trainer.max_steps=1", f"run.output_dir={warm}"]),
-            ("reference", [*ARGS, f"trainer.max_steps={STEPS}", f"run.output_dir={reference}"]),
-        ):
-            if name == "reference":
-                seed_run(warm, reference)
-            t0 = time.monotonic()
-            ref = launcher.run(run_args, root / f"{name}.log")
-            if ref.exitcode != 0:
-                print(f"{name} run failed (rc {ref.exitcode}):\n{ref.log[-3000:]}", file=sys.stderr)
-                return 1
-        run_s = time.monotonic() - t0
+        try:
+            warm, reference, run_s = prepare_reference(launcher, root, STEPS)
+        except RuntimeError as err:
+            print(err, file=sys.stderr)
+            return 1
         grads = [r.get("actor/grad_norm") or 0.0 for r in map(json.loads, (reference / "metrics.jsonl").open())]
         print(f"reference: {STEPS} RL steps in {run_s:.1f} s, grad norms {[round(g, 4) for g in grads[1:]]}")
         totals = {"trials": 0, "resumed": 0, "identical": 0, "lost": 0, "kills_in_save": 0, "kills": 0, "corruptions": 0}

@@ -34,7 +34,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Launcher", "RunOutcome", "corrupt_newest", "final_weights", "logged_steps", "compare_runs"]
+__all__ = [
+    "JOB_ARGS",
+    "Launcher",
+    "RunOutcome",
+    "compare_runs",
+    "corrupt_newest",
+    "final_weights",
+    "logged_steps",
+    "prepare_reference",
+    "seed_run",
+]
+
+#: The job of the fault trials: a tiny real run with every checkpointed controller kind (Prompt-GDRO,
+#: Rollout-GDRO, R²VPO dual and replay), a checkpoint every step and an evaluation every 2 steps. 40 SFT
+#: steps make some answers right, so the RL steps have rewards and gradients (the weights change).
+JOB_ARGS = [
+    "sft.steps=40", "sft.batch_size=32", "data.num_train=64", "data.num_eval=4", "trainer.prompts_per_step=8",
+    "rollout.n=4", "eval.k=1", "rollout.max_new_tokens=4", "trainer.eval_every=2", "trainer.checkpoint_every=1",
+    "trainer.keep_last_checkpoints=3", "trainer.micro_batch_size=16", "logging.tensorboard=false",
+    "logging.progress=false", "algorithm.loss=r2vpo", "algorithm.r2vpo.replay_ratio=0.5",
+    "algorithm.advantage_weighting=prompt_gdro", "algorithm.rollout_scheduler=rollout_gdro",
+]
 
 # What the forkserver imports once (the expensive part of starting a run).
 _PRELOAD = ["nemo_gdro.cli", "nemo_gdro.trainer.loop", "nemo_gdro.trainer.plots", "megatron.core", "transformers"]
@@ -239,3 +260,29 @@ def compare_runs(reference: Path, run: Path, max_steps: int) -> dict[str, Any]:
                 if not name.startswith("time/") and other.get(name) != value:
                     differences.append(f"{kind} step {key[0]} {name}")
     return {"lost": lost, "identical": not lost and not differences, "differences": differences[:10]}
+
+
+# ----------------------------------------------------------------------------- the shared starting point
+def seed_run(warm: Path, run: Path) -> None:
+    """``run`` starts from the warm start's step-0 checkpoint (its step-0 records come back from it on resume)."""
+    import shutil
+
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(warm / "checkpoints" / "step_00000000", run / "checkpoints" / "step_00000000")
+
+
+def prepare_reference(launcher: Launcher, root: Path, steps: int) -> tuple[Path, Path, float]:
+    """Train the warm start once and an uninterrupted reference of ``steps`` RL steps from it.
+
+    Returns ``(warm, reference, seconds the reference run took)``; raises RuntimeError if either fails.
+    """
+    warm, reference = root / "warm", root / "reference"
+    warm_run = launcher.run([*JOB_ARGS, "trainer.max_steps=1", f"run.output_dir={warm}"], root / "warm.log")
+    if warm_run.exitcode != 0:
+        raise RuntimeError(f"warm start failed (rc {warm_run.exitcode}):\n{warm_run.log[-3000:]}")
+    seed_run(warm, reference)
+    t0 = time.monotonic()
+    ref = launcher.run([*JOB_ARGS, f"trainer.max_steps={steps}", f"run.output_dir={reference}"], root / "reference.log")
+    if ref.exitcode != 0:
+        raise RuntimeError(f"reference run failed (rc {ref.exitcode}):\n{ref.log[-3000:]}")
+    return warm, reference, time.monotonic() - t0
