@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-NOT_YET = (
-    "nemo-gdro {command}: not yet available; it lands with a later issue. "
-    "`nemo-gdro train` runs training and writes plots and an eval summary at the end."
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,10 +17,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,plot}")
     for name, help_text in (
         ("train", "run RL training (default config: tiny model on CPU)"),
-        ("eval", "evaluate a checkpoint (mean@k, pass@k)"),
+        ("eval", "evaluate a training checkpoint, run dir or HF checkpoint dir on the task's eval suites"),
         ("plot", "render the plots of a finished run"),
     ):
         cmd = sub.add_parser(name, help=help_text)
+        if name == "plot":
+            cmd.add_argument("run_dir", help="a run's output dir (metrics.jsonl, eval.jsonl)")
+            continue
+        if name == "eval":
+            cmd.add_argument("target", help="a run's output dir, a checkpoints/step_XXXXXXXX dir, or an HF checkpoint dir")
+            cmd.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
         cmd.add_argument(
             "--config-name",
             default="train",
@@ -112,6 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return _train(args)
+    if args.command == "eval":
+        from nemo_gdro.trainer.checkpoint import CheckpointError
+        from nemo_gdro.trainer.config import ConfigError
+        from nemo_gdro.trainer.eval_run import evaluate_target, format_table, write_json
+
+        try:
+            metrics = evaluate_target(args.target, args.overrides, config_name=args.config_name)
+        except (CheckpointError, ConfigError) as err:
+            if args.debug:
+                raise
+            print(f"nemo-gdro eval: {err}", file=sys.stderr)
+            return 2
+        k = max(int(key.rsplit("@", 1)[1]) for key in metrics if key.startswith("eval/pass@") and "/" not in key[5:])
+        print(format_table(metrics, k))
+        if args.out:
+            write_json(args.out, metrics)
+        return 0
     if args.command == "export":
         from nemo_gdro.trainer.checkpoint import CheckpointError
         from nemo_gdro.trainer.config import ConfigError
@@ -126,7 +146,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"[nemo-gdro] wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
         return 0
-    print(NOT_YET.format(command=args.command), file=sys.stderr)
+    if args.command == "plot":
+        from nemo_gdro.trainer.plots import make_plots, write_summary
+
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "metrics.jsonl").is_file():
+            print(f"nemo-gdro plot: {run_dir} holds no metrics.jsonl (not a training run's output dir)", file=sys.stderr)
+            return 2
+        plots = make_plots(run_dir)
+        print(f"[nemo-gdro] {len(plots)} plots in {run_dir / 'plots'}; summary: {write_summary(run_dir)}")
+        return 0
+    parser.print_help()
     return 2
 
 

@@ -64,10 +64,16 @@ STAGE_REGISTRIES: dict[str, Registry] = {
 # --------------------------------------------------------------------- task side
 #: ``data.task``: a task class with ``Config`` (its ``data`` section) and
 #: ``build(config, tokenizer) -> task`` (train pool, eval suites, verifier, SFT examples).
-TASKS = Registry("task", "data.task", {"arithmetic": "nemo_gdro.tasks.arithmetic:ArithmeticTask"})
+TASKS = Registry(
+    "task", "data.task", {"arithmetic": "nemo_gdro.tasks.arithmetic:ArithmeticTask", "math": "nemo_gdro.tasks.math:MathTask"}
+)
 
 #: ``tokenizer.name``: ``build(section, model_section) -> tokenizer`` (the tokenizer contract).
-TOKENIZERS = Registry("tokenizer", "tokenizer.name", {"char": "nemo_gdro.tasks.tokenizers:build_char_tokenizer"})
+TOKENIZERS = Registry(
+    "tokenizer",
+    "tokenizer.name",
+    {"char": "nemo_gdro.tasks.tokenizers:build_char_tokenizer", "hf": "nemo_gdro.tasks.tokenizers:build_hf_tokenizer"},
+)
 
 #: ``model.source``: ``build(section, tokenizer) -> ModelInit`` (architecture, initial weights).
 MODEL_SOURCES = Registry(

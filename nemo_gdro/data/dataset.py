@@ -12,6 +12,16 @@ string answer on every row, is rejected at load time with a ``DatasetError``
 naming the offending rows (``row i`` for in-memory rows, 0-based; ``line n``
 for JSONL files, 1-based). Silently falling back to a shared or random id
 breaks every per-prompt statistic.
+
+Prompt and answer text is bounded too: an empty or whitespace-only prompt or
+answer, or a prompt longer than ``max_prompt_chars`` characters (default
+``DEFAULT_MAX_PROMPT_CHARS`` = 64 KiB; ``None`` = no bound), is rejected naming
+the rows. The bound is a guard against a wrong column or a corrupted file;
+the token limit of training (``data.max_prompt_tokens``) is applied by the
+file loaders.
+
+``fingerprint()`` identifies the content (``data/fingerprint.py``): the trainer
+stores it in checkpoints and compares it on resume.
 """
 
 from __future__ import annotations
@@ -26,10 +36,14 @@ from typing import Any
 import torch
 
 from nemo_gdro.data.arithmetic import ArithmeticConfig, ArithmeticProblem, make_problems
+from nemo_gdro.data.fingerprint import DatasetFingerprint
 
 
 class DatasetError(ValueError):
     """A dataset violates the prompt-identity or schema rules; the message names the rows."""
+
+
+DEFAULT_MAX_PROMPT_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,18 +72,61 @@ def _as_index(i: object) -> int:
     return operator.index(i)  # type: ignore[arg-type]
 
 
+def text_errors(
+    prompts: Sequence[Any], answers: Sequence[Any], labels: Sequence[str], max_prompt_chars: int | None
+) -> list[str]:
+    """Messages for empty / whitespace-only / over-long prompts and empty answers
+    (string values only; type errors are reported by the callers)."""
+    empty_p = [lab for p, lab in zip(prompts, labels, strict=True) if isinstance(p, str) and not p.strip()]
+    empty_a = [lab for a, lab in zip(answers, labels, strict=True) if isinstance(a, str) and not a.strip()]
+    errors = []
+    if empty_p:
+        errors.append(f"empty or whitespace-only prompt on {_list(empty_p)}")
+    if empty_a:
+        errors.append(f"empty or whitespace-only answer on {_list(empty_a)}")
+    if max_prompt_chars is not None:
+        long_p = [
+            f"{lab} ({len(p)} chars)"
+            for p, lab in zip(prompts, labels, strict=True)
+            if isinstance(p, str) and len(p) > max_prompt_chars
+        ]
+        if long_p:
+            errors.append(f"prompt longer than max_prompt_chars={max_prompt_chars} on {_list(long_p)}")
+    return errors
+
+
 class PromptDataset:
     """Records indexed by dense ``prompt_id`` in ``[0, len)``.
 
     ``PromptDataset(records)`` accepts records in any order but requires their
-    ids to be exactly ``0..N-1``.
+    ids to be exactly ``0..N-1``, a non-empty prompt and answer on every record
+    and prompts of at most ``max_prompt_chars`` characters (``None``: no bound).
     """
 
-    def __init__(self, records: Iterable[PromptRecord]) -> None:
+    def __init__(
+        self, records: Iterable[PromptRecord], *, max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS
+    ) -> None:
         recs = sorted(records, key=lambda r: r.prompt_id)
         bad = [f"position {k} has prompt_id {r.prompt_id}" for k, r in enumerate(recs) if r.prompt_id != k]
         if bad:
             raise DatasetError(f"PromptDataset ids must be exactly 0..{len(recs) - 1}: {_list(bad)}")
+        bounded = max_prompt_chars is None or (type(max_prompt_chars) is int and max_prompt_chars >= 1)
+        if not bounded:
+            raise ValueError(f"max_prompt_chars must be a positive integer or None, got {max_prompt_chars!r}")
+        errors = []
+        for what in ("prompt", "answer"):
+            wrong = [
+                f"prompt_id {r.prompt_id} ({type(getattr(r, what)).__name__})"
+                for r in recs
+                if not isinstance(getattr(r, what), str)
+            ]
+            if wrong:
+                errors.append(f"{what} must be a string, not on {_list(wrong)}")
+        errors += text_errors(
+            [r.prompt for r in recs], [r.answer for r in recs], [f"prompt_id {r.prompt_id}" for r in recs], max_prompt_chars
+        )
+        if errors:
+            raise DatasetError("; ".join(errors))
         self._records: list[PromptRecord] = recs
 
     # ------------------------------------------------------------- access
@@ -101,6 +158,10 @@ class PromptDataset:
     def __repr__(self) -> str:
         return f"PromptDataset(num_prompts={len(self)})"
 
+    def fingerprint(self) -> DatasetFingerprint:
+        """Identity of the content (uid per dense id when records carry ``meta["uid"]``, hashes)."""
+        return DatasetFingerprint.of(self._records)
+
     # ------------------------------------------------------- constructors
     @classmethod
     def from_rows(
@@ -110,6 +171,7 @@ class PromptDataset:
         *,
         prompt_field: str = "prompt",
         answer_field: str = "answer",
+        max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS,
     ) -> PromptDataset:
         """Build from dict rows.
 
@@ -118,11 +180,13 @@ class PromptDataset:
                 any row has it, else the row index; a column name forces that
                 column; ``None`` forces the row index.
             prompt_field / answer_field: names of the string prompt and answer columns.
+            max_prompt_chars: longest accepted prompt in characters (``None``: no bound).
 
         Every other column goes to ``meta``; the original explicit id is kept as
         ``meta["orig_id"]``.
         """
-        return cls._build(rows, [f"row {i}" for i in range(len(rows))], id_field, prompt_field, answer_field)
+        labels = [f"row {i}" for i in range(len(rows))]
+        return cls._build(rows, labels, id_field, prompt_field, answer_field, max_prompt_chars)
 
     @classmethod
     def from_jsonl(
@@ -132,6 +196,7 @@ class PromptDataset:
         *,
         prompt_field: str = "prompt",
         answer_field: str = "answer",
+        max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS,
     ) -> PromptDataset:
         """Build from a JSON-lines file (one object per line; blank lines are skipped).
 
@@ -153,7 +218,7 @@ class PromptDataset:
         if bad:
             raise DatasetError(f"{path}: invalid JSON on {_list(bad)}")
         try:
-            return cls._build(rows, labels, id_field, prompt_field, answer_field)
+            return cls._build(rows, labels, id_field, prompt_field, answer_field, max_prompt_chars)
         except DatasetError as e:
             raise DatasetError(f"{path}: {e}") from None
 
@@ -174,6 +239,7 @@ class PromptDataset:
         id_field: str | None,
         prompt_field: str,
         answer_field: str,
+        max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS,
     ) -> PromptDataset:
         not_dict = [lab for row, lab in zip(rows, labels, strict=True) if not isinstance(row, Mapping)]
         if not_dict:
@@ -191,6 +257,9 @@ class PromptDataset:
             ]
             if wrong:
                 errors.append(f"field {fname!r} must be a string, not on {_list(wrong)}")
+        errors += text_errors(
+            [row.get(prompt_field) for row in rows], [row.get(answer_field) for row in rows], labels, max_prompt_chars
+        )
 
         if id_field == "auto":
             id_field = next((c for c in ("uid", "index") if any(c in row for row in rows)), None)
@@ -238,7 +307,7 @@ class PromptDataset:
             if orig_ids is not None:
                 meta["orig_id"] = orig_ids[k]
             records.append(PromptRecord(dense[k], row[prompt_field], row[answer_field], meta))
-        return cls(records)
+        return cls(records, max_prompt_chars=max_prompt_chars)
 
 
 def _problem_rows(problems: Sequence[ArithmeticProblem], split_name: str) -> list[dict[str, Any]]:

@@ -91,7 +91,24 @@ class CharTokenizer:
             raise ValueError(f"padded_vocab_size multiple must be >= 1, got {multiple}")
         return -(-self.vocab_size // multiple) * multiple
 
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Generation stops at ``<eos>`` (tokenizer contract, ``tokenizer_base.py``)."""
+        return frozenset((self.eos_id,))
+
     # ------------------------------------------------------------ encoding
+    def encode_prompt(self, text: str) -> list[int]:
+        """Contract: ``<bos>`` + the characters of ``text`` (what the HF engine and SFT use)."""
+        return self.encode(text, add_bos=True)
+
+    def encode_target(self, text: str) -> list[int]:
+        """Contract: the characters of ``text`` + ``<eos>``."""
+        return self.encode(text, add_eos=True)
+
+    def decode_response(self, ids: Iterable[int]) -> str:
+        """Contract: specials rendered literally (``"<pad>"``), unknown ids as U+FFFD."""
+        return self.decode(ids, skip_special=False, on_unknown="replace")
+
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Map each character of ``text`` to its id; raises ``ValueError`` on an unknown one."""
         ids: list[int] = [self.bos_id] if add_bos else []

@@ -46,8 +46,8 @@ def sft_batch(records: Sequence[PromptRecord], tokenizer) -> tuple[torch.Tensor,
     """``(tokens [B, S], target mask [B, S-1])``: prompt + worked answer, the answer's positions masked in."""
     seqs, prompt_lens = [], []
     for rec in records:
-        prompt = tokenizer.encode(rec.prompt, add_bos=True)
-        target = tokenizer.encode(rec.meta["sft_target"], add_eos=True)
+        prompt = tokenizer.encode_prompt(rec.prompt)
+        target = tokenizer.encode_target(rec.meta["sft_target"])
         seqs.append(prompt + target)
         prompt_lens.append(len(prompt))
     width = max(len(s) for s in seqs)

@@ -91,17 +91,24 @@ class ModelSection:
     source: a ``model.source`` registry name: ``preset`` (random init of a
         :data:`~nemo_gdro.models.gpt.PRESETS` entry with ``overrides``) or
         ``hf`` (architecture from ``path/config.json``, weights from its safetensors).
-    dtype: parameter dtype of the actor (``float32`` on CPU; ``bfloat16`` on GPU,
-        with fp32 gradients and master weights).
+    dtype: parameter dtype of the actor: ``bfloat16`` (GPU; fp32 gradients and
+        master weights), ``float32``, or ``auto`` (bfloat16 with CUDA, float32 without).
     """
 
     source: str = "preset"
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
+        import torch
+
+        _require(
+            self.dtype != "bfloat16" or torch.cuda.is_available(),
+            "model.dtype=bfloat16 needs CUDA (Megatron's mixed-precision optimizer only wraps CUDA tensors); "
+            "use model.dtype=float32 or auto on CPU",
+        )
         from nemo_gdro.models.gpt import PRESETS
         from nemo_gdro.registries import MODEL_SOURCES
 
@@ -117,14 +124,18 @@ class ModelSection:
     def torch_dtype(self) -> Any:
         import torch
 
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
 
 
 @dataclass(frozen=True)
 class TokenizerSection:
-    """``tokenizer``: a ``tokenizer.name`` registry name (``char``: the fixed character vocabulary)."""
+    """``tokenizer``: a ``tokenizer.name`` registry name: ``char`` (the fixed character
+    vocabulary) or ``hf`` (the tokenizer of ``path``, default ``model.path``)."""
 
     name: str = "char"
+    path: str | None = None
 
     def __post_init__(self) -> None:
         from nemo_gdro.registries import TOKENIZERS

@@ -134,3 +134,45 @@ def test_constructor_requires_dense_ids():
 
 def test_dataset_error_is_value_error():
     assert issubclass(DatasetError, ValueError)
+
+
+# ------------------------------------------------ text bounds (issue 12, item 7)
+def test_empty_prompts_and_answers_rejected_naming_rows():
+    data = rows(5)
+    data[1]["prompt"] = ""
+    data[2]["prompt"] = " \n\t"
+    data[3]["answer"] = ""
+    data[4]["answer"] = "   "
+    with pytest.raises(DatasetError) as e:
+        PromptDataset.from_rows(data)
+    msg = str(e.value)
+    assert "empty or whitespace-only prompt on row 1, row 2" in msg
+    assert "empty or whitespace-only answer on row 3, row 4" in msg
+
+
+def test_oversized_prompt_rejected_and_bound_configurable(tmp_path):
+    data = rows(3)
+    data[2]["prompt"] = "x" * (1 << 20)  # 1 MB
+    with pytest.raises(DatasetError, match=r"prompt longer than max_prompt_chars=65536 on row 2 \(1048576 chars\)"):
+        PromptDataset.from_rows(data)
+    assert len(PromptDataset.from_rows(data, max_prompt_chars=None)) == 3
+    with pytest.raises(DatasetError, match=r"max_prompt_chars=7 on row 0 \(8 chars\), row 1 \(8 chars\)"):
+        PromptDataset.from_rows(rows(2), max_prompt_chars=7)
+    assert len(PromptDataset.from_rows(rows(2), max_prompt_chars=8)) == 2
+    path = tmp_path / "big.jsonl"
+    write_jsonl(path, data)
+    with pytest.raises(DatasetError, match=r"big.jsonl: prompt longer than max_prompt_chars=65536 on line 3"):
+        PromptDataset.from_jsonl(path)
+
+
+def test_constructor_checks_text_naming_prompt_ids():
+    with pytest.raises(DatasetError, match="empty or whitespace-only prompt on prompt_id 1"):
+        PromptDataset([PromptRecord(0, "a", "1"), PromptRecord(1, "  ", "2")])
+    with pytest.raises(DatasetError, match="empty or whitespace-only answer on prompt_id 0"):
+        PromptDataset([PromptRecord(0, "a", "")])
+    with pytest.raises(DatasetError, match=r"max_prompt_chars=3 on prompt_id 0 \(4 chars\)"):
+        PromptDataset([PromptRecord(0, "abcd", "1")], max_prompt_chars=3)
+    with pytest.raises(DatasetError, match=r"prompt must be a string, not on prompt_id 0 \(NoneType\); answer must be a string, not on prompt_id 1 \(int\)"):
+        PromptDataset([PromptRecord(0, None, "1"), PromptRecord(1, "b", 2)])
+    with pytest.raises(ValueError, match="max_prompt_chars must be a positive integer or None"):
+        PromptDataset([PromptRecord(0, "a", "1")], max_prompt_chars=0)
