@@ -206,9 +206,10 @@ def check_identical_over_group(digest: bytes, group: Any, what: str) -> None:
     """All-gather a 16-byte digest over ``group`` (gloo) and raise ``RuntimeError`` if ranks differ."""
     import torch.distributed as dist
 
+    from nemo_gdro.parallel import comm
+
     mine = torch.frombuffer(bytearray(digest[:16].ljust(16, b"\0")), dtype=torch.int64).clone()
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, mine, group=group)
+    parts = comm.all_gather(mine, group=group)
     if any(not torch.equal(p, mine) for p in parts):
         ranks = dist.get_process_group_ranks(group)
         raise RuntimeError(
