@@ -13,7 +13,7 @@ import pytest
 from nemo_gdro.testing.faults import JOB_ARGS, Launcher, prepare_reference
 
 #: RL steps of the reference job the kill / signal trials are compared with.
-STEPS = 3
+STEPS = 2
 
 #: In-process runs (pytest's own process): tiny, no SFT (the RL gradients are then ~0, which these tests do not need).
 TINY = [
