@@ -58,25 +58,63 @@ def _quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message="Apex is not installed")
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``nemo-gdro train``: every expected failure is one line on stderr and a non-zero exit code.
+
+    2: a configuration problem (nothing was built or written); 1: a run-time
+    failure (lock held, non-finite values, disk full, a collective timed out,
+    a checkpoint that cannot be used); 128 + N: stopped by signal N (SIGTERM:
+    143, SIGINT: 130) after writing a checkpoint. ``--debug`` re-raises.
+    """
+    from nemo_gdro.trainer.checkpoint import CheckpointError
+    from nemo_gdro.trainer.config import ConfigError
+    from nemo_gdro.trainer.errors import RunError
+    from nemo_gdro.trainer.loop import train
+
+    try:
+        train(args.overrides, config_name=args.config_name)
+    except ConfigError as err:
+        if args.debug:
+            raise
+        print(f"nemo-gdro train: configuration error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (RunError, CheckpointError) as err:
+        if args.debug:
+            raise
+        print(f"nemo-gdro train: {_one_line(err)}", file=sys.stderr)
+        return getattr(err, "exit_code", 1)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("nemo-gdro train: interrupted (SIGINT) before training started; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _short_warnings() -> None:
+    """Warnings as one ``[nemo-gdro] <Category>: <message>`` line (no source line echo)."""
+    import warnings
+
+    def fmt(message, category, filename, lineno, line=None):
+        return f"[nemo-gdro] {category.__name__}: {message}\n"
+
+    warnings.formatwarning = fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_third_party_warnings()
+    _short_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     if args.command == "train":
-        from nemo_gdro.trainer.config import ConfigError
-        from nemo_gdro.trainer.loop import train
-
-        try:
-            train(args.overrides, config_name=args.config_name)
-        except ConfigError as err:
-            if args.debug:
-                raise
-            print(f"nemo-gdro train: configuration error: {err}", file=sys.stderr)
-            return 2
-        return 0
+        return _train(args)
     if args.command == "eval":
         from nemo_gdro.trainer.checkpoint import CheckpointError
         from nemo_gdro.trainer.config import ConfigError

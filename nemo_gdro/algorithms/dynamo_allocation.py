@@ -48,6 +48,12 @@ class DynamoAllocationConfig:
         variance), 0.5 = Neyman (n grows with the standard deviation).
     refresh: ``every_step`` reads the live counters; ``every_epoch`` reads a
         snapshot taken by :meth:`DynamoAllocator.refresh_epoch`.
+    warmup_compete: ``False`` (default): a prompt in warm-up takes
+        ``max(n_min, warmup - G)`` and stays out of the water-fill. ``True``
+        (the authors' release): it gets ``n_min`` like every prompt and competes
+        in the water-fill at priority 1.0 when unseen (``G == 0``) or at its
+        running priority, so unseen prompts tend to reach ``n_max``
+        (dynamo.md §1, Allocation step 3).
     """
 
     n_bar: int = 16
@@ -58,6 +64,7 @@ class DynamoAllocationConfig:
     floor: float = 0.01
     power: float = 1.0
     refresh: Refresh = "every_step"
+    warmup_compete: bool = False
 
     def __post_init__(self) -> None:
         for key in ("n_bar", "n_min", "n_max"):
@@ -86,6 +93,8 @@ class DynamoAllocationConfig:
             raise ValueError(f"dynamo.power must be a finite number > 0, got {self.power!r}")
         if self.refresh not in ("every_step", "every_epoch"):
             raise ValueError(f"dynamo.refresh must be 'every_step' or 'every_epoch', got {self.refresh!r}")
+        if not isinstance(self.warmup_compete, bool):
+            raise ValueError(f"dynamo.warmup_compete must be true or false, got {self.warmup_compete!r}")
 
     @property
     def effective_warmup(self) -> int:
@@ -215,6 +224,10 @@ class DynamoAllocator:
         exceed the budget (only when ``n_bar < warmup``), everyone starts at
         ``n_min`` and the warm-up demands are served in batch order (lower
         position first) until the budget is spent, so the total stays exact.
+
+        With ``warmup_compete`` a warm-up prompt instead gets the lower bound
+        ``n_min`` and weight ``1.0`` when unseen (``G == 0``), else
+        ``priority ** power``, and joins the water-fill.
         """
         cfg = self.config
         ids = torch.as_tensor(prompt_ids, dtype=torch.int64).cpu()
@@ -226,6 +239,14 @@ class DynamoAllocator:
         warmup = cfg.effective_warmup
         prio = priority(k, g, mastery=cfg.mastery, floor=cfg.floor)
         in_warmup = g < warmup
+        if cfg.warmup_compete:
+            # The release's behaviour: warm-up prompts compete, an unseen one at priority 1.0.
+            weights = torch.where(g <= 0, torch.ones_like(prio), prio.pow(cfg.power))
+            counts = allocate_budget(weights, total, cfg.n_min, cfg.n_max, rule="excess").counts
+            return DynamoAllocation(
+                counts=counts, priorities=prio, weights=weights, in_warmup=in_warmup, rollouts_seen=g,
+                correct_seen=k, warmup_oversubscribed=False,
+            )
         weights = torch.where(in_warmup, torch.zeros_like(prio), prio.pow(cfg.power))
         # ceil: decayed counters can be fractional; a warm-up prompt needs whole rollouts.
         # The cap at n_max keeps the bounds feasible when warmup > n_max (e.g. the

@@ -3,18 +3,20 @@
 One process per device (SPMD). Under ``torchrun``/``srun`` the usual
 environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``) describe the job; without them the process
-forms a world of size 1 over a ``FileStore`` in a private temporary directory
-(no port is ever reserved, so parallel test workers cannot collide).
+forms a world of size 1 over an in-memory ``HashStore`` (no port is ever
+reserved, so parallel test workers cannot collide, and nothing is left on
+disk when the process is killed).
+
+Every collective (and Megatron's process groups) times out after
+``timeout_s`` (``parallel.timeout_s``): a rank that stalls or dies fails the
+job after that long instead of blocking it for the default 30 minutes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -50,8 +52,6 @@ class DistInfo:
     device: torch.device
 
 
-# The temporary FileStore directory of a single-process world (removed on destroy).
-_STORE_DIR: str | None = None
 _OWNS_PROCESS_GROUP = False
 
 
@@ -113,7 +113,7 @@ def init_distributed(
     pipeline_parallel: int = 1,
     seed: int = 0,
     backend: str | None = None,
-    timeout_minutes: int = 30,
+    timeout_s: float = 1800.0,
     init_method: str | None = None,
 ) -> DistInfo:
     """Initialise torch.distributed, Megatron parallel state and RNG seeding.
@@ -124,7 +124,7 @@ def init_distributed(
         seed: base seed (see :func:`seed_everything`).
         backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available,
             gloo otherwise.
-        timeout_minutes: collective timeout.
+        timeout_s: collective timeout in seconds (also of Megatron's groups).
         init_method: rendezvous URL used with ``RANK``/``WORLD_SIZE`` from the
             environment instead of ``env://`` (e.g. ``file:///tmp/x`` in
             multi-process tests, which then need no port).
@@ -134,7 +134,9 @@ def init_distributed(
     If torch.distributed is already initialised (by the launcher or a caller)
     that process group is reused and left alone by :func:`destroy_distributed`.
     """
-    global _STORE_DIR, _OWNS_PROCESS_GROUP
+    global _OWNS_PROCESS_GROUP
+    if not timeout_s > 0:
+        raise ValueError(f"parallel.timeout_s must be > 0, got {timeout_s}")
     apply_cpu_compat()  # no-op on GPU hosts
     from megatron.core import parallel_state
 
@@ -156,7 +158,7 @@ def init_distributed(
         torch.cuda.set_device(device_index)
 
     if not dist.is_initialized():
-        timeout = timedelta(minutes=timeout_minutes)
+        timeout = timedelta(seconds=timeout_s)
         if launch.is_distributed:
             dist.init_process_group(
                 backend=backend,
@@ -168,9 +170,7 @@ def init_distributed(
             if launch.world_size > 1:
                 print(f"[nemo-gdro] {launch.describe()} on {socket.gethostname()}, backend {backend}", flush=True)
         else:
-            _STORE_DIR = tempfile.mkdtemp(prefix="nemo_gdro_dist_")
-            store = dist.FileStore(os.path.join(_STORE_DIR, "store"), 1)
-            dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         _OWNS_PROCESS_GROUP = True
 
     world_size = dist.get_world_size()
@@ -182,7 +182,7 @@ def init_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=timeout_s / 60.0,
     )
     seed_everything(seed)
     return DistInfo(
@@ -206,13 +206,10 @@ def destroy_distributed() -> None:
     Safe to call when nothing is initialised; afterwards :func:`init_distributed`
     may be called again in the same process.
     """
-    global _STORE_DIR, _OWNS_PROCESS_GROUP
+    global _OWNS_PROCESS_GROUP
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False
-    if _STORE_DIR is not None:
-        shutil.rmtree(_STORE_DIR, ignore_errors=True)
-        _STORE_DIR = None

@@ -211,6 +211,19 @@ def _step_state_set_aside(inner: torch.optim.Optimizer) -> Iterator[None]:
                 st["step"] = steps[id(st)].detach().clone()
 
 
+def _finite(tensors: list[torch.Tensor]) -> bool:
+    """All elements of all ``tensors`` finite (one host sync)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
+
+
+def _all_ranks(ok: bool) -> bool:
+    """``ok`` AND-ed over every process of the job (a MIN all-reduce; no-op in one process)."""
+    flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64)
+    return bool(comm.all_reduce(flag, op=dist.ReduceOp.MIN)[0] > 0)
+
+
 class MegatronActor:
     """A Megatron GPT policy: token statistics, training steps, HF export, checkpoints.
 
@@ -603,6 +616,15 @@ class MegatronActor:
         reduce-scattered: only this rank's shard of each buffer holds the sum.
         """
         return {name: p.main_grad.detach().clone() for name, p in self.module.named_parameters()}
+
+    def grads_finite(self) -> bool:
+        """Whether every accumulated gradient (``main_grad``) is finite, on every rank of the job (collective)."""
+        grads = [g for g in (getattr(p, "main_grad", None) for p in self.module.parameters()) if g is not None]
+        return _all_ranks(_finite(grads))
+
+    def weights_finite(self) -> bool:
+        """Whether every parameter is finite, on every rank of the job (collective)."""
+        return _all_ranks(_finite(list(self.module.parameters())))
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip (global norm), step AdamW at the scheduled LR, zero gradients.

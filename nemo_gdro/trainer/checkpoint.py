@@ -3,8 +3,19 @@
 Layout of one checkpoint (``root/step_{step:08d}/``)::
 
     model.pt  optimizer.pt  controllers.pt  sampler.pt  rng.pt  ...  (one torch.save per component)
+    trainer.json  ...                                              (plain data: one JSON file per component)
     config.yaml                                                    (optional, the resolved config)
     manifest.json                                                  (written last: size + sha256 of every file)
+
+Safe loading (the trust model): ``.pt`` files are read with
+``torch.load(weights_only=True)``, which only rebuilds tensors and plain
+containers (dict, list, tuple, str, numbers, None) and refuses any other
+pickled object, and plain data is JSON; so a checkpoint file, even a crafted
+one with a re-hashed manifest, cannot run code when it is loaded. Components
+must therefore be tensors and plain containers (numpy arrays, dataclasses and
+custom objects are converted by their owners). The sha256 manifest detects
+damage, not tampering: anyone who can write the directory can change the
+weights the run continues from.
 
 Write protocol (``CheckpointManager.save``): every file goes to a private temp
 dir ``root/.tmp_step_{step:08d}_{pid}``, each file is fsynced, the manifest is
@@ -25,25 +36,33 @@ so the world size at save time is visible in the file name; rank 0 alone
 publishes the directory with the protocol above, then all ranks meet at a
 barrier. :mod:`nemo_gdro.trainer.run_state` decides what goes where.
 
-One writer per ``root`` is assumed: ``save`` removes any leftover temp dir it
-finds, including one of another live process.
+One writer per ``root`` is assumed (:mod:`nemo_gdro.trainer.run_lock` holds an
+exclusive lock on the run's output directory): ``save`` removes any leftover
+temp dir it finds.
+
+A full disk (or quota) raises :class:`DiskFullError` ("no space left on device
+at <dir>") after removing the temp dir: the previous checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import torch
+
+from nemo_gdro.typed_config import ConfigError
 
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "config.yaml"
@@ -62,6 +81,56 @@ _HASH_CHUNK = 1 << 22  # 4 MiB reads when re-hashing files
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
+
+
+class ResumePathError(CheckpointError, ConfigError):
+    """``run.resume`` names a path that is not a usable checkpoint (a configuration error too)."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written for lack of space; the previous ones are kept."""
+
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) is ENOSPC / EDQUOT.
+
+    ``torch.save`` reports a failed write of a file object as
+    ``RuntimeError: ... unexpected pos`` with the ``OSError`` as its context.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes for unprivileged users on the filesystem holding ``path`` (None if unknown)."""
+    for p in (path, *path.parents):
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
 
 
 def shard_file_name(component: str, rank: int, world_size: int) -> str:
@@ -136,6 +205,11 @@ def _torch_save_synced(obj: Any, path: Path) -> dict[str, Any]:
     return {"size": writer.size, "sha256": writer.sha256.hexdigest()}
 
 
+def _json_save_synced(obj: Any, path: Path) -> dict[str, Any]:
+    # allow_nan: evaluations may hold NaN; Python's json reads the tokens back exactly.
+    return _write_bytes_synced(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=True).encode("utf-8"))
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -168,9 +242,15 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         isinstance(v, dict) and "size" in v and "sha256" in v for v in files.values()
     ):
         raise CheckpointError(f"{mpath}: 'files' must map file name -> {{size, sha256}}")
-    for name, fname in manifest["components"].items():
+    listed = dict(manifest["components"])
+    listed.update(manifest.get("plain", {}))
+    for name, fname in listed.items():
         if fname not in files:
             raise CheckpointError(f"{mpath}: component {name!r} points at {fname!r}, which is not listed in 'files'")
+    for name, fnames in manifest.get("sharded", {}).items():
+        for fname in fnames:
+            if fname not in files:
+                raise CheckpointError(f"{mpath}: shard of {name!r} {fname!r} is not listed in 'files'")
     return manifest
 
 
@@ -276,6 +356,7 @@ class CheckpointManager:
         config_yaml: str | None = None,
         *,
         per_rank: dict[str, Any] | None = None,
+        plain: dict[str, Any] | None = None,
         group: Any = None,
     ) -> Path:
         """Write the checkpoint of ``step`` atomically and rotate old ones.
@@ -288,6 +369,8 @@ class CheckpointManager:
                 ``sampler``, ``rng``). Names: letters, digits, ``_ . -``; not
                 ``manifest``/``config``.
             config_yaml: the resolved run config, stored as ``config.yaml``.
+            plain: name -> JSON-serialisable data (replicated, rank 0's copy),
+                stored as ``{name}.json`` and loaded with ``json``.
 
         Returns:
             The final checkpoint directory.
@@ -305,7 +388,8 @@ class CheckpointManager:
         following this run. Nothing is deleted except by rotation.
         """
         per_rank = dict(per_rank or {})
-        overlap = sorted(set(per_rank) & set(components))
+        plain = dict(plain or {})
+        overlap = sorted((set(per_rank) & set(components)) | (set(plain) & (set(components) | set(per_rank))))
         if overlap:
             raise ValueError(f"checkpoint components {overlap} are given both as shared and per-rank")
         if self.world_size > 1:
@@ -320,20 +404,42 @@ class CheckpointManager:
             final = self.step_dir(step)
             if self.rank == 0:
                 assert gathered is not None
-                final = self._save_files(step, components, config_yaml, gathered)
-            dist.barrier(group=group)
+                error = None
+                try:
+                    final = self._save_files(step, components, config_yaml, gathered, plain)
+                except BaseException as err:  # noqa: BLE001 - shared with every rank below
+                    error = err
+            else:
+                error = None
+            # Every rank learns whether rank 0 published the checkpoint, so that
+            # none waits in a barrier for a writer that failed (e.g. a full disk).
+            box: list[Any] = [None if error is None else (type(error).__name__, str(error), is_disk_full(error))]
+            dist.broadcast_object_list(box, src=0, group=group)
+            if self.rank == 0 and error is not None:
+                raise error
+            if box[0] is not None:
+                kind, message, full = box[0]
+                raise (DiskFullError if full or kind == "DiskFullError" else CheckpointError)(
+                    f"rank 0 could not write the checkpoint: {message}"
+                )
             return final
-        return self._save_files(step, components, config_yaml, [per_rank])
+        return self._save_files(step, components, config_yaml, [per_rank], plain)
 
     def _save_files(
-        self, step: int, components: dict[str, Any], config_yaml: str | None, shards: list[dict[str, Any]]
+        self,
+        step: int,
+        components: dict[str, Any],
+        config_yaml: str | None,
+        shards: list[dict[str, Any]],
+        plain: dict[str, Any] | None = None,
     ) -> Path:
         """Single writer: publish ``components`` and every rank's ``shards`` atomically."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
-        if not isinstance(components, dict) or not components:
+        plain = dict(plain or {})
+        if not isinstance(components, dict) or not (components or plain):
             raise ValueError("checkpoint components must be a non-empty dict name -> object")
-        for name in list(components) + list(shards[0]):
+        for name in list(components) + list(shards[0]) + list(plain):
             if not isinstance(name, str) or not _COMPONENT_NAME_RE.match(name) or name in _RESERVED_NAMES:
                 raise ValueError(
                     f"checkpoint component name {name!r} is invalid: use letters, digits, '_', '.', '-' "
@@ -342,20 +448,28 @@ class CheckpointManager:
         if config_yaml is not None and not isinstance(config_yaml, str):
             raise TypeError(f"config_yaml must be a str or None, got {type(config_yaml).__name__}")
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise self._write_error(err, step, None) from None
         self._cleanup_side_dirs()
 
         tmp = self.root / f"{_TMP_PREFIX}{step:08d}_{os.getpid()}"
         if tmp.exists():  # pragma: no cover - a previous save of this process crashed mid-way
             shutil.rmtree(tmp)
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             files: dict[str, dict[str, Any]] = {}
             comp_files: dict[str, str] = {}
+            plain_files: dict[str, str] = {}
             for name, obj in components.items():
                 fname = f"{name}.pt"
                 files[fname] = _torch_save_synced(obj, tmp / fname)
                 comp_files[name] = fname
+            for name, obj in plain.items():
+                fname = f"{name}.json"
+                files[fname] = _json_save_synced(obj, tmp / fname)
+                plain_files[name] = fname
             sharded: dict[str, list[str]] = {}
             world = len(shards)
             for rank, rank_shards in enumerate(shards):
@@ -375,6 +489,7 @@ class CheckpointManager:
                 "world_size": self.world_size,
                 "created_unix_s": time.time(),
                 "components": comp_files,
+                "plain": plain_files,
                 "sharded": sharded,
                 "files": files,
             }
@@ -382,8 +497,10 @@ class CheckpointManager:
             # last, so its presence implies every file above is complete.
             _write_bytes_synced(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
             _fsync_dir(tmp)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, Exception) and (is_disk_full(err) or isinstance(err, PermissionError)):
+                raise self._write_error(err, step, tmp) from None
             raise
 
         self._move_abandoned(step)
@@ -404,6 +521,18 @@ class CheckpointManager:
             _fsync_dir(self.root)
         self._rotate(just_written=final)
         return final
+
+    def _write_error(self, err: BaseException, step: int, tmp: Path | None) -> CheckpointError:
+        """The one-line error for a checkpoint that could not be written (nothing was published)."""
+        kept = [p for _, p in self._step_dirs()]
+        keep = f"the previous checkpoint {kept[0]} is kept" if kept else "no earlier checkpoint exists"
+        if is_disk_full(err):
+            return DiskFullError(
+                f"no space left on device at {self.root} while writing checkpoint step {step} "
+                f"({_fmt_bytes(free_bytes(self.root))} free); {keep}. Free space (or lower "
+                "trainer.keep_last_checkpoints) and run again with run.resume=auto"
+            )
+        return CheckpointError(f"cannot write checkpoint step {step} under {self.root}: {err}; {keep}")
 
     def _cleanup_side_dirs(self) -> None:
         """Remove leftover temp dirs; restore or drop dirs displaced by an interrupted re-save."""
@@ -469,6 +598,14 @@ class CheckpointManager:
         dir and the reason; leftover temp dirs are reported and ignored. Cost:
         re-hashes the files of the checkpoints it inspects.
         """
+        return next(self.candidates(), None)
+
+    def candidates(self) -> Iterator[Path]:
+        """Verified checkpoints, newest step first (lazily: each is re-hashed when reached).
+
+        What :meth:`latest` returns first; a caller that finds the newest one
+        unusable (it does not load) moves on to the next.
+        """
         for _, p in self._side_dirs(_TMP_PREFIX):
             warnings.warn(f"ignoring {p}: leftover temp dir of an interrupted checkpoint save", stacklevel=2)
         candidates = self._step_dirs()
@@ -489,8 +626,7 @@ class CheckpointManager:
                     "(the next save moves it back into place)",
                     stacklevel=2,
                 )
-            return p
-        return None
+            yield p
 
     def resolve_resume(self, resume: str | Path | None) -> Path | None:
         """Turn the ``resume`` config value into a checkpoint dir.
@@ -509,8 +645,9 @@ class CheckpointManager:
                 return self.latest()
         path = Path(resume).expanduser()
         if not path.exists():
-            raise CheckpointError(
-                f"resume={str(resume)!r}: no such checkpoint directory (use 'auto', 'none' or a step_XXXXXXXX dir)"
+            raise ResumePathError(
+                f"run.resume={str(resume)!r}: no such checkpoint directory (allowed: auto, null, or a "
+                "checkpoints/step_XXXXXXXX directory)"
             )
         try:
             verify_checkpoint(path)
@@ -518,7 +655,7 @@ class CheckpointManager:
             hint = ""
             if path.is_dir() and any(_STEP_DIR_RE.match(c.name) for c in path.iterdir()):
                 hint = f" ({path} holds step_XXXXXXXX checkpoints: pass one of them, or resume='auto')"
-            raise CheckpointError(f"resume={str(resume)!r} is not a valid checkpoint: {e}{hint}") from e
+            raise ResumePathError(f"run.resume={str(resume)!r} is not a valid checkpoint: {e}{hint}") from e
         return path
 
     # ------------------------------------------------------------------ load
@@ -541,18 +678,31 @@ class CheckpointManager:
             out[name] = [self._load_file(path, fname, map_location) for fname in fnames]
         for name, fname in manifest["components"].items():
             out[name] = self._load_file(path, fname, map_location)
+        for name, fname in manifest.get("plain", {}).items():
+            out[name] = self._load_file(path, fname, map_location)
         return out
 
     @staticmethod
     def _load_file(path: Path, fname: str, map_location: Any) -> Any:
+        """One file: JSON for plain data, ``torch.load(weights_only=True)`` for tensors (never unpickles objects)."""
+        fpath = path / fname
+        if fname.endswith(".json"):
+            try:
+                return json.loads(fpath.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise CheckpointError(f"{fpath}: cannot be loaded ({type(e).__name__}: {e})") from e
         try:
-            # weights_only=False: these files are written by save() above and
-            # hold plain Python objects besides tensors (numpy RNG state,
-            # controller scalars, sampler order). Never point this at
-            # checkpoints from an untrusted source: unpickling runs code.
-            return torch.load(path / fname, map_location=map_location, weights_only=False)
+            return torch.load(fpath, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()
+            reason = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln), first[0] if first else "")
+            raise CheckpointError(
+                f"{fpath}: refused: the file holds pickled objects other than tensors and plain containers "
+                f"({reason[:200]}); checkpoints are loaded with torch.load(weights_only=True) so that a file "
+                "cannot run code"
+            ) from None
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise CheckpointError(f"{path / fname}: cannot be loaded ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{fpath}: cannot be loaded ({type(e).__name__}: {e})") from e
 
     @staticmethod
     def read_config(path: Path | str) -> str | None:
@@ -572,9 +722,18 @@ def capture_rng_state() -> dict[str, Any]:
     Explicit ``torch.Generator`` objects owned by controllers are *not* covered:
     they are part of those controllers' ``state_dict``.
     """
+    np_state = np.random.get_state(legacy=False)
+    # Tensors and plain values only, so that the state loads with weights_only=True.
+    numpy = {
+        "bit_generator": str(np_state["bit_generator"]),
+        "key": torch.from_numpy(np.asarray(np_state["state"]["key"]).astype(np.int64)),
+        "pos": int(np_state["state"]["pos"]),
+        "has_gauss": int(np_state["has_gauss"]),
+        "gauss": float(np_state["gauss"]),
+    }
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(legacy=False),
+        "numpy": numpy,
         "torch_cpu": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -596,7 +755,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if isinstance(py, list):
         py = (py[0], tuple(py[1]), py[2])
     random.setstate(py)
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if "key" in np_state:  # the tensor form written by capture_rng_state
+        np_state = {
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np.asarray(torch.as_tensor(np_state["key"]).numpy(), dtype=np.uint32),
+                      "pos": int(np_state["pos"])},
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        }
+    np.random.set_state(np_state)
     torch.set_rng_state(torch.as_tensor(state["torch_cpu"], dtype=torch.uint8).cpu())
     cuda = state.get("torch_cuda")
     if cuda is not None:

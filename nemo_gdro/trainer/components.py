@@ -24,7 +24,9 @@ from nemo_gdro.rollout.engines import EngineRequest
 from nemo_gdro.rollout.sampling import SamplingConfig
 from nemo_gdro.stages import StageContext, Stages, build_stages
 from nemo_gdro.tasks.base import Task
+from nemo_gdro.trainer.preflight import check_model_layout
 from nemo_gdro.trainer.replay import GroupReplay, NoReplay, ReplayBuffer
+from nemo_gdro.trainer.resume_check import check_same_config_across_ranks
 from nemo_gdro.trainer.run_config import RunConfig
 from nemo_gdro.typed_config import ConfigError
 
@@ -34,7 +36,9 @@ __all__ = ["Components", "Stateful", "build_components", "KLReference", "NoRefer
 @dataclass(frozen=True)
 class Stateful:
     """A checkpointed component: ``replicated`` state is identical on every DP rank (saved
-    once, checked across ranks every step when ``verify``), ``per_rank`` is saved by every rank."""
+    once, checked across ranks every step when ``verify``), ``per_rank`` is saved by every rank
+    (and restored with ``load_resharded(shards of every saved DP rank)``; with ``verify`` its
+    ``replicated_state()`` is what the ranks must agree on)."""
 
     obj: Any
     scope: str = "replicated"
@@ -110,7 +114,7 @@ class Components:
         verified = {"prompt_gdro", "rollout_gdro", "dual"}
         for name, obj in self.stages.stateful().items():
             out[name] = Stateful(obj, verify=name in verified)
-        out.update({name: Stateful(obj, scope="per_rank") for name, obj in self.replay.stateful().items()})
+        out.update({name: Stateful(obj, scope="per_rank", verify=True) for name, obj in self.replay.stateful().items()})
         out["prompt_stats"] = Stateful(self.store, scope="per_rank")
         out.update(self.reference.stateful())
         out.update(self.extra_state)
@@ -122,7 +126,9 @@ class Components:
             return
         state = dict(decisions)
         for name, item in self.stateful().items():
-            if item.verify:
+            if item.verify and item.scope == "per_rank":
+                state[name] = item.obj.replicated_state()
+            elif item.verify:
                 state[name] = {k: v for k, v in item.obj.state_dict().items() if k != "rng"}
         checksum(state, group=self.dp.group, step=step)
 
@@ -167,11 +173,6 @@ def _config_error(err: Exception) -> ConfigError:
 
 def _build(cfg: RunConfig, tokenizer: Any, verifiers: VerifierSet) -> Components:
     from nemo_gdro.models.megatron_options import check_model
-    from megatron.core import parallel_state
-
-    from nemo_gdro.models.hf_mapping import hf_config
-    from nemo_gdro.parallel.distributed import init_distributed
-    from nemo_gdro.trainer.actor import MegatronActor, OptimConfig
 
     try:  # a bad data file, column or row is a configuration error naming it
         task = TASKS.get(cfg.data.task).build(cfg.data, tokenizer, verifiers)
@@ -184,6 +185,13 @@ def _build(cfg: RunConfig, tokenizer: Any, verifiers: VerifierSet) -> Components
         )
     if cfg.sft.steps > 0 and task.sft is None:
         raise ConfigError(f"sft.steps={cfg.sft.steps} but data.task={cfg.data.task} has no worked examples; set sft.steps=0")
+    # Heavy imports after the cheap checks, so that those fail in seconds.
+    from megatron.core import parallel_state
+
+    from nemo_gdro.models.hf_mapping import hf_config
+    from nemo_gdro.parallel.distributed import init_distributed
+    from nemo_gdro.trainer.actor import MegatronActor, OptimConfig
+
     try:
         init = MODEL_SOURCES.get(cfg.model.source).build(cfg.model, tokenizer)
     except ValueError as err:
@@ -191,10 +199,13 @@ def _build(cfg: RunConfig, tokenizer: Any, verifiers: VerifierSet) -> Components
     # The architecture is known: layer counts and FP8 GEMM shapes, before any process group exists.
     check_model(cfg.megatron, init.spec, tensor_parallel=cfg.parallel.tensor_parallel,
                 pipeline_parallel=cfg.parallel.pipeline_parallel)
+    check_model_layout(init.spec, cfg.parallel)
 
+    p = cfg.parallel
     dist = init_distributed(
-        tensor_parallel=cfg.parallel.tensor_parallel, pipeline_parallel=cfg.parallel.pipeline_parallel, seed=cfg.seed
+        tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel, seed=cfg.seed, timeout_s=p.timeout_s
     )
+    check_same_config_across_ranks(cfg.to_yaml())
     dp = DataParallel(
         rank=dist.dp_rank,
         size=dist.data_parallel,

@@ -10,6 +10,16 @@ Non-finite values (NaN, +-inf) are written as JSON ``null`` so the files stay
 strict JSON (``jq``, pandas); :func:`read_jsonl` returns them as ``None`` and
 the plots treat ``None`` as NaN.
 
+Durability: every record is flushed and fsynced when it is written, so a
+record that precedes a checkpoint is on disk before the checkpoint is. The
+logger also keeps the records written since the last checkpoint
+(:meth:`MetricsLogger.tail`); the checkpoint stores them, and a run resumed
+from it reconciles the files with it (:func:`reconcile`): records after the
+checkpoint's step are dropped (they will be logged again), records up to it
+that are missing or damaged (a torn last line, a lost write) are restored
+from the checkpoint's copy. So across any number of crashes and resumes each
+step is logged exactly once.
+
 In a data-parallel run only rank 0 should construct a :class:`MetricsLogger`.
 """
 
@@ -30,12 +40,13 @@ EVAL_FILE = "eval.jsonl"
 TB_DIR = "tb"
 
 
-def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+def read_jsonl(path: Path | str, *, warn: bool = False) -> list[dict[str, Any]]:
     """Read a JSON-lines file; a truncated or unparsable *last* line is dropped.
 
     A crash mid-``write`` can only damage the last line; damage anywhere else
     means the file was edited or corrupted, and raises ``ValueError`` naming
-    the file and line number. A missing file reads as ``[]``.
+    the file and line number. A missing file reads as ``[]``. ``warn``: say
+    (``warnings.warn``, naming file and line) when a damaged last line is dropped.
     """
     path = Path(path)
     if not path.is_file():
@@ -53,6 +64,8 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
                 raise ValueError("not a JSON object")
         except ValueError as e:
             if i == last_nonempty:
+                if warn:
+                    warnings.warn(f"{path}:{i + 1}: dropped a damaged last line ({e}): {line[:80]!r}", stacklevel=2)
                 break  # interrupted write of the final record
             raise ValueError(f"{path}:{i + 1}: malformed JSON line ({e})") from e
         rows.append(row)
@@ -89,24 +102,60 @@ def _clean_metrics(metrics: dict[str, Any]) -> dict[str, float | int | None]:
     return out
 
 
-def _truncate_after(path: Path, resume_step: int) -> int:
-    """Rewrite ``path`` atomically without rows whose step > resume_step; returns how many were dropped."""
-    if not path.is_file():
-        return 0
-    raw = path.read_bytes()
-    rows = read_jsonl(path)
-    keep = [r for r in rows if not (isinstance(r.get("step"), int) and r["step"] > resume_step)]
-    ends_clean = raw.endswith(b"\n") or not raw
-    if len(keep) == len(rows) and ends_clean and len(rows) == raw.count(b"\n"):
-        return 0  # nothing to drop and no damaged tail: leave the file untouched
+def _step_of(row: dict[str, Any]) -> int | None:
+    step = row.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` atomically by ``rows`` (temp file, fsync, rename, fsync of the dir)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in keep:
+        for r in rows:
             f.write(json.dumps(r, allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return len(rows) - len(keep)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def reconcile(path: Path, resume_step: int, saved: dict[str, Any] | None = None) -> dict[str, int]:
+    """Make ``path`` hold exactly the records of steps ``<= resume_step`` (see the module docstring).
+
+    Args:
+        resume_step: the checkpoint's step.
+        saved: the checkpoint's copy of the records logged since the previous
+            checkpoint, ``{"since": s, "rows": [...]}`` (records with ``step > s``);
+            ``None`` (an older checkpoint): keep what the file has up to
+            ``resume_step`` and warn about missing steps.
+    Returns:
+        ``{"dropped": records after the checkpoint, "restored": records put back}``.
+    """
+    raw = path.read_bytes() if path.is_file() else b""
+    rows = read_jsonl(path, warn=True)
+    def after(row: dict[str, Any], step: int) -> bool:
+        s = _step_of(row)
+        return s is not None and s > step
+
+    if saved is not None:
+        since = int(saved["since"])
+        tail = [r for r in rows if after(r, since)]
+        keep = [r for r in rows if not after(r, since)] + [dict(r) for r in saved["rows"]]
+        dropped = sum(1 for r in tail if after(r, resume_step))
+        restored = sum(1 for r in saved["rows"] if r not in tail)
+    else:
+        keep = [r for r in rows if not after(r, resume_step)]
+        dropped, restored = len(rows) - len(keep), 0
+    ends_clean = raw.endswith(b"\n") or not raw
+    if keep != rows or not ends_clean or len(rows) != raw.count(b"\n"):
+        _rewrite(path, keep)
+    if restored > 0:
+        warnings.warn(f"{path}: restored {restored} record(s) up to step {resume_step} from the checkpoint", stacklevel=2)
+    return {"dropped": dropped, "restored": restored}
 
 
 class MetricsLogger:
@@ -125,6 +174,8 @@ class MetricsLogger:
             With None (fresh run) an existing non-empty ``metrics.jsonl`` /
             ``eval.jsonl`` is renamed to ``*.jsonl.bak-<time>`` with a warning
             rather than mixed with the new run or deleted.
+        resume_log: the checkpoint's :meth:`tail` (restores records up to
+            ``resume_step`` the files lack; see :func:`reconcile`).
     """
 
     def __init__(
@@ -134,6 +185,7 @@ class MetricsLogger:
         tensorboard: bool = True,
         wandb: dict[str, Any] | None = None,
         resume_step: int | None = None,
+        resume_log: dict[str, Any] | None = None,
     ) -> None:
         if resume_step is not None and (isinstance(resume_step, bool) or not isinstance(resume_step, int)
                                         or resume_step < 0):
@@ -150,9 +202,15 @@ class MetricsLogger:
         self._tb_failed = False
         self._closed = False
 
-        for path in (self.metrics_path, self.eval_path):
+        # Records written since the last checkpoint (what the next checkpoint stores).
+        self._since = -1 if resume_step is None else resume_step
+        self._tail: dict[str, list[dict[str, Any]]] = {"metrics": [], "eval": []}
+        for kind, path in (("metrics", self.metrics_path), ("eval", self.eval_path)):
             if resume_step is not None:
-                _truncate_after(path, resume_step)
+                saved = None
+                if resume_log is not None and kind in resume_log:
+                    saved = {"since": resume_log["since"], "rows": resume_log[kind]}
+                reconcile(path, resume_step, saved)
             elif path.is_file() and path.stat().st_size > 0:
                 backup = path.with_name(f"{path.name}.bak-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
                 warnings.warn(
@@ -202,8 +260,22 @@ class MetricsLogger:
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"step must be an int, got {type(step).__name__}: {step!r}")
         clean = _clean_metrics(metrics)
-        f.write(json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
-        f.flush()
+        row = {"step": step, **clean}
+        try:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as err:
+            from nemo_gdro.trainer.checkpoint import is_disk_full
+            from nemo_gdro.trainer.errors import RunError
+
+            if is_disk_full(err):
+                raise RunError(
+                    f"no space left on device at {self.out_dir} while writing {Path(f.name).name} (step {step}); "
+                    "the checkpoints are kept: free space and run again (run.resume=auto)"
+                ) from None
+            raise
+        self._tail["eval" if f is self._eval_f else "metrics"].append(row)
         tb = self._tb_writer()
         if tb is not None:
             for k, v in clean.items():
@@ -222,6 +294,16 @@ class MetricsLogger:
         """Record evaluation metrics at ``step`` to ``eval.jsonl``; keys get an ``eval/`` prefix if they lack one."""
         prefixed = {(k if isinstance(k, str) and k.startswith("eval/") else f"eval/{k}"): v for k, v in metrics.items()}
         self._emit(self._eval_f, step, prefixed)
+
+    def tail(self) -> dict[str, Any]:
+        """Records written since :meth:`mark_checkpoint` (or the start): ``{"since": step,
+        "metrics": [...], "eval": [...]}``, JSON-ready; a checkpoint stores it."""
+        return {"since": self._since, "metrics": list(self._tail["metrics"]), "eval": list(self._tail["eval"])}
+
+    def mark_checkpoint(self, step: int) -> None:
+        """A checkpoint of ``step`` holds the tail: start a new one."""
+        self._since = int(step)
+        self._tail = {"metrics": [], "eval": []}
 
     def close(self) -> None:
         """Flush and close every sink; idempotent."""
@@ -252,16 +334,26 @@ class NullLogger:
     def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
         pass
 
+    def tail(self) -> dict[str, Any]:
+        return {"since": -1, "metrics": [], "eval": []}
+
+    def mark_checkpoint(self, step: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
-def open_logger(out_dir: Path | str, logging: Any, *, main: bool, resume_step: int | None) -> MetricsLogger | NullLogger:
+def open_logger(
+    out_dir: Path | str, logging: Any, *, main: bool, resume_step: int | None, resume_log: dict[str, Any] | None = None
+) -> MetricsLogger | NullLogger:
     """The run's logger: a :class:`MetricsLogger` on the main rank (``logging`` = the typed
     ``logging`` section: ``tensorboard``, ``wandb``), a :class:`NullLogger` elsewhere."""
     if not main:
         return NullLogger()
-    return MetricsLogger(out_dir, tensorboard=logging.tensorboard, wandb=logging.wandb, resume_step=resume_step)
+    return MetricsLogger(
+        out_dir, tensorboard=logging.tensorboard, wandb=logging.wandb, resume_step=resume_step, resume_log=resume_log
+    )
 
 
 def _fmt_duration(seconds: float) -> str:

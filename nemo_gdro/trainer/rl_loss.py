@@ -27,7 +27,12 @@ from typing import Any
 
 import torch
 
-from nemo_gdro.algorithms.losses import PolicyLossConfig, aggregate_token_loss, clipped_policy_loss, k3_kl
+from nemo_gdro.algorithms.losses import (
+    PolicyLossConfig,
+    aggregate_token_loss,
+    clipped_policy_loss,
+    k3_kl,
+)
 from nemo_gdro.algorithms.prompt_gdro import surrogate_signal
 from nemo_gdro.stages.base import PolicyLoss, TokenModulation
 
@@ -84,6 +89,8 @@ class MinibatchLoss:
         adv, sums = self.modulation.modulate(adv, stats, logp_old, mask, self.modulation_context)
         token_loss, loss_sums = self.loss.token_loss(logp, logp_old, adv, mask, self.loss_context)
         sums.update(loss_sums)
+        if "replayed" in extras:
+            sums.update(self._sums_by_kind(logp, logp_old, adv, mask, extras["replayed"]))
         if "token_weights" in extras:  # truncated importance sampling (rollout.tis_cap)
             token_loss = token_loss * extras["token_weights"].to(token_loss.dtype)
 
@@ -113,6 +120,19 @@ class MinibatchLoss:
         sums["entropy_sum"] = (entropy * mask).sum().double()
         return loss, sums, {"signal": signal}
 
+    @torch.no_grad()
+    def _sums_by_kind(
+        self, logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, replayed: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The loss stage's sums over fresh and over replayed rows separately (``fresh/...``, ``replayed/...``)."""
+        out: dict[str, torch.Tensor] = {}
+        for kind, rows in (("fresh", ~replayed.bool()), ("replayed", replayed.bool())):
+            kind_mask = mask & rows[:, None]
+            _, kind_sums = self.loss.token_loss(logp.detach(), logp_old, adv, kind_mask, self.loss_context)
+            out.update({f"{kind}/{k}": v for k, v in kind_sums.items()})
+            out[f"{kind}/tokens"] = kind_mask.sum().double()
+        return out
+
     def metrics(self, report: Mapping[str, float]) -> dict[str, float]:
         """Mini-batch metrics from the actor's summed report (the loss stage's own first)."""
         n = max(report["tokens"], 1.0)
@@ -123,4 +143,9 @@ class MinibatchLoss:
             "actor/tokens": report["tokens"],
         }
         out.update(self.modulation.metrics(report, report["tokens"]))
+        for kind in ("fresh", "replayed"):
+            # R2VPO's ratio variance V over fresh and over replayed tokens (r2vpo.md: log both).
+            tokens = report.get(f"{kind}/tokens", 0.0)
+            if f"{kind}/r2vpo/sum_sq_dev" in report and tokens > 0:
+                out[f"r2vpo/V_{kind}"] = report[f"{kind}/r2vpo/sum_sq_dev"] / tokens
         return out

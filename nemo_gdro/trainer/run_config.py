@@ -52,12 +52,16 @@ class RunSection:
 
     resume: ``null`` (fresh run; an output dir holding checkpoints is an
         error), ``auto`` (newest complete checkpoint, if any) or a checkpoint path.
+    allow_config_change: keys (or key prefixes, ``data`` for the training
+        data, ``*`` for all) whose change against the resumed checkpoint's
+        config is deliberate (:mod:`nemo_gdro.trainer.resume_check`).
     """
 
     name: str
     output_dir: str
     seed: int = 0
     resume: str | None = "auto"
+    allow_config_change: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "run.name must be a non-empty string")
@@ -68,14 +72,19 @@ class RunSection:
 
 @dataclass(frozen=True)
 class ParallelSection:
-    """``parallel``: Megatron layout; data parallel = world size / (tensor_parallel * pipeline_parallel)."""
+    """``parallel``: Megatron layout; data parallel = world size / (tensor_parallel * pipeline_parallel).
+
+    timeout_s: collective timeout in seconds: a rank that stalls or dies fails the job after this long.
+    """
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for key in ("tensor_parallel", "pipeline_parallel"):
             _require(getattr(self, key) >= 1, f"parallel.{key} must be an integer >= 1, got {getattr(self, key)}")
+        _require(0 < self.timeout_s < float("inf"), f"parallel.timeout_s must be a finite number > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -158,7 +167,7 @@ class SFTSection:
     def __post_init__(self) -> None:
         _require(self.steps >= 0, f"sft.steps must be an integer >= 0 (0 disables), got {self.steps}")
         _require(self.batch_size >= 1, f"sft.batch_size must be a positive integer, got {self.batch_size}")
-        _require(self.lr > 0, f"sft.lr must be > 0, got {self.lr}")
+        _require(0 < self.lr < float("inf"), f"sft.lr must be a finite number > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"sft.weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.warmup_steps >= 0, f"sft.warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -170,6 +179,9 @@ class TrainerSection:
     max_tokens_per_microbatch: when set, rows are packed by length into micro-batches of at
     most this many tokens (rows x longest row) for the training and log-prob passes, instead
     of ``micro_batch_size`` rows; the results are the same (the loss is globally normalised).
+    on_nonfinite: a non-finite loss or gradient ``stop``s the run naming the
+        step, or ``skip``s that optimizer step (counted in ``guard/*``
+        metrics; after ``max_consecutive_skips`` in a row the run stops too).
     """
 
     max_steps: int
@@ -180,6 +192,8 @@ class TrainerSection:
     checkpoint_every: int = 0
     keep_last_checkpoints: int = 2
     max_tokens_per_microbatch: int | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = 5
 
     def __post_init__(self) -> None:
         _require(
@@ -187,7 +201,8 @@ class TrainerSection:
             f"trainer.max_tokens_per_microbatch must be an integer >= 2 (tokens per forward/backward, padding "
             f"counted) or null (micro_batch_size rows), got {self.max_tokens_per_microbatch}",
         )
-        for key in ("max_steps", "prompts_per_step", "minibatches_per_step", "micro_batch_size", "keep_last_checkpoints"):
+        for key in ("max_steps", "prompts_per_step", "minibatches_per_step", "micro_batch_size", "keep_last_checkpoints",
+                    "max_consecutive_skips"):
             _require(getattr(self, key) >= 1, f"trainer.{key} must be a positive integer, got {getattr(self, key)}")
         for key in ("eval_every", "checkpoint_every"):
             _require(getattr(self, key) >= 0, f"trainer.{key} must be an integer >= 0 (0 disables), got {getattr(self, key)}")

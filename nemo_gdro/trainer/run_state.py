@@ -4,8 +4,11 @@ Files of one ``step_XXXXXXXX`` directory:
 
 - ``controllers.pt``: every replicated component of :meth:`Components.stateful`
   (classifier, sampler or bin index, Prompt-GDRO, Rollout-GDRO, DynaMO, R²VPO
-  multiplier), written once;
-- ``trainer.pt``: step, phase and the latest evaluations;
+  multiplier, the divergence guard's counters), written once;
+- ``trainer.json``: step, phase, the latest evaluations and the metrics /
+  eval records logged since the previous checkpoint (plain JSON);
+- ``data.pt``: the training set's fingerprint (prompt id -> hash of prompt
+  and answer text), compared on resume;
 - ``actor.pt`` (and ``reference.pt`` with KL) under plain DP, where every
   rank holds the same model; under TP/PP each rank's slice is per-rank;
 - per-rank (``name.rankRRRRR-of-WWWWW.pt``): ``layout`` (dp/tp/pp rank and
@@ -13,7 +16,14 @@ Files of one ``step_XXXXXXXX`` directory:
   rank's buffer), ``rng``;
 - ``config.yaml`` and ``manifest.json``.
 
-Resuming with another DP size reshards the store; changing TP/PP is refused.
+Every ``.pt`` file holds tensors and plain containers only and is loaded with
+``torch.load(weights_only=True)``.
+
+Resuming with another DP size reshards every per-rank component (the store
+and the replay buffer: ``load_resharded`` from the shards of all saved DP
+ranks); changing TP/PP is refused. A checkpoint holding non-finite weights or
+optimizer state is never written, and one that does not load is skipped by
+``run.resume=auto`` (:meth:`RunState.read`).
 """
 
 from __future__ import annotations
@@ -22,7 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemo_gdro.trainer.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from nemo_gdro.trainer.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    capture_rng_state,
+    restore_rng_state,
+)
+from nemo_gdro.trainer.errors import NonFiniteError
+from nemo_gdro.trainer.guards import any_rank, first_nonfinite
+from nemo_gdro.trainer.resume_check import (
+    check_dataset,
+    check_resume_config,
+    dataset_fingerprint,
+)
 from nemo_gdro.typed_config import ConfigError
 
 __all__ = ["TrainerState", "RunState"]
@@ -43,8 +65,8 @@ class TrainerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.sft_done = bool(state["sft_done"])
-        self.sft_eval = dict(state["sft_eval"])
-        self.last_eval = dict(state["last_eval"])
+        self.sft_eval = {str(k): float(v) for k, v in dict(state["sft_eval"]).items()}
+        self.last_eval = {str(k): float(v) for k, v in dict(state["last_eval"]).items()}
 
 
 class RunState:
@@ -61,6 +83,16 @@ class RunState:
             rank=d.rank,
             world_size=d.world_size,
         )
+        self._fingerprint = None
+        #: The metrics / eval records of the checkpoint the run resumed from (see MetricsLogger.tail).
+        self.resumed_log: dict[str, Any] | None = None
+
+    @property
+    def fingerprint(self) -> Any:
+        """int64 ``[N, 2]`` (prompt id, content hash) of the training set (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = dataset_fingerprint(self.c.task.train)
+        return self._fingerprint
 
     def _layout(self) -> dict[str, int]:
         d = self.c.dist
@@ -72,19 +104,41 @@ class RunState:
         models.update({name: item.obj for name, item in self.c.stateful().items() if item.scope == "model"})
         return models
 
-    def save(self) -> Path:
-        """Replicated state once, each rank's shards (store, replay, RNG, model-parallel actor)."""
+    # ------------------------------------------------------------------ save
+    def save(self, log_tail: dict[str, Any] | None = None) -> Path:
+        """Replicated state once, each rank's shards (store, replay, RNG, model-parallel actor).
+
+        ``log_tail``: the metrics / eval records logged since the previous
+        checkpoint (rank 0's :meth:`MetricsLogger.tail`), stored in ``trainer.json``.
+
+        Raises:
+            NonFiniteError: on every rank, if any rank's weights or optimizer
+                state hold NaN/inf (nothing is written).
+            DiskFullError: no space left (nothing is published; the previous checkpoints stay).
+        """
         stateful = self.c.stateful()
+        models = {name: model.state_dict() for name, model in self._models().items()}
+        bad = first_nonfinite(models)
+        if any_rank(bad is not None):
+            where = f" ({bad})" if bad is not None else " (on another rank)"
+            raise NonFiniteError(
+                f"refusing to write the checkpoint of step {self.progress.step}: the weights or optimizer state hold "
+                f"non-finite values{where}; the checkpoints already written are kept"
+            )
+        trainer = self.progress.state_dict()
+        trainer["log"] = log_tail or {"since": -1, "metrics": [], "eval": []}
         shared: dict[str, Any] = {
             "controllers": {n: s.obj.state_dict() for n, s in stateful.items() if s.scope == "replicated"},
-            "trainer": self.progress.state_dict(),
+            "data": {"train": self.fingerprint},
         }
         per_rank: dict[str, Any] = {"layout": self._layout(), "rng": capture_rng_state()}
         per_rank.update({n: s.obj.state_dict() for n, s in stateful.items() if s.scope == "per_rank"})
         # Under plain DP every rank holds the same model; with TP/PP each holds a slice.
         model_target = per_rank if self.c.model_parallel > 1 else shared
-        model_target.update({name: model.state_dict() for name, model in self._models().items()})
-        path = self.checkpoints.save(self.progress.step, shared, config_yaml=self.c.cfg.to_yaml(), per_rank=per_rank)
+        model_target.update(models)
+        path = self.checkpoints.save(
+            self.progress.step, shared, config_yaml=self.c.cfg.to_yaml(), per_rank=per_rank, plain={"trainer": trainer}
+        )
         if self.c.cfg.checkpoint.save_hf:
             self._save_hf()
         return path
@@ -100,17 +154,65 @@ class RunState:
             rotate(root, self.c.cfg.trainer.keep_last_checkpoints)
         return out
 
-    def load(self, path: Path, enter_rl: Any) -> None:
-        """Restore everything from ``path``; ``enter_rl()`` switches the actor to RL first if SFT was done."""
+    # ------------------------------------------------------------------ load
+    def read(self, path: Path) -> dict[str, Any]:
+        """Every file of ``path``, checked: it loads safely, has the components of a run
+        checkpoint and finite weights and optimizer state.
+
+        Raises:
+            CheckpointError: the checkpoint does not load (``run.resume=auto``
+                moves on to an older one).
+        """
         state = self.checkpoints.load(path)
+        for name in ("trainer", "layout", "controllers", "rng", "actor"):
+            if name not in state:
+                raise CheckpointError(f"{path}: not a run checkpoint of this version (it has no {name!r} component)")
+        models = {name: state[name] for name in self._models() if name in state}
+        bad = first_nonfinite(models)
+        if bad is not None:
+            raise CheckpointError(f"{path}: holds non-finite values in {bad}")
+        return state
+
+    def check(self, path: Path, state: dict[str, Any]) -> list[str]:
+        """Refuse a checkpoint this run must not continue (ConfigError); returns notes to print.
+
+        Compares the stored ``config.yaml`` (see :func:`check_resume_config`),
+        the model-parallel layout and the training data's fingerprint.
+        """
+        cfg = self.c.cfg
+        allow = cfg.run.allow_config_change
+        changes = check_resume_config(self.checkpoints.read_config(path), cfg.tree, allow, str(path))
+        notes = [f"config changes on resume (allowed): {'; '.join(str(c) for c in changes)}"] if changes else []
         layouts = state["layout"]
-        self.progress.load_state_dict(state["trainer"])
+        mine = self._layout()
+        saved = sorted({(lay["tp"], lay["pp"]) for lay in layouts})
+        if saved != [(mine["tp"], mine["pp"])]:
+            raise ConfigError(
+                f"checkpoint {path} was written with (parallel.tensor_parallel, parallel.pipeline_parallel)="
+                f"{saved[0]}; this run uses {(mine['tp'], mine['pp'])}. Resume with the same model-parallel layout "
+                "(the data-parallel size may change)"
+            )
+        data_note = check_dataset(state.get("data", {}).get("train"), self.fingerprint, allow, str(path))
+        if data_note:
+            notes.append(data_note)
+        return notes
+
+    def load(self, path: Path, enter_rl: Any, state: dict[str, Any] | None = None) -> None:
+        """Restore everything from ``path`` (read and checked unless ``state`` is given);
+        ``enter_rl()`` switches the actor to RL first if SFT was done."""
+        if state is None:
+            state = self.read(path)
+            self.check(path, state)
+        layouts = state["layout"]
+        trainer = dict(state["trainer"])
+        self.resumed_log = trainer.pop("log", None)
+        self.progress.load_state_dict(trainer)
         if self.progress.sft_done:
             enter_rl()
         for name, model in self._models().items():
             if name not in state:
                 raise ConfigError(f"checkpoint {path} has no {name} state, which this run needs (algorithm.policy_loss.kl_coef > 0?)")
-            model.load_state_dict(self._model_slice(path, state[name], layouts))
+            self._restore(path, name, model, self._model_slice(path, state[name], layouts))
         stateful = self.c.stateful()
         controllers = state["controllers"]
         for name, item in stateful.items():
@@ -121,21 +223,34 @@ class RunState:
                     f"checkpoint {path} has no state for {name}, which this run uses: resume with the config the "
                     "checkpoint was written with, or start a new run (run.output_dir)"
                 )
-            item.obj.load_state_dict(controllers[name])
-        # One store shard per saved DP rank (TP/PP peers hold copies), resharded to this DP size.
-        by_dp: dict[int, Any] = {}
-        for lay, shard in zip(layouts, state["prompt_stats"]):
-            by_dp.setdefault(lay["dp_rank"], shard)
-        self.c.store.load_resharded([by_dp[r] for r in sorted(by_dp)])
+            self._restore(path, name, item.obj, controllers[name])
         for name, item in stateful.items():
-            if item.scope == "per_rank" and name != "prompt_stats":
-                shards = state.get(name)
-                if shards is None:
-                    raise ConfigError(f"checkpoint {path} has no {name} state, which this run uses")
-                mine = [s for lay, s in zip(layouts, shards) if lay["dp_rank"] == self.c.dist.dp_rank]
-                item.obj.load_state_dict(mine[0] if mine else shards[0])
+            if item.scope != "per_rank":
+                continue
+            shards = state.get(name)
+            if shards is None:
+                raise ConfigError(f"checkpoint {path} has no {name} state, which this run uses")
+            # One shard per saved DP rank (TP/PP peers hold copies), resharded to this DP size.
+            by_dp: dict[int, Any] = {}
+            for lay, shard in zip(layouts, shards):
+                by_dp.setdefault(lay["dp_rank"], shard)
+            self._restore(path, name, item.obj, [by_dp[r] for r in sorted(by_dp)], resharded=True)
         rngs = state["rng"]
         restore_rng_state(rngs[self.c.dist.rank] if len(rngs) == self.c.dist.world_size else rngs[0])
+
+    @staticmethod
+    def _restore(path: Path, name: str, obj: Any, value: Any, resharded: bool = False) -> None:
+        """``obj.load_state_dict(value)`` (or ``load_resharded``), its errors as one ConfigError naming both."""
+        try:
+            if resharded:
+                obj.load_resharded(value)
+            else:
+                obj.load_state_dict(value)
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise ConfigError(
+                f"checkpoint {path}: cannot restore {name}: {err}. Was it written with another config? Resume "
+                "with the checkpoint's config or start a new run (another run.output_dir)"
+            ) from None
 
     def _model_slice(self, path: Path, saved: Any, layouts: list[dict[str, int]]) -> Any:
         """This rank's model state: the replicated one, or the slice of the same (tp, pp) position."""

@@ -31,16 +31,17 @@ from nemo_gdro.algorithms.advantages import grpo_advantages, zero_variance_group
 from nemo_gdro.algorithms.mismatch import MismatchSums, mismatch_sums, truncated_is_weights
 from nemo_gdro.algorithms.stats import group_outcomes
 from nemo_gdro.parallel.rows import StepRows
-from nemo_gdro.parallel.sharded_stats import checksum
 from nemo_gdro.rewards.result import VerifyResult
 from nemo_gdro.rewards.shaping import overlong_penalty
 from nemo_gdro.rollout.batch import RolloutBatch
 from nemo_gdro.rollout.seeds import prompt_seeds
 from nemo_gdro.stages import MinibatchView, PromptDraw, StepFeedback
 from nemo_gdro.stages.signal import controller_signal
+from nemo_gdro.trainer.diagnostics import modulation_extremes
+from nemo_gdro.trainer.guards import UpdateGuard, sampling_failure
 from nemo_gdro.trainer.rl_loss import MinibatchLoss
 
-__all__ = ["RLStep", "StepInputs"]
+__all__ = ["RLStep"]
 
 
 @dataclass
@@ -60,8 +61,10 @@ class Generated:
 class RLStep:
     """Callable ``step -> metrics``; holds references to the run's components (see :class:`~nemo_gdro.trainer.components.Components`)."""
 
-    def __init__(self, components: Any) -> None:
+    def __init__(self, components: Any, guard: UpdateGuard | None = None) -> None:
         self.c = components
+        #: Decides before every optimizer step whether it may be applied (non-finite loss / gradients).
+        self.guard = guard if guard is not None else UpdateGuard()
         cfg = components.cfg
         self.num_prompts = cfg.trainer.prompts_per_step
         self.num_minibatches = cfg.trainer.minibatches_per_step
@@ -74,6 +77,7 @@ class RLStep:
 
     def __call__(self, step: int) -> dict[str, float]:
         c, stages = self.c, self.c.stages
+        self._step = step
         t0 = time.perf_counter()
         draw = stages.prompts.draw(self.num_prompts)
         bins = c.classifier.classify(draw.ids)
@@ -119,7 +123,10 @@ class RLStep:
         records = c.task.train.get_many(draw.ids[mine])
         # Seeds of the whole step's prompt list, then this rank's slice: rollouts do not depend on the layout.
         seeds = prompt_seeds(self.seed, step, draw.ids)
-        batch = c.engine.generate(records, counts[mine], seeds[mine])
+        try:
+            batch = c.engine.generate(records, counts[mine], seeds[mine])
+        except RuntimeError as err:
+            raise (sampling_failure(err, step + 1, "generation") or err) from err
         verifier = c.task.verifier
         result = verifier.verify_batch(batch.responses, batch.answers)
         rewards = verifier.rewards(result).to(torch.float32)
@@ -157,19 +164,29 @@ class RLStep:
     def _optimize(self, batch: RolloutBatch, raw_adv: torch.Tensor, rows: StepRows, step: int):
         """One optimizer step per mini-batch; returns (metrics averaged over mini-batches, signal of fresh rows)."""
         assignment = self._minibatch_assignment(batch.num_rows, rows, step)
+        self._fresh_rows = rows.canon.numel()  # the batch's first rows; replayed groups follow
         signal = torch.full((batch.num_rows,), math.nan, dtype=torch.float64)
         if self.mask_truncated and batch.truncated is not None:
             signal[batch.truncated] = 0.0  # no loss, so no surrogate: its row's signal is zero
-        summed: dict[str, float] = {}
-        done = 0
+        per_key: dict[str, list[float]] = {}
         for m in range(self.num_minibatches):
             trained = self._train_minibatch(batch, raw_adv, torch.nonzero(assignment == m).flatten(), signal)
             if trained is None:
                 continue  # nothing to learn from in this mini-batch on any rank
             for key, value in trained.items():
-                summed[key] = summed.get(key, 0.0) + value
-            done += 1
-        actor_metrics = {k: v / max(done, 1) for k, v in summed.items()}
+                per_key.setdefault(key, []).append(value)
+        # Means over the mini-batches that report a key; extremes stay extremes; skips are counted.
+        actor_metrics: dict[str, float] = {}
+        for key, values in per_key.items():
+            if key.endswith("/min"):
+                actor_metrics[key] = min(values)
+            elif key.endswith("/max"):
+                actor_metrics[key] = max(values)
+            elif key == "guard/skipped_updates":
+                actor_metrics[key] = sum(values)
+            else:
+                actor_metrics[key] = sum(values) / len(values)
+        actor_metrics["guard/skipped_total"] = float(self.guard.skipped_total)
         return actor_metrics, rows.scatter(signal[: rows.canon.numel()])
 
     def _minibatch_assignment(self, num_rows: int, rows: StepRows, step: int) -> torch.Tensor:
@@ -209,6 +226,9 @@ class RLStep:
             "advantages": batch.advantages[take],
             "raw_advantages": raw_adv[take],
         }
+        if self.setup.replays:
+            # Fresh rows come first in the batch: the loss reports its sums for both kinds separately.
+            extras["replayed"] = take >= self._fresh_rows
         extras.update(c.reference.extras(tokens, lengths))
         if self.tis_cap is not None:
             # Truncated importance sampling against the engine that sampled the rows (FP8 / mismatch).
@@ -234,13 +254,27 @@ class RLStep:
             global_num_seqs=num_seqs,
             signal_include_kl=self.setup.prompt_gdro.signal_include_kl,
         )
-        report = c.actor.train_step(tokens, extras, loss_fn, lengths=lengths)
+        extremes = modulation_extremes(stages.modulation, view, loss_fn.modulation_context, c.dp)
+        report = c.actor.forward_backward(tokens, extras, loss_fn, lengths=lengths)
+        step = self._step + 1  # as logged
+        applied = self.guard.allow(step, float(report["loss"]), c.actor.grads_finite())
+        if applied:
+            report.update(c.actor.optimizer_step())
+            self.guard.check_weights(step, c.actor.weights_finite())
         if not placeholder:
-            signal[rows] = report.rows["signal"]
+            row_signal = report.rows["signal"]
+            if not applied:
+                # A skipped update: a non-finite surrogate becomes its value at ratio 1 (-A, token mean).
+                row_signal = torch.where(torch.isfinite(row_signal), row_signal, -raw_adv[rows].double())
+            signal[rows] = row_signal
         metrics = loss_fn.metrics(report)
-        metrics.update(stages.loss.after_update(report))
-        metrics["actor/grad_norm"] = float(report.get("grad_norm", math.nan))
-        metrics["actor/lr"] = float(report.get("lr", math.nan))
+        metrics.update(extremes)
+        metrics["guard/skipped_updates"] = 0.0 if applied else 1.0
+        if applied:
+            # The R2VPO dual step follows applied updates only.
+            metrics.update(stages.loss.after_update(report))
+            metrics["actor/grad_norm"] = float(report.get("grad_norm", math.nan))
+            metrics["actor/lr"] = float(report.get("lr", math.nan))
         return metrics
 
     def _observe(self, gen: Generated, draw: PromptDraw, bins, allocation, signal, bin_weights) -> StepFeedback:

@@ -428,3 +428,35 @@ def test_config_defaults():
     )
 
 
+
+
+# --------------------------------------------------------------------------- #
+# warmup_compete (dynamo.md §1, Allocation step 3)
+def test_warmup_compete_lets_unseen_prompts_join_the_water_fill():
+    # The worked example's 8 prompts plus 4 unseen ones in the same batch.
+    counters = {i: (16, k) for i, k in enumerate(EX_K)}
+    store = store_with(counters)
+    ids = torch.arange(12)
+    cfg = dict(n_bar=16, n_min=8, n_max=24)
+    default = DynamoAllocator(DynamoAllocationConfig(**cfg), store).allocate(ids)
+    compete = DynamoAllocator(DynamoAllocationConfig(**cfg, warmup_compete=True), store).allocate(ids)
+    assert default.counts[8:].tolist() == [8, 8, 8, 8]  # warm-up: max(n_min, warmup - 0) = 8, no water-fill
+    assert compete.counts[8:].tolist() == [24, 24, 24, 24]  # priority 1.0 >> any variance: they reach n_max
+    for alloc in (default, compete):
+        assert int(alloc.counts.sum()) == 12 * 16
+        assert int(alloc.counts.min()) >= 8 and int(alloc.counts.max()) <= 24
+    assert compete.weights[8:].tolist() == [1.0] * 4 and bool(compete.in_warmup[8:].all())
+    # Seen prompts only: the option changes nothing.
+    seen = torch.arange(8)
+    assert torch.equal(
+        DynamoAllocator(DynamoAllocationConfig(**cfg, warmup_compete=True), store).allocate(seen).counts,
+        torch.tensor(EX_COUNTS),
+    )
+
+
+def test_warmup_compete_partly_seen_prompt_competes_at_its_running_priority():
+    store = store_with({0: (2, 1), 1: (16, 8)})  # prompt 0 is still in warm-up (G=2 < 8) but has a priority
+    cfg = DynamoAllocationConfig(n_bar=8, n_min=4, n_max=12, warmup=8, warmup_compete=True)
+    alloc = DynamoAllocator(cfg, store).allocate(torch.tensor([0, 1]))
+    assert alloc.weights.tolist() == pytest.approx([0.5 + 0.5e-6, 8 * 8 / (16 * 15) + 0.5e-6])
+    assert alloc.counts.tolist() == [9, 7]

@@ -320,3 +320,79 @@ def test_two_ranks_save_their_shards_atomically(tmp_path: Path) -> None:
     loaded = mgr.load(path)
     assert loaded["shared"] == {"step": 5}
     assert [t.tolist() for t in loaded["stats"]] == [[0, 0, 0], [1, 1, 1]]
+
+
+# --------------------------------------------------------------------------- safe loading, plain data, disk full
+class _Exploit:
+    """Unpickling this runs a shell command (what a crafted checkpoint file does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _rehash(path: Path) -> None:
+    """Re-write the manifest for the files as they are now (what an attacker with write access does)."""
+    import hashlib
+
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    for fname in manifest["files"]:
+        data = (path / fname).read_bytes()
+        manifest["files"][fname] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_a_crafted_pickle_with_a_rehashed_manifest_is_refused_without_running_code(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path / "ckpt")
+    path = mgr.save(1, {"controllers": {"x": torch.ones(2)}}, plain={"trainer": {"step": 1}})
+    marker = tmp_path / "pwned"
+    torch.save({"payload": _Exploit(marker)}, path / "controllers.pt")
+    _rehash(path)
+    verify_checkpoint(path)  # the manifest is consistent: only the loader stands between the file and a shell
+    with pytest.raises(CheckpointError, match=r"controllers\.pt: refused: the file holds pickled objects other than "
+                                              r"tensors.*weights_only=True"):
+        mgr.load(path)
+    assert not marker.exists()
+
+
+def test_plain_components_are_json_and_every_file_loads_weights_only(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    state = {"step": 3, "sft_done": True, "last_eval": {"eval/pass@1": 0.25, "eval/nan": float("nan")}}
+    path = mgr.save(3, {"rng": capture_rng_state()}, plain={"trainer": state}, per_rank={"layout": {"dp": 1}})
+    assert json.loads((path / "trainer.json").read_text(), parse_constant=str)["step"] == 3
+    loaded = mgr.load(path)
+    assert loaded["trainer"]["last_eval"]["eval/pass@1"] == 0.25 and np.isnan(loaded["trainer"]["last_eval"]["eval/nan"])
+    for f in path.glob("*.pt"):
+        torch.load(f, weights_only=True)  # numpy RNG state is stored as tensors
+    with pytest.raises(ValueError, match="both as shared and per-rank"):
+        mgr.save(4, {"trainer": 1}, plain={"trainer": 2})
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_disk_full_is_one_clear_error_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    import subprocess
+
+    disk = tmp_path / "small_disk"
+    if not _mount_tmpfs(disk, "1m"):
+        pytest.skip("cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN)")
+    try:
+        mgr = CheckpointManager(disk / "ckpt", keep_last=5)
+        good = mgr.save(1, {"model": {"w": torch.zeros(50_000)}})  # 200 KB
+        with pytest.raises(CheckpointError, match=rf"no space left on device at {disk / 'ckpt'} while writing "
+                                                  rf"checkpoint step 2 \(.* free\); the previous checkpoint {good} is kept"):
+            mgr.save(2, {"model": {"w": torch.zeros(400_000)}})  # 1.6 MB
+        assert [p.name for p in (disk / "ckpt").iterdir()] == [good.name]  # no partial temp dir left
+        assert mgr.latest() == good
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

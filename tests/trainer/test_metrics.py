@@ -63,6 +63,58 @@ def test_resume_drops_later_steps_and_truncated_tail(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["r"] == 0.44
 
 
+def _log_run(tmp_path: Path, steps: int, checkpoint_every: int) -> list[dict]:
+    """Log ``steps`` steps, taking the logger's tail at each 'checkpoint'; returns the tails."""
+    tails = []
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        logger.log(0, {"sft/loss": 1.0})
+        logger.log_eval(0, {"pass@1/before_sft": 0.0})
+        logger.log_eval(0, {"pass@1": 0.1})
+        tails.append(logger.tail())
+        logger.mark_checkpoint(0)
+        for s in range(1, steps + 1):
+            logger.log(s, {"r": s / 10})
+            if s % 2 == 0:
+                logger.log_eval(s, {"pass@1": s / 100})
+            if s % checkpoint_every == 0:
+                tails.append(logger.tail())
+                logger.mark_checkpoint(s)
+    return tails
+
+
+def test_resume_restores_records_the_file_lost_from_the_checkpoint(tmp_path: Path) -> None:
+    tails = _log_run(tmp_path, 6, checkpoint_every=3)
+    expected_metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    expected_eval = read_jsonl(tmp_path / "eval.jsonl")
+    assert tails[1]["since"] == 0 and [r["step"] for r in tails[1]["metrics"]] == [1, 2, 3]
+    # The file lost its tail (a torn line, an unsynced write) down to step 1, and has a damaged last line.
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2]) + '\n{"step": 2, "r"')
+    (tmp_path / "eval.jsonl").write_text("")
+    # Resume from the checkpoint of step 3, which holds the records of steps 1..3.
+    with pytest.warns(UserWarning, match=r"restored 2 record\(s\) up to step 3"):
+        logger = MetricsLogger(tmp_path, tensorboard=False, resume_step=3, resume_log=tails[1])
+    logger.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == expected_metrics[:4]  # steps 0..3, each once
+    # eval.jsonl lost everything, including the step-0 records of the previous checkpoint's tail
+    assert [r["step"] for r in read_jsonl(tmp_path / "eval.jsonl")] == [2]
+    # ... which the step-0 checkpoint's tail restores when resuming from it.
+    (tmp_path / "eval.jsonl").write_text("")
+    with pytest.warns(UserWarning, match="restored"):
+        MetricsLogger(tmp_path, tensorboard=False, resume_step=0, resume_log=tails[0]).close()
+    assert read_jsonl(tmp_path / "eval.jsonl") == expected_eval[:2]
+
+
+def test_resume_never_duplicates_a_step(tmp_path: Path) -> None:
+    tails = _log_run(tmp_path, 6, checkpoint_every=3)
+    before = read_jsonl(tmp_path / "metrics.jsonl")
+    for _ in range(2):  # resuming twice from the same checkpoint changes nothing up to its step
+        with MetricsLogger(tmp_path, tensorboard=False, resume_step=3, resume_log=tails[1]) as logger:
+            logger.log(4, {"r": 0.4})
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3, 4] and read_jsonl(tmp_path / "metrics.jsonl")[:4] == before[:4]
+
+
 def test_resume_with_tensorboard_and_fresh_run_backup(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path) as logger:
         logger.log(1, {"r": 1.0})

@@ -116,3 +116,29 @@ def test_missing_fields_are_named():
     )
     with pytest.raises(KeyError, match="advantages"):
         fn({"logp": torch.zeros(1, 1), "entropy": torch.zeros(1, 1)}, {"response_mask": torch.ones(1, 1)})
+
+
+def test_r2vpo_variance_is_reported_for_fresh_and_replayed_tokens():
+    """r2vpo/V_fresh and V_replayed: the ratio variance over each kind of row, which V combines."""
+    logits, tokens, extras = make_rows()
+    replayed = torch.tensor([False, True, False, True, True, False])
+    extras["replayed"] = replayed
+    loss_fn = MinibatchLoss(
+        policy=PolicyLossConfig(), loss=R2VPOLoss(R2VPOConfig(), DataParallel()), loss_context={"lam": 0.7, "ratio_mean": None},
+        modulation=NoModulation(), modulation_context=None, global_num_tokens=float(extras["response_mask"].sum()),
+        global_num_seqs=float(R),
+    )
+    logp, ent, ebar = full_vocab_token_stats(logits, tokens)
+    _, sums, _ = loss_fn({"logp": logp, "entropy": ent, "ebar": ebar}, extras)
+    report = {k: float(v) for k, v in sums.items()}
+    report["loss"] = 0.0
+    metrics = loss_fn.metrics(report)
+    mask = extras["response_mask"]
+    dev = (torch.exp(logp - extras["behaviour_logp"]) - 1.0) ** 2
+    for kind, rows in (("fresh", ~replayed), ("replayed", replayed)):
+        m = mask & rows[:, None]
+        assert metrics[f"r2vpo/V_{kind}"] == pytest.approx(float((dev * m).sum() / m.sum()), rel=1e-10)
+    n_f, n_r = report["fresh/tokens"], report["replayed/tokens"]
+    v_all = report["r2vpo/sum_sq_dev"] / report["tokens"]
+    assert v_all == pytest.approx((metrics["r2vpo/V_fresh"] * n_f + metrics["r2vpo/V_replayed"] * n_r) / (n_f + n_r))
+    assert metrics["r2vpo/V_fresh"] != pytest.approx(metrics["r2vpo/V_replayed"])

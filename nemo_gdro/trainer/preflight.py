@@ -1,0 +1,43 @@
+"""Checks that need more than the config alone, made before anything heavy is built.
+
+Each raises :class:`~nemo_gdro.typed_config.ConfigError` naming the key and the
+allowed values, instead of a Megatron assertion or a shape error minutes later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nemo_gdro.typed_config import ConfigError
+
+__all__ = ["check_world_size", "check_model_layout"]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_world_size(parallel: Any, world_size: int) -> None:
+    """``tensor_parallel * pipeline_parallel`` must divide the number of processes launched."""
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"parallel.tensor_parallel * parallel.pipeline_parallel = {tp} * {pp} = {tp * pp} must divide the "
+            f"{world_size} process(es) launched (allowed products: {_divisors(world_size)}); launch more processes "
+            "(torchrun --nproc_per_node, srun --ntasks) or lower them"
+        )
+
+
+def check_model_layout(spec: Any, parallel: Any) -> None:
+    """The model's shapes split over the Megatron layout (what the actor would otherwise assert)."""
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    for name, value in (("vocab_size", spec.vocab_size), ("num_query_groups", spec.num_query_groups)):
+        if value % tp:
+            raise ConfigError(
+                f"parallel.tensor_parallel={tp} must divide model {name}={value} (allowed: {_divisors(value)[:12]})"
+            )
+    if spec.num_layers % pp:
+        raise ConfigError(
+            f"parallel.pipeline_parallel={pp} must divide model num_layers={spec.num_layers} "
+            f"(allowed: {_divisors(spec.num_layers)})"
+        )
