@@ -42,8 +42,42 @@ TINY_OVERRIDES = " ".join(
     ]
 )
 
+# The script's default path: the qwen3_8b_dapo recipe from MODEL_PATH / TRAIN_FILES / EVAL_FILES,
+# here a tiny random Qwen3 with the real tokenizer and project-written DAPO-Math / MATH-500 files,
+# shrunk to seconds (one process per DP rank, no TP; the HF engine: no vLLM in this venv).
+RECIPE_TINY_OVERRIDES = " ".join(
+    [
+        "parallel.tensor_parallel=1",
+        "rollout.vllm.tensor_parallel=1",
+        "rollout.engine=hf",
+        "model.dtype=float32",
+        "trainer.max_steps=2",
+        "trainer.prompts_per_step=4",
+        "rollout.n=2",
+        "rollout.max_new_tokens=6",
+        "eval.k=1",
+        "reward.num_workers=1",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+    ]
+)
+
 # sbatch options that replace the script's GPU-site #SBATCH defaults.
 CPU_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+
+
+def _tiny_assets(tmp: Path) -> dict[str, str]:
+    """MODEL_PATH / TRAIN_FILES / EVAL_FILES for the recipe path, all written here (never downloaded)."""
+    from nemo_gdro.testing.tiny_hf import build_tiny_hf
+    from tests.data.fixtures import write_benchmark, write_dapo_math
+
+    model = build_tiny_hf(tmp / "qwen3", arch="qwen3", seed=3)
+    train = write_dapo_math(tmp / "dapo.parquet", num_prompts=8, repeats=2, cjk_prompts=0).path
+    math500 = write_benchmark("math500", tmp / "math500.jsonl", num=3).path
+    return {
+        "MODEL_PATH": str(model), "TRAIN_FILES": str(train), "EVAL_FILES": f"math500={math500}",
+        "NEMO_GDRO_CONFIG_OVERRIDES": RECIPE_TINY_OVERRIDES,
+    }
 
 
 def _submit(cluster: LocalSlurm, tmp: Path, env_extra: dict[str, str], args: tuple[str, ...] = ()) -> tuple[int, Path]:
@@ -60,6 +94,8 @@ def _submit(cluster: LocalSlurm, tmp: Path, env_extra: dict[str, str], args: tup
         OUTPUT_DIR=str(tmp / "run"),
         **env_extra,
     )
+    if "MODEL_PATH" in env_extra:  # the recipe path: the script builds the recipe overrides itself
+        env.pop("NEMO_GDRO_RECIPE_OVERRIDES")
     log = tmp / "job.out"
     job_id = cluster.sbatch([*CPU_SBATCH, f"--output={log}", str(SCRIPT), *args], env=env, cwd=REPO)
     return job_id, log
@@ -92,9 +128,9 @@ def test_dry_run_starts_both_ranks_with_one_rendezvous(slurm_cluster: LocalSlurm
 
 
 @pytest.mark.slow
-def test_train_8b_script_runs_dp2_on_cpu(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
+def test_train_8b_script_runs_the_recipe_dp2_on_cpu(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
     start = time.monotonic()
-    job_id, log = _submit(slurm_cluster, tmp_path, {})
+    job_id, log = _submit(slurm_cluster, tmp_path, _tiny_assets(tmp_path))
     text = _assert_completed(slurm_cluster, job_id, log)
     print(f"job {job_id} finished in {time.monotonic() - start:.0f}s\n{text}")
 
@@ -102,6 +138,7 @@ def test_train_8b_script_runs_dp2_on_cpu(slurm_cluster: LocalSlurm, tmp_path: Pa
     for rank in (0, 1):
         assert re.search(rf"^{rank}: \[nemo-gdro\] rank {rank}/2 local_rank {rank} via slurm", text, re.M), text
     assert "backend gloo" in text
+    assert "+recipe=qwen3_8b_dapo" in text  # the command line the script logged
 
     run = tmp_path / "run"
     assert _rl_steps(run) == [1, 2]

@@ -30,11 +30,12 @@ def files(tmp_path_factory):
 
 
 def math_args(files, out, *extra):
+    """The Qwen3-0.6B DAPO-Math recipe on the tiny assets, shrunk to seconds (HF engine: no vLLM here)."""
     return [
-        "model=hf", f"model.path={files['model']}", "model.dtype=float32", "tokenizer.name=hf", "data=math",
+        "+recipe=qwen3_0p6b_dapo", f"model.path={files['model']}", "model.dtype=float32", "rollout.engine=hf",
         f"data.train_files=[{files['train']}]", f"+data.eval_files.math500=[{files['math500']}]",
-        f"+data.eval_files.gpqa_diamond=[{files['gpqa']}]", "reward.verifier=dapo_math", "reward.num_workers=1",
-        "sft.steps=0", "trainer.max_steps=3", "trainer.prompts_per_step=4", "rollout.n=2", "rollout.max_new_tokens=6",
+        f"+data.eval_files.gpqa_diamond=[{files['gpqa']}]", "reward.num_workers=1",
+        "trainer.max_steps=3", "trainer.prompts_per_step=4", "rollout.n=2", "rollout.max_new_tokens=6",
         "eval.k=1", "trainer.micro_batch_size=8", "trainer.eval_every=0", "trainer.checkpoint_every=0",
         "logging.tensorboard=false", "logging.progress=false", "reward.overlong.enabled=true",
         "reward.overlong.buffer_tokens=4", f"run.output_dir={out}", *extra,

@@ -81,3 +81,34 @@ def test_dataset_fingerprint_names_the_prompts_that_changed():
     assert "allowed by run.allow_config_change" in check_dataset(saved, changed, ["data"], "ckpt")
     assert check_dataset(None, changed, [], "ckpt") is None
     assert saved.dtype == torch.int64 and saved.shape == (3, 2)
+
+
+def _compare_configs_worker(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from nemo_gdro.trainer.resume_check import check_same_config_across_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        same = OmegaConf.to_yaml(compose(overrides=["rollout.n=4"]))
+        check_same_config_across_ranks(same)  # identical configs pass
+        differing = OmegaConf.to_yaml(compose(overrides=[f"rollout.n={4 + 4 * rank}"]))
+        try:
+            check_same_config_across_ranks(differing)
+            results[rank] = "no error"
+        except ConfigError as err:
+            results[rank] = str(err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_started_with_different_configs_fail_at_start_naming_the_key(tmp_path):
+    """Two real gloo processes: rank 1 got rollout.n=8, rank 0 rollout.n=4; both stop with the key named."""
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_compare_configs_worker, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert "different configurations" in results[rank] and "rollout.n" in results[rank], results[rank]
