@@ -37,7 +37,7 @@ BAD_VALUES = [
     ("rollout.top_k=-1", "rollout.top_k must be an integer >= 0"),
     ("rollout.n=0", "rollout.n must be a positive integer"),
     ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
-    ("model.preset=nope", "model.preset must be one of tiny, qwen3_1p7b, qwen3_4b, qwen3_8b"),
+    ("model.preset=nope", "model.preset must be one of tiny, qwen3_0p6b, qwen3_1p7b, qwen3_4b, qwen3_8b"),
     ("model.dtype=float16", "model.dtype must be one of 'auto' | 'float32' | 'bfloat16'"),
     ("tokenizer.name=bpe", "tokenizer.name"),
     ("rollout.engine=sglang", "rollout.engine"),

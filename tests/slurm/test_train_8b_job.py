@@ -174,3 +174,37 @@ def _rl_steps(run: Path) -> list[int]:
     """Steps with an RL record in metrics.jsonl (the SFT stage logs step 0)."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [rec["step"] for rec in map(json.loads, filter(str.strip, lines)) if "train/reward_mean" in rec]
+
+
+@pytest.mark.slow
+def test_sigterm_from_slurm_checkpoints_and_the_requeued_job_resumes_there(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
+    """`scancel --signal=TERM` (what Slurm sends job steps at preemption / the time limit): every
+    rank finishes its step, one checkpoint is written, the job ends; requeued, it resumes there."""
+    steps = 40
+    job_id, log = _submit(slurm_cluster, tmp_path, {}, args=(f"trainer.max_steps={steps}", "trainer.checkpoint_every=0"))
+    run = tmp_path / "run"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists() and _rl_steps(run)):
+        time.sleep(1)
+    assert _rl_steps(run), log.read_text(errors="replace")[-4000:] if log.exists() else "no log"
+    sig = subprocess.run(["scancel", "--signal=TERM", str(job_id)], env=slurm_cluster.env(), capture_output=True, text=True)
+    assert sig.returncode == 0, sig.stderr
+    fields = slurm_cluster.wait_job(job_id, JOB_TIMEOUT_S)
+    text = log.read_text(errors="replace")
+    stopped = re.search(r"^0: nemo-gdro train: stopped by SIGTERM after step (\d+): checkpoint (\S+)", text, re.M)
+    assert stopped, f"{fields.get('JobState')}\n{text[-4000:]}"
+    step = int(stopped.group(1))
+    assert 1 <= step < steps and stopped.group(2).endswith(f"step_{step:08d}")
+    assert "Traceback" not in text
+    assert _rl_steps(run) == list(range(1, step + 1))
+
+    time.sleep(3)  # see test_train_8b_script_runs_the_recipe_dp2_on_cpu: a same-second restart is refused
+    requeue = subprocess.run(["scontrol", "requeue", str(job_id)], env=slurm_cluster.env(), capture_output=True, text=True)
+    assert requeue.returncode == 0, requeue.stderr
+    release = subprocess.run(
+        ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster.env(), capture_output=True, text=True
+    )
+    assert release.returncode == 0, release.stderr
+    text = _assert_completed(slurm_cluster, job_id, log)
+    assert re.search(rf"^0: \[nemo-gdro\] resumed from \S+step_{step:08d} at step {step}", text, re.M), text[-4000:]
+    assert _rl_steps(run) == list(range(1, steps + 1))  # no step lost, none logged twice

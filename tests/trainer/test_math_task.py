@@ -84,7 +84,9 @@ def test_in_process_step_bounds_a_pathological_answer_and_close_reaps_workers(fi
     """One RL step in this process; the step's own verifier bounds a nested power by its timeout."""
     from nemo_gdro.trainer.loop import Trainer
 
-    cfg = compose(overrides=math_args(files, tmp_path / "run", "reward.timeout_s=1.0", "trainer.max_steps=1"))
+    # No KL reference: it is frozen when run() starts RL, which this test does not call.
+    cfg = compose(overrides=math_args(files, tmp_path / "run", "reward.timeout_s=1.0", "trainer.max_steps=1",
+                                      "algorithm.policy_loss.kl_coef=0.0"))
     trainer = Trainer(cfg)
     try:
         metrics = trainer.rl_step(0)
