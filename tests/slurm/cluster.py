@@ -210,11 +210,13 @@ class LocalSlurm:
         raise TimeoutError(f"job {job_id} still {fields.get('JobState')} after {timeout:.0f}s\n{self.logs()}")
 
     def jobcomp_state(self, job_id: int) -> str | None:
-        """The final state the controller wrote to the job-completion log."""
+        """The final state the controller wrote to the job-completion log (its latest record:
+        a requeued job gets one per run)."""
         if not self.jobcomp_log.exists():
             return None
+        state = None
         for line in self.jobcomp_log.read_text().splitlines():
             if f"JobId={job_id} " in line:
                 m = re.search(r"JobState=(\S+)", line)
-                return m.group(1) if m else None
-        return None
+                state = m.group(1) if m else None
+        return state

@@ -92,8 +92,8 @@ def _submit(cluster: LocalSlurm, tmp: Path, env_extra: dict[str, str], args: tup
         NEMO_GDRO_CONFIG_OVERRIDES=TINY_OVERRIDES,
         RUN_NAME="slurm_tiny",
         OUTPUT_DIR=str(tmp / "run"),
-        **env_extra,
     )
+    env.update(env_extra)
     if "MODEL_PATH" in env_extra:  # the recipe path: the script builds the recipe overrides itself
         env.pop("NEMO_GDRO_RECIPE_OVERRIDES")
     log = tmp / "job.out"
@@ -109,7 +109,7 @@ def _assert_completed(cluster: LocalSlurm, job_id: int, log: Path) -> str:
     assert fields.get("NumTasks") == "2" and fields.get("NumNodes") == "1"
     # The controller's completion record, written independently of scontrol's view.
     deadline = time.monotonic() + 10
-    while cluster.jobcomp_state(job_id) is None and time.monotonic() < deadline:
+    while cluster.jobcomp_state(job_id) != "COMPLETED" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert cluster.jobcomp_state(job_id) == "COMPLETED"
     return text
@@ -191,7 +191,7 @@ def test_sigterm_from_slurm_checkpoints_and_the_requeued_job_resumes_there(slurm
     assert sig.returncode == 0, sig.stderr
     fields = slurm_cluster.wait_job(job_id, JOB_TIMEOUT_S)
     text = log.read_text(errors="replace")
-    stopped = re.search(r"^0: nemo-gdro train: stopped by SIGTERM after step (\d+): checkpoint (\S+)", text, re.M)
+    stopped = re.search(r"^0: nemo-gdro train: stopped by SIGTERM after step (\d+): checkpoint (\S+?);", text, re.M)
     assert stopped, f"{fields.get('JobState')}\n{text[-4000:]}"
     step = int(stopped.group(1))
     assert 1 <= step < steps and stopped.group(2).endswith(f"step_{step:08d}")
