@@ -90,15 +90,20 @@ def last_boxed(text: str, start: int = 0) -> str | None:
         end = pos  # not a braced box: look further left
 
 
-def dapo_answer(text: str, tail_chars: int = 300) -> str | None:
-    """DAPO-style final answer of ``text`` (see the module docstring), or ``None``."""
+def _last_answer_line(text: str, tail_chars: int) -> tuple[int, re.Match[str] | None]:
+    """(start of the searched tail, the last "Answer:" line in it or ``None``)."""
     if tail_chars < 1:
         raise ValueError(f"tail_chars must be >= 1, got {tail_chars}")
     start = max(len(text) - tail_chars, 0)
-    tail = text[start:]
     last = None
-    for m in _ANSWER_LINE.finditer(tail):
+    for m in _ANSWER_LINE.finditer(text, start):
         last = m
+    return start, last
+
+
+def dapo_answer(text: str, tail_chars: int = 300) -> str | None:
+    """DAPO-style final answer of ``text`` (see the module docstring), or ``None``."""
+    start, last = _last_answer_line(text, tail_chars)
     if last is not None:
         content = last.group(1).strip()
         if content.replace("$", "").replace("*", "").strip():
@@ -139,14 +144,9 @@ def _single_letter(s: str, letters: str) -> str | None:
 
 def choice_answer(text: str, letters: str = "ABCD", tail_chars: int = 300) -> str | None:
     """The chosen letter of a multiple-choice response (see the module docstring), or ``None``."""
-    if tail_chars < 1:
-        raise ValueError(f"tail_chars must be >= 1, got {tail_chars}")
-    start = max(len(text) - tail_chars, 0)
+    start, last = _last_answer_line(text, tail_chars)
     tail = text[start:]
     # (1) "Answer:" line
-    last = None
-    for m in _ANSWER_LINE.finditer(tail):
-        last = m
     if last is not None:
         content = last.group(1)
         one = _single_letter(content, letters)

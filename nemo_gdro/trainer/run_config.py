@@ -11,6 +11,7 @@ The loop reads typed fields only.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,11 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_gdro.models.megatron_options import MegatronOptions, check_environment, host_info
+from nemo_gdro.models.megatron_options import (
+    MegatronOptions,
+    check_environment,
+    host_info,
+)
 from nemo_gdro.stages.setup import AlgorithmSetup
 from nemo_gdro.typed_config import ConfigError, build_section
 
@@ -332,12 +337,9 @@ class RewardSection:
         from nemo_gdro.rewards.registry import RewardConfig
         from nemo_gdro.rewards.shaping import OverlongConfig
 
-        verifier_config = RewardConfig(
-            verifier=self.verifier, correct_reward=self.correct_reward, wrong_reward=self.wrong_reward,
-            num_workers=self.num_workers, timeout_s=self.timeout_s, soft_timeout_fraction=self.soft_timeout_fraction,
-            max_tasks_per_worker=self.max_tasks_per_worker, max_memory_mb=self.max_memory_mb,
-            start_timeout_s=self.start_timeout_s, warmup=self.warmup, options=dict(self.options),
-        )
+        # The pool's own keys, passed through by name (RewardConfig validates them).
+        pool_keys = {f.name: getattr(self, f.name) for f in dataclasses.fields(RewardConfig)}
+        verifier_config = RewardConfig(**{**pool_keys, "options": dict(self.options)})
         from nemo_gdro.rewards.registry import VERIFIERS
 
         _require(
