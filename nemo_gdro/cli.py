@@ -70,13 +70,26 @@ def _train(args: argparse.Namespace) -> int:
     a checkpoint that cannot be used); 128 + N: stopped by signal N (SIGTERM:
     143, SIGINT: 130) after writing a checkpoint. ``--debug`` re-raises.
     """
+    from nemo_gdro.trainer.config import ConfigError, load
+    from nemo_gdro.trainer.preflight import check_launch
+
+    # The whole config is typed and checked before torch and Megatron are imported
+    # (seconds): a bad value is answered at once, and nothing is built or written.
+    try:
+        run_config = load(args.config_name, args.overrides)
+        check_launch(run_config)
+    except ConfigError as err:
+        if args.debug:
+            raise
+        print(f"nemo-gdro train: configuration error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
     from nemo_gdro.trainer.checkpoint import CheckpointError
-    from nemo_gdro.trainer.config import ConfigError
     from nemo_gdro.trainer.errors import RunError
-    from nemo_gdro.trainer.loop import train
+    from nemo_gdro.trainer.loop import train_config
 
     try:
-        train(args.overrides, config_name=args.config_name)
+        train_config(run_config)
     except ConfigError as err:
         if args.debug:
             raise

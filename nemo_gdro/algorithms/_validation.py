@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
-from typing import Any
-
 import torch
 
+from nemo_gdro.algorithms._scalar_checks import is_finite_real, is_int, is_real
 
-def is_int(x: Any) -> bool:
-    """An integer that is not a bool."""
-    return isinstance(x, Integral) and not isinstance(x, bool)
-
-
-def is_real(x: Any) -> bool:
-    """A real number that is not a bool (inf and nan allowed: range checks follow)."""
-    return isinstance(x, Real) and not isinstance(x, bool)
-
-
-def is_finite_real(x: Any) -> bool:
-    """A finite real number that is not a bool."""
-    return is_real(x) and math.isfinite(float(x))
+__all__ = [
+    "bool_mask",
+    "check_token_tensors",
+    "compute_dtype",
+    "is_finite_real",
+    "is_int",
+    "is_real",
+    "token_advantages",
+]
 
 
 def bool_mask(mask: torch.Tensor) -> torch.Tensor:

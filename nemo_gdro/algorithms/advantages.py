@@ -8,42 +8,16 @@ each row to its prompt position in ``[0, P)``. Groups may have any size
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from nemo_gdro.algorithms.configs import AdvantageConfig, StdKind
 from nemo_gdro.algorithms.segments import (
     check_segment_index,
     segment_count,
     segment_mean,
     segment_sum,
 )
-
-StdKind = Literal["unbiased", "population"]
-
-
-@dataclass(frozen=True)
-class AdvantageConfig:
-    """GRPO advantage options (grpo_base.md §3).
-
-    normalize_by_std: divide by the group std (False: Dr.GRPO mean-centring).
-    std: ``unbiased`` (as ``torch.std``, default) or ``population``.
-    eps: added to the std in the denominator.
-    adv_clip: advantages are clipped to ``[-adv_clip, adv_clip]``; ``None`` disables.
-    """
-
-    normalize_by_std: bool = True
-    std: StdKind = "unbiased"
-    eps: float = 1e-6
-    adv_clip: float | None = 5.0
-
-    def __post_init__(self) -> None:
-        if self.std not in ("unbiased", "population"):
-            raise ValueError(f"advantage.std must be 'unbiased' or 'population', got {self.std!r}")
-        if self.eps < 0:
-            raise ValueError(f"advantage.eps must be >= 0, got {self.eps}")
-        if self.adv_clip is not None and self.adv_clip <= 0:
-            raise ValueError(f"advantage.adv_clip must be > 0 or null, got {self.adv_clip}")
 
 
 @dataclass(frozen=True)

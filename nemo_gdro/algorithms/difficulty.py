@@ -13,62 +13,10 @@ bin membership) does not change the next step's decision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 
+from nemo_gdro.algorithms.configs import DifficultyConfig
 from nemo_gdro.algorithms.stats import PromptStatsStore
-
-DEFAULT_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-@dataclass(frozen=True)
-class DifficultyConfig:
-    """Classifier options.
-
-    edges: increasing bin edges in (0, 1); ``B = len(edges) + 1`` bins, bin 0
-        holds the lowest pass rate (hardest).
-    hysteresis: a prompt leaves its previous bin only when its estimate lies
-        outside that bin's interval by more than this.
-    unseen_bin: bin of never-observed prompts: an integer in ``[0, B)``
-        (default 0, as in the paper) or ``"separate"`` for an extra bin ``B``.
-    correct_threshold: a rollout counts as correct when its reward is above it.
-    """
-
-    edges: tuple[float, ...] = field(default=DEFAULT_EDGES)
-    hysteresis: float = 0.03
-    unseen_bin: int | Literal["separate"] = 0
-    correct_threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        edges = tuple(float(e) for e in self.edges)
-        object.__setattr__(self, "edges", edges)
-        if not edges:
-            raise ValueError("difficulty.edges must hold at least one edge")
-        if any(not 0.0 < e < 1.0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ValueError(f"difficulty.edges must be strictly increasing values in (0, 1), got {list(edges)}")
-        if self.hysteresis < 0:
-            raise ValueError(f"difficulty.hysteresis must be >= 0, got {self.hysteresis}")
-        if self.unseen_bin != "separate" and not (
-            isinstance(self.unseen_bin, int) and 0 <= self.unseen_bin <= len(edges)
-        ):
-            raise ValueError(
-                f"difficulty.unseen_bin must be 'separate' or an integer in [0, {len(edges)}], got {self.unseen_bin!r}"
-            )
-
-    @property
-    def num_pass_rate_bins(self) -> int:
-        return len(self.edges) + 1
-
-    @property
-    def num_bins(self) -> int:
-        """Bins the controllers see: ``B``, plus one when unseen prompts get their own."""
-        return self.num_pass_rate_bins + (1 if self.unseen_bin == "separate" else 0)
-
-    @property
-    def unseen_bin_index(self) -> int:
-        return self.num_pass_rate_bins if self.unseen_bin == "separate" else int(self.unseen_bin)
 
 
 class DifficultyClassifier:

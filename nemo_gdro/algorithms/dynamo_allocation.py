@@ -13,93 +13,20 @@ Shapes follow ``CONVENTIONS.md``: per-prompt tensors are ``[P]``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from nemo_gdro.algorithms._validation import is_finite_real, is_int
 from nemo_gdro.algorithms.allocate import allocate_budget
+from nemo_gdro.algorithms.configs import DynamoAllocationConfig
 from nemo_gdro.algorithms.stats import PromptStatsStore
 
 __all__ = ["DynamoAllocationConfig", "DynamoAllocation", "DynamoAllocator", "priority"]
 
-Refresh = Literal["every_step", "every_epoch"]
 
 # dynamo.md §1: the tiny (1 - acc) term breaks ties between zero-variance
 # prompts in favour of the less solved ones before the floor takes over.
 _UNSOLVED_BONUS = 1e-6
-
-
-@dataclass(frozen=True)
-class DynamoAllocationConfig:
-    """``dynamo`` allocation options (dynamo.md §1).
-
-    n_bar: mean rollouts per prompt; the step's budget is ``T = n_bar * P``.
-    n_min, n_max: per-prompt bounds. ``n_min <= n_bar <= n_max`` is required so
-        that clipping ``T`` to ``[P n_min, P n_max]`` never changes it (the
-        spec rejects such a config instead of silently shrinking the budget).
-    warmup: a prompt with fewer than ``warmup`` cumulative rollouts is in
-        warm-up and first gets ``warmup - G`` rollouts (at most ``n_max`` per
-        step: a larger demand is finished on the prompt's next draws);
-        ``None`` means ``max(n_min, 4)`` (see :attr:`effective_warmup`).
-    mastery: success rate at or above which a prompt gets the floor priority.
-    floor: minimum priority (> 0): never-solved and mastered prompts keep it.
-    power: weights are ``priority ** power``; 1.0 = ref-code (n grows with the
-        variance), 0.5 = Neyman (n grows with the standard deviation).
-    refresh: ``every_step`` reads the live counters; ``every_epoch`` reads a
-        snapshot taken by :meth:`DynamoAllocator.refresh_epoch`.
-    warmup_compete: ``False`` (default): a prompt in warm-up takes
-        ``max(n_min, warmup - G)`` and stays out of the water-fill. ``True``
-        (the authors' release): it gets ``n_min`` like every prompt and competes
-        in the water-fill at priority 1.0 when unseen (``G == 0``) or at its
-        running priority, so unseen prompts tend to reach ``n_max``
-        (dynamo.md §1, Allocation step 3).
-    """
-
-    n_bar: int = 16
-    n_min: int = 8
-    n_max: int = 24
-    warmup: int | None = None
-    mastery: float = 0.85
-    floor: float = 0.01
-    power: float = 1.0
-    refresh: Refresh = "every_step"
-    warmup_compete: bool = False
-
-    def __post_init__(self) -> None:
-        for key in ("n_bar", "n_min", "n_max"):
-            value = getattr(self, key)
-            if not is_int(value):
-                raise ValueError(f"dynamo.{key} must be an integer, got {value!r}")
-        if self.n_min < 1:
-            raise ValueError(f"dynamo.n_min must be >= 1, got {self.n_min}")
-        if self.n_max < self.n_min:
-            raise ValueError(f"dynamo.n_max must be >= n_min ({self.n_min}), got {self.n_max}")
-        if not self.n_min <= self.n_bar <= self.n_max:
-            # T = n_bar * P clipped to [P n_min, P n_max] would differ from
-            # n_bar * P: the run would not spend the compute it was configured for.
-            raise ValueError(
-                f"dynamo.n_bar must lie in [n_min, n_max] = [{self.n_min}, {self.n_max}] so the "
-                f"budget n_bar * P is feasible as configured, got {self.n_bar}"
-            )
-        if self.warmup is not None:
-            if not is_int(self.warmup) or self.warmup < 1:
-                raise ValueError(f"dynamo.warmup must be a positive integer or null, got {self.warmup!r}")
-        if not is_finite_real(self.mastery) or not 0.0 < self.mastery <= 1.0:
-            raise ValueError(f"dynamo.mastery must be in (0, 1], got {self.mastery!r}")
-        if not is_finite_real(self.floor) or self.floor <= 0.0:
-            raise ValueError(f"dynamo.floor must be a finite number > 0, got {self.floor!r}")
-        if not is_finite_real(self.power) or self.power <= 0.0:
-            raise ValueError(f"dynamo.power must be a finite number > 0, got {self.power!r}")
-        if self.refresh not in ("every_step", "every_epoch"):
-            raise ValueError(f"dynamo.refresh must be 'every_step' or 'every_epoch', got {self.refresh!r}")
-        if not isinstance(self.warmup_compete, bool):
-            raise ValueError(f"dynamo.warmup_compete must be true or false, got {self.warmup_compete!r}")
-
-    @property
-    def effective_warmup(self) -> int:
-        """Warm-up threshold in rollouts: ``warmup`` or ``max(n_min, 4)``."""
-        return self.warmup if self.warmup is not None else max(self.n_min, 4)
 
 
 def priority(

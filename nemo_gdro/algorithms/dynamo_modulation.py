@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,9 +24,9 @@ from nemo_gdro.algorithms._validation import (
     bool_mask,
     check_token_tensors,
     compute_dtype,
-    is_finite_real,
     token_advantages,
 )
+from nemo_gdro.algorithms.configs import DynamoModulationConfig, EbarMode
 from nemo_gdro.algorithms.losses import policy_ratio
 from nemo_gdro.parallel import comm
 
@@ -40,57 +40,11 @@ __all__ = [
     "modulate_advantages",
 ]
 
-EbarMode = Literal["exact", "sequence_mean"]
-Scope = Literal["minibatch", "microbatch"]
 
 # dynamo.md §2: guards of the two normalisations (ref-code constants).
 _NORM_EPS = 1e-8
 # Threshold for the "tokens braked" metric (dynamo.md §5).
 _BRAKED_BELOW = 0.95
-
-
-@dataclass(frozen=True)
-class DynamoModulationConfig:
-    """``dynamo`` token-level options (dynamo.md §2).
-
-    alpha: compensation strength (``beta_comp`` in ``[1, 1 + alpha]``).
-    lam_min: floor of the stabilisation factor (``beta_stab`` in ``(lam_min, 1]``).
-    gamma, tau: steepness and centre of the brake's sigmoid in ``x = |dH| / max|dH|``.
-    eps_low, eps_high: the clip range of the policy loss; a token outside it
-        gets no gradient and so no entropy change.
-    ebar: ``exact`` (``sum_a pi_a^2 (log pi_a + H)`` from the vocabulary pass)
-        or ``sequence_mean`` (per-sequence mean of ``u``, ref-code option).
-    scope: ``minibatch`` (H_min, H_max, max|dH| over the optimizer mini-batch
-        across DP ranks: pass merged/reduced :class:`ModulationStats`) or
-        ``microbatch`` (ref-code: statistics of each call's tokens).
-    """
-
-    alpha: float = 0.2
-    lam_min: float = 0.6
-    gamma: float = 50.0
-    tau: float = 0.99
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    ebar: EbarMode = "exact"
-    scope: Scope = "minibatch"
-
-    def __post_init__(self) -> None:
-        if not is_finite_real(self.alpha) or self.alpha < 0.0:
-            raise ValueError(f"dynamo.alpha must be a finite number >= 0, got {self.alpha!r}")
-        if not is_finite_real(self.lam_min) or not 0.0 <= self.lam_min <= 1.0:
-            raise ValueError(f"dynamo.lam_min must be in [0, 1], got {self.lam_min!r}")
-        if not is_finite_real(self.gamma) or self.gamma <= 0.0:
-            raise ValueError(f"dynamo.gamma must be a finite number > 0, got {self.gamma!r}")
-        if not is_finite_real(self.tau) or self.tau <= 0.0:
-            raise ValueError(f"dynamo.tau must be a finite number > 0, got {self.tau!r}")
-        if not is_finite_real(self.eps_low) or not 0.0 < self.eps_low < 1.0:
-            raise ValueError(f"dynamo.eps_low must be in (0, 1), got {self.eps_low!r}")
-        if not is_finite_real(self.eps_high) or self.eps_high <= 0.0:
-            raise ValueError(f"dynamo.eps_high must be a finite number > 0, got {self.eps_high!r}")
-        if self.ebar not in ("exact", "sequence_mean"):
-            raise ValueError(f"dynamo.ebar must be 'exact' or 'sequence_mean', got {self.ebar!r}")
-        if self.scope not in ("minibatch", "microbatch"):
-            raise ValueError(f"dynamo.scope must be 'minibatch' or 'microbatch', got {self.scope!r}")
 
 
 def entropy_change(

@@ -15,12 +15,12 @@ reduced or reduced over an explicit process group.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from nemo_gdro.algorithms._validation import bool_mask, is_real, token_advantages
+from nemo_gdro.algorithms.configs import LOSS_AGG_MODES, R2VPO_CENTERS, PolicyLossConfig, R2VPOConfig
 from nemo_gdro.parallel import comm
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
 # that the ratio (and its square in R²VPO) stays finite in float32.
 LOG_RATIO_CLAMP = 20.0
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 Number = int | float
 Scalar = Number | torch.Tensor
@@ -222,42 +221,9 @@ def aggregate_token_loss(
     return seq_values.sum() / _count_divisor(s, token_loss)
 
 
-@dataclass(frozen=True)
-class PolicyLossConfig:
-    """``policy_loss`` config (grpo_base.md §4-§5)."""
-
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip: float | None = 3.0
-    kl_coef: float = 0.0
-    loss_agg_mode: str = "token-mean"
-    norm_constant: float | None = None
-
-    def __post_init__(self) -> None:
-        p = "policy_loss"
-        if not (is_real(self.eps_low) and 0.0 <= self.eps_low < 1.0):
-            raise ValueError(f"{p}.eps_low must be in [0, 1), got {self.eps_low}")
-        if not (is_real(self.eps_high) and 0.0 <= self.eps_high < math.inf):
-            raise ValueError(f"{p}.eps_high must be a finite number >= 0, got {self.eps_high}")
-        if self.dual_clip is not None and not (is_real(self.dual_clip) and 1.0 < self.dual_clip < math.inf):
-            raise ValueError(f"{p}.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
-        if not (is_real(self.kl_coef) and 0.0 <= self.kl_coef < math.inf):
-            raise ValueError(f"{p}.kl_coef must be a finite number >= 0, got {self.kl_coef}")
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"{p}.loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
-        if self.norm_constant is not None and not (is_real(self.norm_constant) and 0.0 < self.norm_constant < math.inf):
-            raise ValueError(f"{p}.norm_constant must be > 0 (or null), got {self.norm_constant}")
-        if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.norm_constant is None:
-            raise ValueError(f"{p}.norm_constant is required when {p}.loss_agg_mode is 'seq-mean-token-sum-norm'")
-
-
 # --------------------------------------------------------------------------- #
 # R²VPO (r2vpo.md)
 # --------------------------------------------------------------------------- #
-R2VPO_CENTERS = ("one", "batch_mean")
-R2VPO_DUAL_UPDATES = ("additive", "multiplicative")
-
-
 def r2vpo_token_loss(
     logp: torch.Tensor,
     logp_mu: torch.Tensor,
@@ -366,66 +332,6 @@ def ratio_variance(sum_sq_dev: Scalar, num_tokens: Scalar, group: Any = None) ->
         buf = comm.all_reduce(buf, group=group)
     total_sq, total_n = buf.tolist()
     return total_sq / total_n if total_n > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class R2VPOConfig:
-    """``r2vpo`` config (r2vpo.md §1-§3)."""
-
-    delta: float = 0.04
-    dual_update: str = "additive"
-    eta_lam: float = 10.0
-    eta_mult: float = 0.2
-    lam_init: float | None = None
-    lam_max: float = 100.0
-    lam_min: float = 1e-3
-    center: str = "one"
-    max_ratio: float | None = None
-    staleness: int = 1
-    replay_ratio: float = 0.0
-
-    def __post_init__(self) -> None:
-        p = "r2vpo"
-
-        def finite(x: Any) -> bool:
-            return is_real(x) and math.isfinite(x)
-
-        if not (finite(self.delta) and self.delta > 0):
-            raise ValueError(f"{p}.delta must be > 0, got {self.delta}")
-        if self.dual_update not in R2VPO_DUAL_UPDATES:
-            raise ValueError(f"{p}.dual_update must be one of {R2VPO_DUAL_UPDATES}, got {self.dual_update!r}")
-        # 0 is allowed for both step sizes: a frozen lam is the fixed-penalty
-        # (CFPO-style) comparison run.
-        if not (finite(self.eta_lam) and self.eta_lam >= 0):
-            raise ValueError(f"{p}.eta_lam must be a finite number >= 0, got {self.eta_lam}")
-        if not (finite(self.eta_mult) and self.eta_mult >= 0):
-            raise ValueError(f"{p}.eta_mult must be a finite number >= 0, got {self.eta_mult}")
-        if not (finite(self.lam_max) and self.lam_max > 0):
-            raise ValueError(f"{p}.lam_max must be a finite number > 0, got {self.lam_max}")
-        if not (finite(self.lam_min) and 0 < self.lam_min <= self.lam_max):
-            raise ValueError(f"{p}.lam_min must be in (0, lam_max={self.lam_max}], got {self.lam_min}")
-        if self.lam_init is not None:
-            lo = self.lam_min if self.dual_update == "multiplicative" else 0.0
-            if not (finite(self.lam_init) and lo <= self.lam_init <= self.lam_max):
-                raise ValueError(
-                    f"{p}.lam_init must be in [{lo}, lam_max={self.lam_max}] for dual_update "
-                    f"{self.dual_update!r} (or null for the default), got {self.lam_init}"
-                )
-        if self.center not in R2VPO_CENTERS:
-            raise ValueError(f"{p}.center must be one of {R2VPO_CENTERS}, got {self.center!r}")
-        if self.max_ratio is not None and not (finite(self.max_ratio) and self.max_ratio > 1):
-            raise ValueError(f"{p}.max_ratio must be > 1 (or null to disable), got {self.max_ratio}")
-        if not (isinstance(self.staleness, int) and not isinstance(self.staleness, bool) and self.staleness >= 0):
-            raise ValueError(f"{p}.staleness must be an integer >= 0, got {self.staleness!r}")
-        if not (finite(self.replay_ratio) and self.replay_ratio >= 0):
-            raise ValueError(f"{p}.replay_ratio must be a finite number >= 0, got {self.replay_ratio}")
-
-    @property
-    def initial_lam(self) -> float:
-        """``lam_init``, or its per-rule default (0.0 additive, 0.1 multiplicative)."""
-        if self.lam_init is not None:
-            return float(self.lam_init)
-        return 0.0 if self.dual_update == "additive" else 0.1
 
 
 class DualVariableController:

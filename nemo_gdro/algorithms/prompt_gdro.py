@@ -16,13 +16,11 @@ and ``prompt_scheduler=prompt_gdro_resample`` select them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 import torch
 
 from nemo_gdro.algorithms.bin_index import BinIndex
+from nemo_gdro.algorithms.configs import PromptGDROConfig
 from nemo_gdro.algorithms.losses import per_sequence_mean
 from nemo_gdro.algorithms.segments import (
     check_segment_index,
@@ -30,57 +28,6 @@ from nemo_gdro.algorithms.segments import (
     segment_mean,
     segment_sum,
 )
-
-WeightForm = Literal["normalized", "paper"]
-Signal = Literal["surrogate", "failure", "learnability"]
-
-
-@dataclass(frozen=True)
-class PromptGDROConfig:
-    """Prompt-GDRO options; defaults are the paper's (gdro.md §2).
-
-    beta: EMA rate of the bin scores. eta: exponential-weights temperature.
-    gamma: uniform mixing of ``q``. score_clip: ``C`` (``None``: no clip).
-    share_floor: floor of a bin's batch share in the frequency debias.
-    weight_form: ``normalized`` (``q_b`` rescaled to mean 1 over the batch's
-        responses, capped at ``w_max``) | ``paper`` (``min(omega_b, w_max)``).
-    signal: ``surrogate`` | ``failure`` | ``learnability``.
-    signal_include_kl: add ``kl_coef * KL`` to the surrogate signal.
-    importance_correct: when resampling, scale advantages by
-        ``uniform_share_b / q_b`` (capped at ``importance_cap``).
-    reward_range: ``(r_min, r_max)`` used to rescale rewards for ``failure``.
-    """
-
-    beta: float = 0.12
-    eta: float = 0.65
-    gamma: float = 0.01
-    score_clip: float | None = None
-    share_floor: float = 1e-3
-    weight_form: WeightForm = "normalized"
-    w_max: float = 15.0
-    signal: Signal = "surrogate"
-    signal_include_kl: bool = False
-    importance_correct: bool = False
-    importance_cap: float = 15.0
-    reward_range: tuple[float, float] = (0.0, 1.0)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "reward_range", tuple(float(r) for r in self.reward_range))
-        checks = [
-            (0.0 < self.beta <= 1.0, f"prompt_gdro.beta must be in (0, 1], got {self.beta}"),
-            (self.eta >= 0.0, f"prompt_gdro.eta must be >= 0, got {self.eta}"),
-            (0.0 <= self.gamma <= 1.0, f"prompt_gdro.gamma must be in [0, 1], got {self.gamma}"),
-            (self.score_clip is None or self.score_clip > 0, f"prompt_gdro.score_clip must be > 0 or null, got {self.score_clip}"),
-            (0.0 < self.share_floor <= 1.0, f"prompt_gdro.share_floor must be in (0, 1], got {self.share_floor}"),
-            (self.weight_form in ("normalized", "paper"), f"prompt_gdro.weight_form must be 'normalized' or 'paper', got {self.weight_form!r}"),
-            (self.w_max > 0, f"prompt_gdro.w_max must be > 0, got {self.w_max}"),
-            (self.signal in ("surrogate", "failure", "learnability"), f"prompt_gdro.signal must be 'surrogate', 'failure' or 'learnability', got {self.signal!r}"),
-            (self.importance_cap > 0, f"prompt_gdro.importance_cap must be > 0, got {self.importance_cap}"),
-            (len(self.reward_range) == 2 and self.reward_range[0] < self.reward_range[1], f"prompt_gdro.reward_range must be [r_min, r_max] with r_min < r_max, got {list(self.reward_range)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 # --------------------------------------------------------------------------- signals

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from nemo_gdro.algorithms._validation import is_finite_real, is_int
+from nemo_gdro.algorithms._validation import is_int
 from nemo_gdro.algorithms.allocate import allocate_budget
+from nemo_gdro.algorithms.configs import MODES, PROXIES, SIGNS, RolloutGDROConfig
 from nemo_gdro.algorithms.segments import (
     check_segment_index,
     segment_count,
@@ -64,13 +65,6 @@ __all__ = [
     "solve_arm_plan",
 ]
 
-MODES = ("sqrt", "bandit")
-PROXIES = ("bernoulli", "loss_var")
-SIGNS = ("utility", "adversarial")
-
-Mode = Literal["sqrt", "bandit"]
-Proxy = Literal["bernoulli", "loss_var"]
-Sign = Literal["utility", "adversarial"]
 
 # Variance used for a loss_var bin when no bin was ever observed: the largest
 # Bernoulli variance p(1-p), i.e. "assume maximal uncertainty" (spec §3 brief).
@@ -82,97 +76,6 @@ _LOSS_VAR_PRIOR = 0.25
 _HASH_MOD = 2_147_483_647
 _HASH_MUL_ID = 48_271
 _HASH_MUL_STEP = 69_621
-
-
-# --------------------------------------------------------------------------- #
-# config
-# --------------------------------------------------------------------------- #
-@dataclass(frozen=True)
-class RolloutGDROConfig:
-    """``rollout_gdro`` config (gdro.md §3). Field names and defaults are the spec's.
-
-    mode: ``sqrt`` (square-root law) or ``bandit`` (exponential-weights arms + DP).
-    n_min, n_max: bounds on rollouts per prompt (integers, ``1 <= n_min <= n_max``).
-    n_bar: mean budget of rollouts per prompt; an integer in ``[n_min, n_max]`` so
-        that the uniform plan is feasible, which makes ``P * n_bar`` feasible for
-        every batch.
-    proxy: per-bin variance proxy ``v_b``: ``bernoulli`` (mean ``p(1-p)`` of the
-        bin's prompts from the cumulative success counters) or ``loss_var``
-        (EMA of the variance of per-prompt mean loss signals within the bin).
-    v_floor: lower bound on ``v_b`` (> 0), so no bin's weight is zero.
-    unseen_success: success rate ``p`` assumed for a prompt never observed.
-    loss_var_beta: EMA step of the ``loss_var`` proxy, in ``(0, 1]``.
-    eta: inverse temperature of the arm softmax (>= 0).
-    gamma: uniform exploration mass mixed into each bin's arm distribution.
-    score_decay: EMA step of the chosen arm's score, in ``(0, 1]``.
-    sign: ``utility`` (paper: ``J_b = -mean signal``) or ``adversarial``
-        (ref-code: ``J_b = +mean signal``).
-    alpha_mu: step size of the shadow price update (>= 0).
-    mu_max: upper clip of the shadow price (> 0).
-    mu_init: initial shadow price, in ``[0, mu_max]``.
-    """
-
-    mode: Mode = "sqrt"
-    n_min: int = 2
-    n_max: int = 12
-    n_bar: int = 4
-    proxy: Proxy = "bernoulli"
-    v_floor: float = 1e-3
-    unseen_success: float = 0.5
-    loss_var_beta: float = 0.12
-    eta: float = 0.65
-    gamma: float = 0.01
-    score_decay: float = 0.4
-    sign: Sign = "utility"
-    alpha_mu: float = 0.05
-    mu_max: float = 10.0
-    mu_init: float = 0.0
-
-    def __post_init__(self) -> None:
-        p = "rollout_gdro"
-        if self.mode not in MODES:
-            raise ValueError(f"{p}.mode must be one of {MODES}, got {self.mode!r}")
-        if not (is_int(self.n_min) and self.n_min >= 1):
-            raise ValueError(f"{p}.n_min must be an integer >= 1, got {self.n_min!r}")
-        if not (is_int(self.n_max) and self.n_max >= self.n_min):
-            raise ValueError(f"{p}.n_max must be an integer >= n_min={self.n_min}, got {self.n_max!r}")
-        if not (is_int(self.n_bar) and self.n_min <= self.n_bar <= self.n_max):
-            raise ValueError(
-                f"{p}.n_bar must be an integer in [n_min={self.n_min}, n_max={self.n_max}] "
-                f"(so that the uniform plan is feasible), got {self.n_bar!r}"
-            )
-        if self.proxy not in PROXIES:
-            raise ValueError(f"{p}.proxy must be one of {PROXIES}, got {self.proxy!r}")
-        if not (is_finite_real(self.v_floor) and self.v_floor > 0):
-            raise ValueError(f"{p}.v_floor must be a finite number > 0, got {self.v_floor!r}")
-        if not (is_finite_real(self.unseen_success) and 0.0 <= self.unseen_success <= 1.0):
-            raise ValueError(f"{p}.unseen_success must be in [0, 1], got {self.unseen_success!r}")
-        if not (is_finite_real(self.loss_var_beta) and 0.0 < self.loss_var_beta <= 1.0):
-            raise ValueError(f"{p}.loss_var_beta must be in (0, 1], got {self.loss_var_beta!r}")
-        if not (is_finite_real(self.eta) and self.eta >= 0):
-            raise ValueError(f"{p}.eta must be a finite number >= 0, got {self.eta!r}")
-        if not (is_finite_real(self.gamma) and 0.0 <= self.gamma <= 1.0):
-            raise ValueError(f"{p}.gamma must be in [0, 1], got {self.gamma!r}")
-        if not (is_finite_real(self.score_decay) and 0.0 < self.score_decay <= 1.0):
-            raise ValueError(f"{p}.score_decay must be in (0, 1], got {self.score_decay!r}")
-        if self.sign not in SIGNS:
-            raise ValueError(f"{p}.sign must be one of {SIGNS}, got {self.sign!r}")
-        if not (is_finite_real(self.alpha_mu) and self.alpha_mu >= 0):
-            raise ValueError(f"{p}.alpha_mu must be a finite number >= 0, got {self.alpha_mu!r}")
-        if not (is_finite_real(self.mu_max) and self.mu_max > 0):
-            raise ValueError(f"{p}.mu_max must be a finite number > 0, got {self.mu_max!r}")
-        if not (is_finite_real(self.mu_init) and 0.0 <= self.mu_init <= self.mu_max):
-            raise ValueError(f"{p}.mu_init must be in [0, mu_max={self.mu_max}], got {self.mu_init!r}")
-
-    @property
-    def num_arms(self) -> int:
-        """``K = n_max - n_min + 1``."""
-        return self.n_max - self.n_min + 1
-
-    @property
-    def arms(self) -> torch.Tensor:
-        """Arm values ``n_min..n_max``, int64 ``[K]``."""
-        return torch.arange(self.n_min, self.n_max + 1, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- #

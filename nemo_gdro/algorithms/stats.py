@@ -24,44 +24,15 @@ GDRO release had when two controllers shared one EMA).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict
 
 import torch
 
+from nemo_gdro.algorithms.configs import MAX_WINDOW, StatsConfig
 from nemo_gdro.algorithms.segments import check_segment_index, segment_sum
 
-Indicator = Literal["any_correct", "mean_correct"]
-
-MAX_WINDOW = 64
 # lcm(1..12): fractions k/n with n <= 12 are exact in the int16 ring.
 FRACTION_SCALE = 27720
-
-
-@dataclass(frozen=True)
-class StatsConfig:
-    """Options of the per-prompt store.
-
-    window: H, the number of most recent indicators kept (1..64, default 50).
-    indicator: ``any_correct`` (1 if any rollout of the step is correct) or
-        ``mean_correct`` (fraction of correct rollouts).
-    counter_decay: ``None`` keeps G and K cumulative (ref-code); a value in
-        (0, 1) multiplies both by it before each observation of the prompt.
-    """
-
-    window: int = 50
-    indicator: Indicator = "any_correct"
-    counter_decay: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.window <= MAX_WINDOW:
-            raise ValueError(f"stats.window must be in [1, {MAX_WINDOW}], got {self.window}")
-        if self.indicator not in ("any_correct", "mean_correct"):
-            raise ValueError(
-                f"stats.indicator must be 'any_correct' or 'mean_correct', got {self.indicator!r}"
-            )
-        if self.counter_decay is not None and not 0.0 < self.counter_decay < 1.0:
-            raise ValueError(f"stats.counter_decay must be in (0, 1) or null, got {self.counter_decay}")
 
 
 def group_outcomes(

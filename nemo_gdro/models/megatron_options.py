@@ -263,14 +263,17 @@ def host_info(*, check_megatron: bool = False) -> HostInfo:
 
 
 def check_environment(
-    options: MegatronOptions, *, params_dtype: str, tensor_parallel: int, host: HostInfo
+    options: MegatronOptions, *, params_dtype: str, tensor_parallel: int, host: HostInfo | None = None
 ) -> None:
     """Rules that involve other sections (``model.dtype``, ``parallel.tensor_parallel``) and the host.
 
     ``params_dtype`` is ``model.dtype`` (``float32`` / ``bfloat16``). The
     hardware rules apply only where a GPU is visible (``host.sm``); the TE
-    rules always.
+    rules always. ``host=None``: :func:`host_info`, asked only when TE or FP8
+    is requested (it imports torch; a plain config is checked without it).
     """
+    if host is None and (options.uses_te or options.fp8 is not None):
+        host = host_info()
     if options.fp8 is not None:
         _require(
             params_dtype == "bfloat16",

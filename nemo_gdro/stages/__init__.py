@@ -19,22 +19,44 @@ with :func:`build_stages`, then per step::
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from nemo_gdro.stages.base import (
-    AdvantageWeighting,
-    Allocation,
-    MinibatchView,
-    Observer,
-    PolicyLoss,
-    PromptDraw,
-    PromptScheduler,
-    RolloutScheduler,
-    StepFeedback,
-    TokenModulation,
-)
-from nemo_gdro.stages.context import StageContext
-from nemo_gdro.stages.setup import AlgorithmSetup
+if TYPE_CHECKING:
+    from nemo_gdro.stages.base import (
+        AdvantageWeighting,
+        Allocation,
+        MinibatchView,
+        Observer,
+        PolicyLoss,
+        PromptDraw,
+        PromptScheduler,
+        RolloutScheduler,
+        StepFeedback,
+        TokenModulation,
+    )
+    from nemo_gdro.stages.context import StageContext
+    from nemo_gdro.stages.setup import AlgorithmSetup
+
+# Public names -> defining submodule, imported on first use: the typed config
+# (``nemo_gdro.stages.setup``) must import without torch, so that the CLI answers a
+# bad config value before it pays for importing torch and Megatron.
+_LAZY = {
+    **{name: "nemo_gdro.stages.base" for name in (
+        "AdvantageWeighting", "Allocation", "MinibatchView", "Observer", "PolicyLoss",
+        "PromptDraw", "PromptScheduler", "RolloutScheduler", "StepFeedback", "TokenModulation",
+    )},
+    "StageContext": "nemo_gdro.stages.context",
+    "AlgorithmSetup": "nemo_gdro.stages.setup",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AlgorithmSetup",

@@ -16,14 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nemo_gdro.algorithms.advantages import AdvantageConfig
-from nemo_gdro.algorithms.difficulty import DifficultyConfig
-from nemo_gdro.algorithms.dynamo_allocation import DynamoAllocationConfig
-from nemo_gdro.algorithms.dynamo_modulation import DynamoModulationConfig
-from nemo_gdro.algorithms.losses import PolicyLossConfig, R2VPOConfig
-from nemo_gdro.algorithms.prompt_gdro import PromptGDROConfig
-from nemo_gdro.algorithms.rollout_gdro import RolloutGDROConfig
-from nemo_gdro.algorithms.stats import StatsConfig
+from nemo_gdro.algorithms.configs import (
+    AdvantageConfig,
+    DifficultyConfig,
+    DynamoAllocationConfig,
+    DynamoModulationConfig,
+    PolicyLossConfig,
+    PromptGDROConfig,
+    R2VPOConfig,
+    RolloutGDROConfig,
+    StatsConfig,
+)
 from nemo_gdro.typed_config import ConfigError, build_section
 
 __all__ = ["AlgorithmSetup", "STAGE_KEYS", "RETIRED_KEYS"]

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from nemo_gdro.data.arithmetic import ArithmeticConfig
-from nemo_gdro.data.dataset import arithmetic_splits
 from nemo_gdro.tasks.base import EvalSuite, Task
 
 
@@ -64,6 +63,8 @@ class ArithmeticTask:
     @staticmethod
     def build(config: ArithmeticConfigSection, tokenizer: object, verifiers: Any) -> Task:
         """The splits; ``verifiers.for_answer_type("math")`` (the ``reward`` section's) scores them."""
+        from nemo_gdro.data.dataset import arithmetic_splits
+
         splits = arithmetic_splits(
             config.num_train, config.num_eval, config.seed, config.generator(),
             num_validation=config.num_validation, num_sft=config.num_sft, unique_train=config.unique_train,

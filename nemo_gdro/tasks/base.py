@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from nemo_gdro.data.dataset import PromptDataset
-from nemo_gdro.rewards.base import Verifier
+if TYPE_CHECKING:  # the task registry resolves a task's Config without importing torch
+    from nemo_gdro.data.dataset import PromptDataset
+    from nemo_gdro.rewards.base import Verifier
 
 
 @dataclass(frozen=True)

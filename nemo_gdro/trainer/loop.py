@@ -335,5 +335,10 @@ def train(overrides: list[str] | None = None, config_name: str = "train") -> Run
     """Compose the config with ``overrides`` and run training."""
     from nemo_gdro.trainer.config import compose
 
-    with Trainer(compose(config_name, overrides)) as trainer:
+    return train_config(compose(config_name, overrides))
+
+
+def train_config(cfg: DictConfig | RunConfig) -> RunResult:
+    """Run training on a composed (or already validated) config."""
+    with Trainer(cfg) as trainer:
         return trainer.run()

@@ -6,11 +6,12 @@ allowed values, instead of a Megatron assertion or a shape error minutes later.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from nemo_gdro.typed_config import ConfigError
 
-__all__ = ["check_world_size", "check_model_layout"]
+__all__ = ["check_launch", "check_world_size", "check_model_layout"]
 
 
 def _divisors(n: int) -> list[int]:
@@ -26,6 +27,24 @@ def check_world_size(parallel: Any, world_size: int) -> None:
             f"{world_size} process(es) launched (allowed products: {_divisors(world_size)}); launch more processes "
             "(torchrun --nproc_per_node, srun --ntasks) or lower them"
         )
+
+
+def check_launch(cfg: Any) -> None:
+    """What the command line can check about this launch before importing torch: the
+    world size against the parallel layout and an explicit ``run.resume`` path.
+
+    The trainer repeats both (library callers do not come through the CLI).
+    """
+    from nemo_gdro.parallel.launch import detect_launch_env
+
+    check_world_size(cfg.parallel, detect_launch_env().world_size)
+    resume = cfg.run.resume
+    if resume is not None and resume.strip().lower() not in ("auto", "none", "null", ""):
+        if not Path(resume).expanduser().exists():
+            raise ConfigError(
+                f"run.resume={resume!r}: no such checkpoint directory (allowed: auto, null, or a "
+                "checkpoints/step_XXXXXXXX directory)"
+            )
 
 
 def check_model_layout(spec: Any, parallel: Any) -> None:

@@ -19,11 +19,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_gdro.models.megatron_options import (
-    MegatronOptions,
-    check_environment,
-    host_info,
-)
+from nemo_gdro.models.megatron_options import MegatronOptions, check_environment
 from nemo_gdro.stages.setup import AlgorithmSetup
 from nemo_gdro.typed_config import ConfigError, build_section
 
@@ -111,7 +107,7 @@ class ModelSection:
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
-        from nemo_gdro.models.gpt import PRESETS
+        from nemo_gdro.models.spec import PRESETS
         from nemo_gdro.registries import MODEL_SOURCES
 
         MODEL_SOURCES.check(self.source)
@@ -253,7 +249,7 @@ class RolloutSection:
     tis_cap: truncated importance sampling for the engine-vs-actor mismatch
         (FP8 / low-precision rollouts): each token's loss is scaled by
         ``min(exp(logp_actor_old - logp_engine), tis_cap)``; ``null`` disables.
-    vllm: ``rollout.engine=vllm`` options (:class:`~nemo_gdro.rollout.vllm_engine.VLLMOptions`).
+    vllm: ``rollout.engine=vllm`` options (:class:`~nemo_gdro.rollout.vllm_options.VLLMOptions`).
     """
 
     engine: str = "hf"
@@ -267,7 +263,7 @@ class RolloutSection:
 
     def __post_init__(self) -> None:
         from nemo_gdro.registries import ROLLOUT_ENGINES
-        from nemo_gdro.rollout.vllm_engine import VLLMOptions
+        from nemo_gdro.rollout.vllm_options import VLLMOptions
 
         ROLLOUT_ENGINES.check(self.engine)
         _require(self.n >= 1, f"rollout.n must be a positive integer, got {self.n}")
@@ -335,7 +331,7 @@ class RewardSection:
 
     def __post_init__(self) -> None:
         from nemo_gdro.rewards.registry import RewardConfig
-        from nemo_gdro.rewards.shaping import OverlongConfig
+        from nemo_gdro.rewards.overlong import OverlongConfig
 
         # The pool's own keys, passed through by name (RewardConfig validates them).
         pool_keys = {f.name: getattr(self, f.name) for f in dataclasses.fields(RewardConfig)}
@@ -459,6 +455,14 @@ def _check_cross_section(cfg: RunConfig, task_cls: Any) -> None:
         f"reward.verifier={cfg.reward.verifier} does not score data.task={cfg.data.task} answers; "
         f"use one of: {', '.join(accepted or ())}",
     )
+    # A task whose pool size is a config value (arithmetic) is checked here, without building it;
+    # the others are checked against the loaded pool when the components are built.
+    pool = getattr(cfg.data, "num_train", None)
+    _require(
+        pool is None or cfg.trainer.prompts_per_step <= pool,
+        f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} exceeds the {pool} training prompts of "
+        f"data.task={cfg.data.task}",
+    )
     try:
         cfg.reward.overlong_config.validate(cfg.rollout.max_new_tokens)
     except ValueError as err:
@@ -467,6 +471,4 @@ def _check_cross_section(cfg: RunConfig, task_cls: Any) -> None:
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"the training loop needs {module}: pip install 'nemo_gdro[{extra}]'")
     # FP8 / TE requests fail here, before anything is built (Megatron would fall back to bf16 silently).
-    check_environment(
-        cfg.megatron, params_dtype=cfg.model.resolved_dtype, tensor_parallel=cfg.parallel.tensor_parallel, host=host_info()
-    )
+    check_environment(cfg.megatron, params_dtype=cfg.model.resolved_dtype, tensor_parallel=cfg.parallel.tensor_parallel)

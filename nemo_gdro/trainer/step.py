@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +43,7 @@ from nemo_gdro.trainer.diagnostics import modulation_extremes
 from nemo_gdro.trainer.guards import UpdateGuard, sampling_failure
 from nemo_gdro.trainer.rl_loss import MinibatchLoss
 
-__all__ = ["RLStep"]
+__all__ = ["ControllerClock", "RLStep"]
 
 
 @dataclass
@@ -56,6 +58,29 @@ class Generated:
     verify: VerifyResult  # this rank's verification outcome (timeouts, failures, wall time)
     overlong: torch.Tensor  # bool [R_local]: the row's reward carries an overlong penalty
     truncated: torch.Tensor  # bool [R_local]: hit rollout.max_new_tokens without a stop token
+
+
+class ControllerClock:
+    """Wall time of the stage controllers' own calls in one step, in seconds.
+
+    Counted: drawing prompts, classifying them, allocating rollouts, the
+    advantage weights, each mini-batch's loss / modulation ``prepare`` and the
+    loss's ``after_update``, the pass-rate store and every observer. Not
+    counted: generation, verification, the model's forward/backward and
+    optimizer step, and the weight push to the engine, so that
+    ``time/controllers_ms`` is the overhead an algorithm adds to GRPO.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 class RLStep:
@@ -78,10 +103,12 @@ class RLStep:
     def __call__(self, step: int) -> dict[str, float]:
         c, stages = self.c, self.c.stages
         self._step = step
+        self._clock = clock = ControllerClock()
         t0 = time.perf_counter()
-        draw = stages.prompts.draw(self.num_prompts)
-        bins = c.classifier.classify(draw.ids)
-        allocation = stages.rollouts.allocate(draw, bins)
+        with clock():
+            draw = stages.prompts.draw(self.num_prompts)
+            bins = c.classifier.classify(draw.ids)
+            allocation = stages.rollouts.allocate(draw, bins)
         t_plan = time.perf_counter()
 
         gen = self._generate(draw, allocation.counts, step)
@@ -95,8 +122,8 @@ class RLStep:
         t_train = time.perf_counter()
 
         c.engine.load_weights(c.actor.export_hf_state_dict(), version=step + 1)
-        feedback = self._observe(gen, draw, bins, allocation, signal, bin_weights)
-        t_observe = time.perf_counter()
+        with clock():
+            feedback = self._observe(gen, draw, bins, allocation, signal, bin_weights)
         c.verify_replicated(step, {"bins": bins, "counts": allocation.counts})
 
         metrics = self._step_metrics(gen, feedback, train_batch)
@@ -107,7 +134,7 @@ class RLStep:
             {
                 "time/generate_s": t_gen - t_plan,
                 "time/train_s": t_train - t_gen,
-                "time/controllers_ms": 1e3 * ((t_plan - t0) + (t_observe - t_train)),
+                "time/controllers_ms": 1e3 * clock.seconds,
                 "time/step_s": time.perf_counter() - t0,
             }
         )
@@ -153,8 +180,9 @@ class RLStep:
         raw = grpo_advantages(batch.rewards, batch.group_index, rows.positions.numel(), self.setup.advantage)
         response_bins = bins[rows.group_index]
         weights = torch.ones(rows.num_rows, dtype=torch.float64)
-        stage_weights, bin_weights = stages.weighting.weights(response_bins)
-        correction = stages.prompts.response_weights(draw, response_bins)
+        with self._clock():
+            stage_weights, bin_weights = stages.weighting.weights(response_bins)
+            correction = stages.prompts.response_weights(draw, response_bins)
         for factor in (stage_weights, correction):
             if factor is not None:
                 weights = weights * factor
@@ -244,12 +272,14 @@ class RLStep:
             mask=mask,
             current=c.actor.compute_token_stats(tokens, lengths=lengths) if stages.needs_current_policy else None,
         )
+        with self._clock():
+            loss_context, modulation_context = stages.loss.prepare(view), stages.modulation.prepare(view)
         loss_fn = MinibatchLoss(
             policy=self.setup.policy_loss,
             loss=stages.loss,
-            loss_context=stages.loss.prepare(view),
+            loss_context=loss_context,
             modulation=stages.modulation,
-            modulation_context=stages.modulation.prepare(view),
+            modulation_context=modulation_context,
             global_num_tokens=num_tokens,
             global_num_seqs=num_seqs,
             signal_include_kl=self.setup.prompt_gdro.signal_include_kl,
@@ -272,7 +302,8 @@ class RLStep:
         metrics["guard/skipped_updates"] = 0.0 if applied else 1.0
         if applied:
             # The R2VPO dual step follows applied updates only.
-            metrics.update(stages.loss.after_update(report))
+            with self._clock():
+                metrics.update(stages.loss.after_update(report))
             metrics["actor/grad_norm"] = float(report.get("grad_norm", math.nan))
             metrics["actor/lr"] = float(report.get("lr", math.nan))
         return metrics

@@ -104,12 +104,23 @@ CLI_CASES = [
 ]
 
 
+# Runs the CLI in a fresh interpreter and reports whether answering imported torch (it must not:
+# importing torch alone takes seconds, and the answer is meant to come in about one).
+_CLI_PROBE = (
+    "import sys\n"
+    "from nemo_gdro.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "print('torch imported:', 'torch' in sys.modules)\n"
+    "sys.exit(rc)\n"
+)
+
+
 @pytest.mark.slow
 def test_cli_prints_one_line_without_traceback(tmp_path):
     for override, code, expected in CLI_CASES:
         start = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "nemo_gdro.cli", "train", override, f"run.output_dir={tmp_path / 'run'}"],
+            [sys.executable, "-c", _CLI_PROBE, "train", override, f"run.output_dir={tmp_path / 'run'}"],
             capture_output=True, text=True, timeout=300,
         )
         elapsed = time.monotonic() - start
@@ -117,4 +128,28 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
         assert done.returncode == code, (override, done.stderr[-2000:])
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr, (override, done.stderr)
         assert "[nemo-gdro rank" not in done.stdout  # nothing was built
+        assert "torch imported: False" in done.stdout, (override, done.stdout)
         print(f"{override}: rc {done.returncode} in {elapsed:.1f} s: {lines[0]}")
+
+
+def test_every_bad_value_is_answered_without_importing_torch():
+    """The whole table in one fresh interpreter: composing and checking a config imports neither
+    torch nor Megatron (the CLI answers a bad value in about a second, not after seconds of imports)."""
+    probe = (
+        "import sys\n"
+        "from nemo_gdro.trainer.config import load\n"
+        "from nemo_gdro.typed_config import ConfigError\n"
+        "for override in sys.argv[1:]:\n"
+        "    try:\n"
+        "        load(overrides=[override])\n"
+        "    except ConfigError:\n"
+        "        continue\n"
+        "    raise SystemExit(f'{override} was accepted')\n"
+        "load(overrides=[])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'transformers'))\n"
+        "print('heavy:', heavy[:5])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *(b[0] for b in BAD_VALUES)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "heavy: []" in done.stdout, done.stdout
