@@ -228,6 +228,7 @@ def bin_occupancy(runs: Sequence[RunData], chunks: int, prefix: str = "bins/prom
 #: Per-step controller diagnostics summarised per method (mean over steps and seeds), when a run logs them.
 DIAGNOSTIC_PREFIXES = (
     "prompt_gdro/", "rollout_gdro/", "dynamo/", "r2vpo/", "replay/", "alloc/", "policy/", "actor/", "train/",
+    "bins/n_per_prompt/",
 )
 
 
@@ -405,6 +406,46 @@ def _reach_txt(reach: Mapping[str, Any], key: str) -> str:
     return f"{med / 1e3:.1f}k ({reach['reached']}/{reach['runs']})"
 
 
+def _bin_keys(diag: Mapping[str, float], prefix: str) -> list[float]:
+    return [v for k, v in diag.items() if k.startswith(prefix) and k[len(prefix):].isdigit() and math.isfinite(v)]
+
+
+def diagnostic_row(diag: Mapping[str, float]) -> dict[str, str]:
+    """The few controller figures that say whether a method could act at all (means over steps and seeds).
+
+    - train pass rate: fraction of correct rollouts (the signal every controller sees);
+    - Prompt-GDRO: the largest |bin score| and the range of the weights of the bins present;
+    - allocation: rollouts per prompt in bin 0 (the hardest; 4 = uniform) and, for DynaMO, the budget
+      share of prompts with accuracy < 0.1;
+    - DynaMO modulation: mean |A~|/|A|; R2VPO: the multiplier lambda and the ratio variance V.
+    """
+    def fmt(v: float | None, digits: int = 3) -> str:
+        return "" if v is None or not math.isfinite(v) else f"{v:.{digits}g}"
+
+    scores = _bin_keys(diag, "prompt_gdro/score/")
+    weights = [w for w in _bin_keys(diag, "prompt_gdro/weight/") if w > 0]
+    return {
+        "train pass rate": fmt(diag.get("train/pass_rate")),
+        "max abs bin score": fmt(max(map(abs, scores))) if scores else "",
+        "bin weights": f"{min(weights):.2f}-{max(weights):.2f}" if weights else "",
+        "n per prompt, bin 0": fmt(diag.get("bins/n_per_prompt/0")),
+        "DynaMO budget share acc<0.1": fmt(diag.get("dynamo/budget_share/acc_lt_0.1")),
+        "mean abs(A~)/abs(A)": fmt(diag.get("dynamo/adv_ratio_mean")),
+        "R2VPO lambda": fmt(diag.get("r2vpo/lambda")),
+        "R2VPO V": fmt(diag.get("r2vpo/V")),
+    }
+
+
+def markdown_diagnostics(report: Mapping[str, Any]) -> str:
+    rows = {name: diagnostic_row(m.get("diagnostics", {})) for name, m in report["methods"].items()}
+    cols = [c for c in next(iter(rows.values()), {}) if any(r[c] for r in rows.values())]
+    if not cols:
+        return ""
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(r[c] for c in cols) + " |" for name, r in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_report(report: Mapping[str, Any], title: str) -> str:
     """The whole report as Markdown: main table, costs, bands, occupancy of every method, start check."""
     parts = [f"# {title}\n", f"Intervals: {report['interval']}; gains are paired by seed. "
@@ -412,6 +453,9 @@ def markdown_report(report: Mapping[str, Any], title: str) -> str:
              f"Equal total rollouts in every run: {report['equal_total_rollouts']}.\n",
              markdown_table(report), "\n## Costs\n", markdown_costs(report),
              "\n## Final pass@1 per difficulty band (mean over seeds)\n", markdown_bands(report)]
+    diag = markdown_diagnostics(report)
+    if diag:
+        parts += ["\n## Controller diagnostics (mean over steps and seeds)\n", diag]
     for name in report["methods"]:
         occ = markdown_occupancy(report, name)
         if occ:
