@@ -121,3 +121,19 @@ def test_unequal_rollouts_are_flagged(tmp_path):
     rep = er.build_report(runs, er.ReportOptions(baseline="grpo"), {})
     assert rep["equal_total_rollouts"] is False
     assert rep["total_rollouts_per_run"] == {"grpo": [1280.0], "other": [1200.0]}
+
+
+def test_diagnostic_row_reads_the_controllers_figures():
+    from benchmarks.efficacy_report import diagnostic_row
+
+    row = diagnostic_row({
+        "train/pass_rate": 0.25, "prompt_gdro/score/0": -0.02, "prompt_gdro/score/3": 0.05,
+        "prompt_gdro/weight/0": 1.0, "prompt_gdro/weight/3": 0.4, "prompt_gdro/weight/5": 0.0,
+        "bins/n_per_prompt/0": 2.5, "r2vpo/lambda": 12.0, "r2vpo/V": float("nan"),
+    })
+    assert row["train pass rate"] == "0.25"
+    assert row["max abs bin score"] == "0.05"
+    assert row["bin weights"] == "0.40-1.00"  # bins with weight 0 are absent from the step
+    assert row["n per prompt, bin 0"] == "2.5"
+    assert row["R2VPO lambda"] == "12" and row["R2VPO V"] == ""
+    assert row["DynaMO budget share acc<0.1"] == ""
