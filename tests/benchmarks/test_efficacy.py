@@ -19,14 +19,15 @@ def test_committed_config_parses_and_every_method_composes(tmp_path):
     assert cfg.baseline == "grpo" and len(cfg.seeds) >= 3
     main = cfg.groups["main"]
     for needed in ("grpo", "prompt_gdro_adv", "prompt_gdro_resample", "rollout_gdro_sqrt", "rollout_gdro_bandit",
-                   "dynamo_alloc", "dynamo_mod", "dynamo_both", "r2vpo", "r2vpo_replay"):
+                   "dynamo_alloc", "dynamo_mod", "dynamo_both", "r2vpo", "r2vpo_replay", "combo"):
         assert needed in main
     # Composing (and type-checking) every method's run config catches a stale override key.
     from nemo_gdro.trainer.config import compose, validate
 
     sft_jobs, runs = eff.plan_jobs(cfg, list(cfg.methods), cfg.seeds[:1], "validation", tmp_path)
     assert len(sft_jobs) == 1 and len(runs) == len(cfg.methods)
-    assert {r.max_steps for r in runs} == {100}
+    # The committed testbed: 80 steps x 32 prompts = 10 visits of each of the 256 pool prompts.
+    assert {r.max_steps for r in runs} == {80}
     for r in runs:
         tree = compose("train", r.overrides)
         assert tree.model.source == "hf" and tree.sft.steps == 0 and tree.data.eval_split == "validation"
