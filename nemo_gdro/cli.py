@@ -71,24 +71,16 @@ def _train(args: argparse.Namespace) -> int:
     143, SIGINT: 130) after writing a checkpoint. ``--debug`` re-raises.
     """
     from nemo_gdro.trainer.config import ConfigError, load
+    from nemo_gdro.trainer.errors import CheckpointError, RunError
     from nemo_gdro.trainer.preflight import check_launch
 
-    # The whole config is typed and checked before torch and Megatron are imported
-    # (seconds): a bad value is answered at once, and nothing is built or written.
     try:
+        # The whole config is typed and checked before torch and Megatron are imported
+        # (seconds): a bad value is answered at once, and nothing is built or written.
         run_config = load(args.config_name, args.overrides)
         check_launch(run_config)
-    except ConfigError as err:
-        if args.debug:
-            raise
-        print(f"nemo-gdro train: configuration error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        from nemo_gdro.trainer.loop import train_config
 
-    from nemo_gdro.trainer.checkpoint import CheckpointError
-    from nemo_gdro.trainer.errors import RunError
-    from nemo_gdro.trainer.loop import train_config
-
-    try:
         train_config(run_config)
     except ConfigError as err:
         if args.debug:

@@ -62,6 +62,7 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 import torch
 
+from nemo_gdro.trainer.errors import CheckpointError  # re-exported: its home is torch-free
 from nemo_gdro.typed_config import ConfigError
 
 MANIFEST_NAME = "manifest.json"
@@ -77,10 +78,6 @@ _SIDE_DIR_RE = re.compile(r"^\.(?:tmp|old)_step_(\d{8,})_(\d+)$")
 _COMPONENT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RESERVED_NAMES = frozenset({"manifest", "config"})
 _HASH_CHUNK = 1 << 22  # 4 MiB reads when re-hashing files
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match its manifest."""
 
 
 class ResumePathError(CheckpointError, ConfigError):

@@ -1,13 +1,18 @@
 """Run-time failures the user should see as one line, not a traceback.
 
 The CLI prints these (and :class:`~nemo_gdro.typed_config.ConfigError`,
-:class:`~nemo_gdro.trainer.checkpoint.CheckpointError`) as ``nemo-gdro train:
-<message>`` and exits non-zero; ``--debug`` shows the traceback.
+:class:`CheckpointError`) as ``nemo-gdro train: <message>`` and exits non-zero;
+``--debug`` shows the traceback. No torch here: the CLI imports these before it
+imports the trainer.
 """
 
 from __future__ import annotations
 
-__all__ = ["RunError", "NonFiniteError", "RunLockedError", "RunInterrupted", "CollectiveTimeout"]
+__all__ = ["CheckpointError", "RunError", "NonFiniteError", "RunLockedError", "RunInterrupted", "CollectiveTimeout"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match its manifest."""
 
 
 class RunError(RuntimeError):
