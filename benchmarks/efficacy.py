@@ -59,6 +59,7 @@ class BenchConfig:
     path: Path
     baseline: str
     seeds: list[int]
+    warm_start_seed: int | None
     workers: int
     interval: str
     k: int
@@ -111,6 +112,9 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
     seeds = need("seeds", list)
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise BenchmarkConfigError(f"{path}: seeds must be a non-empty list of integers")
+    warm_start_seed = raw.get("warm_start_seed")
+    if warm_start_seed is not None and (isinstance(warm_start_seed, bool) or not isinstance(warm_start_seed, int)):
+        raise BenchmarkConfigError(f"{path}: warm_start_seed must be an integer or null, got {warm_start_seed!r}")
     interval = str(raw.get("interval", "t"))
     if interval not in ("t", "bootstrap"):
         raise BenchmarkConfigError(f"{path}: interval must be 't' or 'bootstrap', got {interval!r}")
@@ -121,6 +125,7 @@ def load_config(path: str | os.PathLike[str]) -> BenchConfig:
         path=path,
         baseline=baseline,
         seeds=[int(s) for s in seeds],
+        warm_start_seed=warm_start_seed,
         workers=int(raw.get("workers", 2)),
         interval=interval,
         k=int(raw.get("k", 4)),
@@ -170,7 +175,9 @@ def plan_jobs(
     """The warm-start jobs (directory -> overrides) and the runs of ``methods`` x ``seeds``.
 
     Directories are named by a hash of what defines them, so a changed testbed
-    or method never reuses stale results, and finished ones are reused.
+    or method never reuses stale results, and finished ones are reused. With
+    ``cfg.warm_start_seed`` set, every seed starts from that seed's warm start
+    (the seeds then differ only in the RL run); otherwise each seed has its own.
     """
     from benchmarks.efficacy_run import method_overrides, sft_overrides
 
@@ -179,8 +186,9 @@ def plan_jobs(
     sft_jobs: dict[Path, list[str]] = {}
     runs: list[RunJob] = []
     for seed in seeds:
-        sft_dir = work / "sft" / f"seed{seed}-{_short_hash([testbed, warm])}"
-        sft_jobs[sft_dir] = sft_overrides(testbed, warm, seed, sft_dir)
+        warm_seed = seed if cfg.warm_start_seed is None else cfg.warm_start_seed
+        sft_dir = work / "sft" / f"seed{warm_seed}-{_short_hash([testbed, warm])}"
+        sft_jobs[sft_dir] = sft_overrides(testbed, warm, warm_seed, sft_dir)
         for method in methods:
             tag = _short_hash([testbed, warm, cfg.methods[method]])
             run_dir = work / "runs" / split / f"{method}-{tag}" / f"seed{seed}"
@@ -282,13 +290,15 @@ def execute(
 
 
 # ----------------------------------------------------------------- report
-def start_check(runs: Sequence[RunJob], split: str) -> dict[str, Any]:
+def start_check(runs: Sequence[RunJob], split: str, warm_start_seed: int | None = None) -> dict[str, Any]:
     """Do the runs of a seed start from the same policy?
 
     Every method of a seed loads its warm start's export and evaluates at step
     0 with the same seed, so their step-0 evaluations must agree exactly; on
     the validation split they must also equal the warm-start job's own
-    evaluation at the end of SFT. Returns the largest disagreement of pass@1.
+    evaluation at the end of SFT (compared for the seed that trained the warm
+    start only: the evaluation samples with the run's seed). Returns the
+    largest disagreement of pass@1.
     """
     from nemo_gdro.trainer.metrics import EVAL_FILE, read_jsonl
 
@@ -305,7 +315,8 @@ def start_check(runs: Sequence[RunJob], split: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"methods": values}
         if values:
             worst_methods = max(worst_methods, max(values.values()) - min(values.values()))
-        if split == "validation" and mine and (mine[0].sft_dir / EVAL_FILE).is_file():
+        same_sampling = warm_start_seed is None or seed == warm_start_seed
+        if split == "validation" and same_sampling and mine and (mine[0].sft_dir / EVAL_FILE).is_file():
             sft = step0(mine[0].sft_dir)
             entry["warm_start_job"] = sft
             if sft is not None and values:
@@ -338,7 +349,8 @@ def report(
         "methods_overrides": {m: cfg.methods[m] for m in order},
         "testbed": cfg.testbed,
         "warm_start": cfg.warm_start,
-        "start_check": start_check([r for r in runs if r.method in data], split),
+        "warm_start_seed": cfg.warm_start_seed,
+        "start_check": start_check([r for r in runs if r.method in data], split, cfg.warm_start_seed),
     }
     rep = er.build_report({m: data[m] for m in order}, opts, full_meta)
     results.mkdir(parents=True, exist_ok=True)

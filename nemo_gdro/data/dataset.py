@@ -26,6 +26,7 @@ stores it in checkpoints and compares it on resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import operator
 import os
@@ -33,6 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from nemo_gdro.data.arithmetic import ArithmeticConfig, ArithmeticProblem, make_problems
@@ -326,6 +328,20 @@ def _problem_rows(problems: Sequence[ArithmeticProblem], split_name: str) -> lis
     ]
 
 
+def _flip_signs(
+    problems: Sequence[ArithmeticProblem], fraction: float, rng: np.random.Generator
+) -> tuple[list[ArithmeticProblem], list[bool]]:
+    """``problems`` with the sign of ``sft_target`` flipped on a random ``fraction`` of them (zero answers kept)."""
+    draws = rng.random(len(problems))
+    out, flipped = [], []
+    for p, u in zip(problems, draws):
+        flip = bool(u < fraction) and p.answer not in ("0", "-0")
+        target = (p.answer[1:] if p.answer.startswith("-") else "-" + p.answer) if flip else p.sft_target
+        out.append(dataclasses.replace(p, sft_target=target))
+        flipped.append(flip)
+    return out, flipped
+
+
 @dataclass(frozen=True)
 class ArithmeticSplits:
     """The arithmetic task's splits, pairwise disjoint by prompt text.
@@ -357,6 +373,7 @@ def arithmetic_splits(
     num_sft: int = 0,
     unique_train: bool = False,
     sft_config: ArithmeticConfig | None = None,
+    sft_sign_flip: float = 0.0,
 ) -> ArithmeticSplits:
     """All splits of the arithmetic task, drawn deterministically from ``seed``.
 
@@ -367,12 +384,21 @@ def arithmetic_splits(
     ``num_sft=0`` the train and eval sets are exactly those of
     :func:`arithmetic_dataset` (the default run's data).
 
+    ``sft_sign_flip``: the fraction (in [0, 1]) of SFT-pool problems whose target
+    carries the wrong sign (``"82"`` -> ``"-82"``, ``"-42"`` -> ``"42"``; a zero
+    answer is left alone), chosen by sub-stream 4. The warm start then learns a
+    wrong habit that applies to every problem, as a base model mixes good and
+    bad habits; the verifier scores the true answer, so RL can gain on held-out
+    problems by unlearning it. Only the SFT pool changes (``meta["sft_flipped"]``).
+
     ``meta`` holds ``difficulty``, ``op``, ``a``, ``b``, ``sft_target``, ``split``.
     Raises ``ValueError`` (naming the split) when a unique split cannot be drawn.
     """
     for name, value in (("num_validation", num_validation), ("num_sft", num_sft)):
         if value < 0:
             raise ValueError(f"arithmetic_splits {name} must be >= 0, got {value}")
+    if not 0.0 <= sft_sign_flip <= 1.0:
+        raise ValueError(f"arithmetic_splits sft_sign_flip must be in [0, 1], got {sft_sign_flip}")
     banned: set[str] = set()
 
     def draw(name: str, num: int, stream: int, unique: bool, cfg: ArithmeticConfig | None) -> list[ArithmeticProblem]:
@@ -387,9 +413,18 @@ def arithmetic_splits(
     val = draw("validation", num_validation, 2, True, config) if num_validation else None
     train = draw("train", num_train, 0, unique_train, config)
     sft = draw("sft", num_sft, 3, False, sft_config or config) if num_sft else None
+    flipped: list[bool] | None = None
+    if sft is not None and sft_sign_flip > 0:
+        sft, flipped = _flip_signs(sft, sft_sign_flip, np.random.default_rng([seed, 4]))
 
     def ds(problems: Sequence[ArithmeticProblem] | None, name: str) -> PromptDataset | None:
-        return None if problems is None else PromptDataset.from_rows(_problem_rows(problems, name), id_field=None)
+        if problems is None:
+            return None
+        rows = _problem_rows(problems, name)
+        if name == "sft" and flipped is not None:
+            for row, flip in zip(rows, flipped):
+                row["sft_flipped"] = flip
+        return PromptDataset.from_rows(rows, id_field=None)
 
     return ArithmeticSplits(
         train=ds(train, "train"), eval=ds(held, "eval"), validation=ds(val, "validation"), sft=ds(sft, "sft")

@@ -18,6 +18,9 @@ class ArithmeticConfigSection:
         choosing settings (``eval_split: validation`` reports on it instead).
     num_sft: a warm-start pool disjoint from the RL pool (0: SFT on the RL pool).
     unique_train: no repeated problem in the RL pool.
+    sft_sign_flip: fraction of SFT-pool targets written with the wrong sign, a
+        habit the warm start learns and RL can unlearn (0: every target correct;
+        see :func:`~nemo_gdro.data.dataset.arithmetic_splits`).
     digit_probs / op_probs / max_mul_digits / allow_negative: the problem
         distribution (:class:`~nemo_gdro.data.arithmetic.ArithmeticConfig`).
     """
@@ -29,6 +32,7 @@ class ArithmeticConfigSection:
     num_validation: int = 0
     num_sft: int = 0
     unique_train: bool = False
+    sft_sign_flip: float = 0.0
     eval_split: Literal["eval", "validation"] = "eval"
     digit_probs: tuple[float, ...] = ArithmeticConfig.digit_probs
     op_probs: tuple[float, float, float] = ArithmeticConfig.op_probs
@@ -42,6 +46,10 @@ class ArithmeticConfigSection:
         for key in ("num_validation", "num_sft", "seed"):
             if getattr(self, key) < 0:
                 raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.sft_sign_flip <= 1.0:
+            raise ValueError(f"data.sft_sign_flip must be in [0, 1], got {self.sft_sign_flip}")
+        if self.sft_sign_flip > 0 and self.num_sft < 1:
+            raise ValueError("data.sft_sign_flip only changes a separate SFT pool: it needs data.num_sft > 0")
         if self.eval_split == "validation" and self.num_validation < 1:
             raise ValueError("data.eval_split=validation needs data.num_validation > 0")
         self.generator()  # validates the distribution
@@ -68,6 +76,7 @@ class ArithmeticTask:
         splits = arithmetic_splits(
             config.num_train, config.num_eval, config.seed, config.generator(),
             num_validation=config.num_validation, num_sft=config.num_sft, unique_train=config.unique_train,
+            sft_sign_flip=config.sft_sign_flip,
         )
         verifier = verifiers.for_answer_type("math")
         held_out = splits.validation if config.eval_split == "validation" else splits.eval

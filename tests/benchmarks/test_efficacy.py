@@ -1,5 +1,6 @@
 """The efficacy benchmark driver: its YAML, its plan, and ``--quick`` end to end (real runs)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,7 +37,7 @@ def test_committed_config_parses_and_every_method_composes(tmp_path):
 
 
 def test_plan_shares_one_warm_start_per_seed_and_names_runs_by_content(tmp_path):
-    cfg = eff.load_config(eff.DEFAULT_CONFIG)
+    cfg = dataclasses.replace(eff.load_config(eff.DEFAULT_CONFIG), warm_start_seed=None)
     sft_jobs, runs = eff.plan_jobs(cfg, ["grpo", "r2vpo"], [0, 1], "eval", tmp_path)
     assert len(sft_jobs) == 2
     for seed in (0, 1):
@@ -45,6 +46,20 @@ def test_plan_shares_one_warm_start_per_seed_and_names_runs_by_content(tmp_path)
     # a changed testbed gets new directories (no stale reuse)
     _, other = eff.plan_jobs(cfg, ["grpo"], [0], "eval", tmp_path, extra=["trainer.max_steps=7"])
     assert other[0].run_dir != runs[0].run_dir and other[0].sft_dir != runs[0].sft_dir and other[0].max_steps == 7
+
+
+def test_warm_start_seed_gives_every_seed_the_same_warm_start(tmp_path):
+    cfg = dataclasses.replace(eff.load_config(eff.DEFAULT_CONFIG), warm_start_seed=0)
+    sft_jobs, runs = eff.plan_jobs(cfg, ["grpo", "r2vpo"], [0, 1, 2], "eval", tmp_path)
+    (sft_dir,) = sft_jobs
+    assert sft_dir.name.startswith("seed0-") and "run.seed=0" in sft_jobs[sft_dir]
+    assert {r.sft_dir for r in runs} == {sft_dir}
+    # the RL runs still differ by seed (and only the seed)
+    assert sorted({r.seed for r in runs}) == [0, 1, 2] and len({r.run_dir for r in runs}) == 6
+    bad = tmp_path / "b.yaml"
+    bad.write_text("baseline: grpo\nseeds: [0]\nwarm_start_seed: first\nmethods: {grpo: []}\n")
+    with pytest.raises(eff.BenchmarkConfigError, match="warm_start_seed"):
+        eff.load_config(bad)
 
 
 def test_bad_config_names_file_and_key(tmp_path):

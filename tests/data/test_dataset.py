@@ -176,3 +176,68 @@ def test_constructor_checks_text_naming_prompt_ids():
         PromptDataset([PromptRecord(0, None, "1"), PromptRecord(1, "b", 2)])
     with pytest.raises(ValueError, match="max_prompt_chars must be a positive integer or None"):
         PromptDataset([PromptRecord(0, "a", "1")], max_prompt_chars=0)
+
+
+# ---------------------------------------------------------------- arithmetic_splits
+def _texts(ds):
+    return [r.prompt for r in ds]
+
+
+def test_arithmetic_splits_are_disjoint_and_default_to_arithmetic_dataset():
+    from nemo_gdro.data.dataset import arithmetic_dataset, arithmetic_splits
+
+    s = arithmetic_splits(64, 32, 7, num_validation=32, num_sft=200, unique_train=True)
+    pools = {name: set(_texts(getattr(s, name))) for name in ("train", "eval", "validation", "sft")}
+    for a in pools:
+        for b in pools:
+            if a < b:
+                assert not pools[a] & pools[b], (a, b)
+    assert len(pools["train"]) == 64  # unique_train
+    train, held = arithmetic_dataset(64, 32, 7)
+    plain = arithmetic_splits(64, 32, 7)
+    assert _texts(plain.train) == _texts(train) and _texts(plain.eval) == _texts(held)
+    assert plain.validation is None and plain.sft is None and plain.sft_pool is plain.train
+
+
+def test_sft_sign_flip_changes_only_the_sft_targets():
+    from nemo_gdro.data.dataset import arithmetic_splits
+
+    clean = arithmetic_splits(64, 32, 7, num_validation=32, num_sft=2000)
+    flip = arithmetic_splits(64, 32, 7, num_validation=32, num_sft=2000, sft_sign_flip=0.5)
+    for name in ("train", "eval", "validation"):
+        assert [(r.prompt, r.answer, r.meta["sft_target"]) for r in getattr(flip, name)] == [
+            (r.prompt, r.answer, r.meta["sft_target"]) for r in getattr(clean, name)
+        ]
+    recs = list(flip.sft)
+    assert _texts(flip.sft) == _texts(clean.sft)
+    flipped = [r for r in recs if r.meta["sft_flipped"]]
+    assert 0.4 < len(flipped) / len(recs) < 0.6
+    for r in recs:
+        if r.meta["sft_flipped"]:
+            assert int(r.meta["sft_target"]) == -int(r.answer) != 0
+        else:
+            assert r.meta["sft_target"] == r.answer
+    # a zero answer is never flipped (-0 would still be correct), and the draw is deterministic
+    assert not any(r.meta["sft_flipped"] for r in recs if r.answer == "0")
+    again = arithmetic_splits(64, 32, 7, num_validation=32, num_sft=2000, sft_sign_flip=0.5)
+    assert [r.meta["sft_target"] for r in again.sft] == [r.meta["sft_target"] for r in recs]
+    everything = arithmetic_splits(64, 32, 7, num_sft=500, sft_sign_flip=1.0)
+    assert all(r.meta["sft_flipped"] or r.answer == "0" for r in everything.sft)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_sft_sign_flip_out_of_range_is_refused(value):
+    from nemo_gdro.data.dataset import arithmetic_splits
+    from nemo_gdro.tasks.arithmetic import ArithmeticConfigSection
+
+    with pytest.raises(ValueError, match="sft_sign_flip"):
+        arithmetic_splits(8, 8, 0, num_sft=10, sft_sign_flip=value)
+    with pytest.raises(ValueError, match="data.sft_sign_flip"):
+        ArithmeticConfigSection(num_sft=10, sft_sign_flip=value)
+
+
+def test_sft_sign_flip_needs_a_separate_sft_pool():
+    from nemo_gdro.tasks.arithmetic import ArithmeticConfigSection
+
+    with pytest.raises(ValueError, match="data.sft_sign_flip.*data.num_sft"):
+        ArithmeticConfigSection(sft_sign_flip=0.5)
