@@ -20,7 +20,7 @@ def test_committed_config_parses_and_every_method_composes(tmp_path):
     assert cfg.baseline == "grpo" and len(cfg.seeds) >= 3
     main = cfg.groups["main"]
     for needed in ("grpo", "prompt_gdro_adv", "prompt_gdro_resample", "rollout_gdro_sqrt", "rollout_gdro_bandit",
-                   "dynamo_alloc", "dynamo_mod", "dynamo_both", "r2vpo", "r2vpo_replay", "combo"):
+                   "dynamo_alloc", "dynamo_mod", "dynamo_both", "r2vpo", "r2vpo_replay", "combo", "combo_val"):
         assert needed in main
     # Composing (and type-checking) every method's run config catches a stale override key.
     from nemo_gdro.trainer.config import compose, validate
