@@ -330,16 +330,15 @@ def _problem_rows(problems: Sequence[ArithmeticProblem], split_name: str) -> lis
 
 def _flip_signs(
     problems: Sequence[ArithmeticProblem], fraction: float, rng: np.random.Generator
-) -> tuple[list[ArithmeticProblem], list[bool]]:
+) -> list[ArithmeticProblem]:
     """``problems`` with the sign of ``sft_target`` flipped on a random ``fraction`` of them (zero answers kept)."""
     draws = rng.random(len(problems))
-    out, flipped = [], []
-    for p, u in zip(problems, draws):
-        flip = bool(u < fraction) and p.answer not in ("0", "-0")
-        target = (p.answer[1:] if p.answer.startswith("-") else "-" + p.answer) if flip else p.sft_target
-        out.append(dataclasses.replace(p, sft_target=target))
-        flipped.append(flip)
-    return out, flipped
+    return [
+        dataclasses.replace(p, sft_target=p.answer[1:] if p.answer.startswith("-") else "-" + p.answer)
+        if u < fraction and p.answer != "0"
+        else p
+        for p, u in zip(problems, draws)
+    ]
 
 
 @dataclass(frozen=True)
@@ -413,17 +412,16 @@ def arithmetic_splits(
     val = draw("validation", num_validation, 2, True, config) if num_validation else None
     train = draw("train", num_train, 0, unique_train, config)
     sft = draw("sft", num_sft, 3, False, sft_config or config) if num_sft else None
-    flipped: list[bool] | None = None
     if sft is not None and sft_sign_flip > 0:
-        sft, flipped = _flip_signs(sft, sft_sign_flip, np.random.default_rng([seed, 4]))
+        sft = _flip_signs(sft, sft_sign_flip, np.random.default_rng([seed, 4]))
 
     def ds(problems: Sequence[ArithmeticProblem] | None, name: str) -> PromptDataset | None:
         if problems is None:
             return None
         rows = _problem_rows(problems, name)
-        if name == "sft" and flipped is not None:
-            for row, flip in zip(rows, flipped):
-                row["sft_flipped"] = flip
+        if name == "sft" and sft_sign_flip > 0:
+            for row in rows:
+                row["sft_flipped"] = row["sft_target"] != row["answer"]
         return PromptDataset.from_rows(rows, id_field=None)
 
     return ArithmeticSplits(
