@@ -175,6 +175,9 @@ def method_summary(runs: Sequence[RunData], opts: ReportOptions) -> dict[str, An
         "zero_variance_groups": [_nanmean(r.train.get("train/zero_variance_groups", [])) for r in runs],
         "controller_ms_per_step": [_nanmean(r.train.get("time/controllers_ms", [])) for r in runs],
         "reward_mean": [_nanmean(r.train.get("train/reward_mean", [])) for r in runs],
+        # The frontier the run starts on: its first 10 steps (before the method has changed much).
+        "start_reward_mean": [_nanmean(r.train.get("train/reward_mean", [])[:10]) for r in runs],
+        "start_zero_variance_groups": [_nanmean(r.train.get("train/zero_variance_groups", [])[:10]) for r in runs],
         "final_reward_mean": [_nanmean(r.train.get("train/reward_mean", [])[-10:]) for r in runs],
         "step_s": [_nanmean(r.train.get("time/step_s", [])) for r in runs],
         "rollouts": [r.cum_rollouts[-1] if r.cum_rollouts else 0.0 for r in runs],
@@ -385,7 +388,8 @@ def markdown_costs(report: Mapping[str, Any]) -> str:
     k = report["k"]
     head = (
         f"| method | gain pass@{k} (rel. %) | rollouts to baseline final (median) | tokens to baseline final (median) "
-        "| total rollouts | total response tokens | train reward (mean) | step s |\n|---|---|---|---|---|---|---|---|\n"
+        "| total rollouts | total response tokens | train reward (mean) | train reward, zero-var groups (first 10 steps) "
+        "| step s |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for name, s in report["methods"].items():
@@ -394,7 +398,8 @@ def markdown_costs(report: Mapping[str, Any]) -> str:
         t_txt = _reach_txt(reach, "median_tokens")
         rows.append(
             f"| {name} | {_pm(s[f'gain_final_pass@{k}']['rel'], 100, 1)} | {r_txt} | {t_txt} "
-            f"| {c['rollouts']['mean']:.0f} | {c['response_tokens']['mean']:.0f} | {_pm(c['reward_mean'])} | {_pm(c['step_s'], 1, 2)} |"
+            f"| {c['rollouts']['mean']:.0f} | {c['response_tokens']['mean']:.0f} | {_pm(c['reward_mean'])} "
+            f"| {c['start_reward_mean']['mean']:.3f}, {c['start_zero_variance_groups']['mean']:.2f} | {_pm(c['step_s'], 1, 2)} |"
         )
     return head + "\n".join(rows) + "\n"
 

@@ -137,3 +137,16 @@ def test_diagnostic_row_reads_the_controllers_figures():
     assert row["n per prompt, bin 0"] == "2.5"
     assert row["R2VPO lambda"] == "12" and row["R2VPO V"] == ""
     assert row["DynaMO budget share acc<0.1"] == ""
+
+
+def test_start_frontier_is_the_first_ten_steps(tmp_path):
+    with MetricsLogger(tmp_path / "r", tensorboard=False) as log:
+        for step in range(1, 21):
+            log.log(step, {"train/rollouts": 8, "train/reward_mean": step / 100,
+                           "train/zero_variance_groups": 1.0 if step <= 10 else 0.0})
+        for step in (0, 20):
+            log.log_eval(step, {"eval/pass@1": 0.1, "eval/pass@4": 0.2})
+    s = er.method_summary([er.load_run(tmp_path / "r", "grpo", 0)], er.ReportOptions(baseline="grpo"))
+    assert s["per_seed"]["start_reward_mean"] == pytest.approx([0.055])  # mean of 0.01 .. 0.10
+    assert s["per_seed"]["start_zero_variance_groups"] == [1.0]
+    assert s["per_seed"]["zero_variance_groups"] == [0.5]
