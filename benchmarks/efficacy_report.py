@@ -162,6 +162,10 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(x.mean()) if x.size else math.nan
 
 
+# Steps averaged for the figures of a run's start and end (train reward, zero-variance groups).
+EDGE_STEPS = 10
+
+
 def method_summary(runs: Sequence[RunData], opts: ReportOptions) -> dict[str, Any]:
     """Per-seed values and intervals of one method's runs."""
     ci = lambda vals: mean_ci(vals, opts.interval).as_dict()  # noqa: E731
@@ -175,10 +179,12 @@ def method_summary(runs: Sequence[RunData], opts: ReportOptions) -> dict[str, An
         "zero_variance_groups": [_nanmean(r.train.get("train/zero_variance_groups", [])) for r in runs],
         "controller_ms_per_step": [_nanmean(r.train.get("time/controllers_ms", [])) for r in runs],
         "reward_mean": [_nanmean(r.train.get("train/reward_mean", [])) for r in runs],
-        # The frontier the run starts on: its first 10 steps (before the method has changed much).
-        "start_reward_mean": [_nanmean(r.train.get("train/reward_mean", [])[:10]) for r in runs],
-        "start_zero_variance_groups": [_nanmean(r.train.get("train/zero_variance_groups", [])[:10]) for r in runs],
-        "final_reward_mean": [_nanmean(r.train.get("train/reward_mean", [])[-10:]) for r in runs],
+        # The frontier the run starts on (before the method has changed much) and the reward it ends on.
+        "start_reward_mean": [_nanmean(r.train.get("train/reward_mean", [])[:EDGE_STEPS]) for r in runs],
+        "start_zero_variance_groups": [
+            _nanmean(r.train.get("train/zero_variance_groups", [])[:EDGE_STEPS]) for r in runs
+        ],
+        "final_reward_mean": [_nanmean(r.train.get("train/reward_mean", [])[-EDGE_STEPS:]) for r in runs],
         "step_s": [_nanmean(r.train.get("time/step_s", [])) for r in runs],
         "rollouts": [r.cum_rollouts[-1] if r.cum_rollouts else 0.0 for r in runs],
         "response_tokens": [r.cum_tokens[-1] if r.cum_tokens else 0.0 for r in runs],
@@ -388,7 +394,7 @@ def markdown_costs(report: Mapping[str, Any]) -> str:
     k = report["k"]
     head = (
         f"| method | gain pass@{k} (rel. %) | rollouts to baseline final (median) | tokens to baseline final (median) "
-        "| total rollouts | total response tokens | train reward (mean) | train reward, zero-var groups (first 10 steps) "
+        f"| total rollouts | total response tokens | train reward (mean) | train reward, zero-var groups (first {EDGE_STEPS} steps) "
         "| step s |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
