@@ -554,13 +554,14 @@ def plot_occupancy(report: Mapping[str, Any], path: str | os.PathLike[str], meth
     names = [n for n in (methods or report["methods"]) if report["methods"][n].get("bin_occupancy")]
     cols = min(4, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    # constrained layout keeps long method names (titles) clear of the row above's axis labels
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     image = None
     for ax, name in zip(axes.flat, names):
         occ = report["methods"][name]["bin_occupancy"]
         mat = np.asarray(occ["per_step"], dtype=np.float64).T  # [B, T]
         image = ax.imshow(mat, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=8)
         ax.set_xlabel("RL step", fontsize=8)
         ax.set_ylabel("bin (0 = hardest)", fontsize=8)
         ax.set_yticks(range(len(occ["bins"])), [str(b) for b in occ["bins"]], fontsize=6)

@@ -109,3 +109,17 @@ def test_quick_runs_the_whole_pipeline(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0 and "0 runs to do (4 already finished)" in again.stdout
+
+
+def test_report_only_keeps_the_timing_of_the_runs_it_rebuilds(tmp_path):
+    """--report-only runs nothing: the rebuilt report keeps the previous report's wall time."""
+    old = tmp_path / "efficacy.json"
+    assert eff.previous_timing(old) == {}  # no previous report: nothing to carry
+    old.write_text(json.dumps({"meta": {"wall_s": 2990.0, "load_avg_at_start": [0.1], "load_avg_at_end": [5.0]}}))
+    kept = eff.previous_timing(old)
+    assert kept["wall_s"] == 2990.0 and kept["load_avg_at_end"] == [5.0]
+    assert "carried over" in kept["timing"]
+    old.write_text(json.dumps({"meta": {"wall_s": None}}))  # an earlier --report-only: no timing to carry
+    assert eff.previous_timing(old) == {}
+    old.write_text("{not json")
+    assert eff.previous_timing(old) == {}
