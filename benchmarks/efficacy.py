@@ -386,6 +386,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _load_avg() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none): how busy the cores were."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def previous_timing(report_json: Path) -> dict[str, Any]:
     """The wall time and load averages of the report being rebuilt, if there is one.
 
@@ -445,28 +450,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:  # a bad override fails here, before any job starts
         print(f"efficacy.py: {cfg.path}: {err}", file=sys.stderr)
         return 2
-    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    t0 = time.perf_counter()
-    failures: list[str] = []
-    if not args.report_only:
-        failures = execute(sft_jobs, runs, workers, args.keep_checkpoints)
-    wall = time.perf_counter() - t0
     stem = args.stem or ("efficacy_quick" if args.quick else "efficacy" if args.split == "eval" else f"efficacy_{args.split}")
+    failures: list[str] = []
+    if args.report_only:  # nothing runs: keep the timing of the report being rebuilt, if any
+        timing = {"wall_s": None, "load_avg_at_start": None, "load_avg_at_end": None, "timing": None}
+        timing.update(previous_timing(results / f"{stem}.json"))
+    else:
+        load_start, t0 = _load_avg(), time.perf_counter()
+        failures = execute(sft_jobs, runs, workers, args.keep_checkpoints)
+        timing = {"wall_s": time.perf_counter() - t0, "load_avg_at_start": load_start,
+                  "load_avg_at_end": _load_avg(), "timing": "this invocation"}
     meta = {
         "config": str(cfg.path.relative_to(ROOT) if cfg.path.is_relative_to(ROOT) else cfg.path),
         "methods": methods,
         "seeds": seeds,
         "workers": workers,
-        "wall_s": None if args.report_only else wall,
         "cpu_count": os.cpu_count(),
-        "load_avg_at_start": load_start,
-        "load_avg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        **timing,
         "extra_overrides": extra,
         "quick": bool(args.quick),
-        "timing": "this invocation",
     }
-    if args.report_only:
-        meta.update(previous_timing(results / f"{stem}.json"))
     try:
         report(cfg, runs, args.split, results, meta, stem)
     except (RuntimeError, ValueError) as err:
