@@ -39,9 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
     export = sub.add_parser("export", help="convert a training checkpoint to a Hugging Face checkpoint directory")
     export.add_argument("checkpoint", help="a run's output dir (newest checkpoint) or one checkpoints/step_XXXXXXXX dir")
-    export.add_argument("out_dir", help="where to write the HF directory (replaced atomically)")
+    export.add_argument(
+        "out_dir",
+        help="a new or empty directory for the HF checkpoint (written to a temp sibling, then renamed into place); "
+        "never a run directory, anything inside one, or the checkpoint itself",
+    )
     export.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="stored dtype (default: the run's model.dtype)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace out_dir if it holds an HF checkpoint (a previous export) and nothing else")
     return parser
 
 
@@ -58,7 +64,7 @@ def _quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message="Apex is not installed")
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: object) -> str:
     return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
@@ -143,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         from nemo_gdro.trainer.hf_out import export_checkpoint
 
         try:
-            out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
-        except (CheckpointError, ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+            out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+        except (CheckpointError, ConfigError, FileNotFoundError, ValueError, KeyError, OSError) as err:
             if args.debug:
                 raise
-            print(f"nemo-gdro export: {err}", file=sys.stderr)
-            return 2
+            # A failure while writing (disk full, a file vanished) is a run-time error; the rest is input.
+            code = 1 if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, FileExistsError)) else 2
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"nemo-gdro export: {_one_line(message)}", file=sys.stderr)
+            return code
         print(f"[nemo-gdro] wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
         return 0
     if args.command == "plot":
