@@ -131,17 +131,29 @@ def main(argv: list[str] | None = None) -> int:
         from nemo_gdro.trainer.config import ConfigError
         from nemo_gdro.trainer.eval_run import evaluate_target, format_table, write_json
 
+        from nemo_gdro.trainer.errors import RunError
+
         try:
             metrics = evaluate_target(args.target, args.overrides, config_name=args.config_name)
-        except (CheckpointError, ConfigError) as err:
+        except (CheckpointError, ConfigError, FileNotFoundError, ValueError, KeyError) as err:
             if args.debug:
                 raise
-            print(f"nemo-gdro eval: {err}", file=sys.stderr)
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"nemo-gdro eval: {_one_line(message)}", file=sys.stderr)
             return 2
+        except (RunError, OSError) as err:  # a run-time failure (a worker, the disk): nothing was written
+            if args.debug:
+                raise
+            print(f"nemo-gdro eval: {_one_line(err)}", file=sys.stderr)
+            return getattr(err, "exit_code", 1)
         k = max(int(key.rsplit("@", 1)[1]) for key in metrics if key.startswith("eval/pass@") and "/" not in key[5:])
         print(format_table(metrics, k))
         if args.out:
-            write_json(args.out, metrics)
+            try:
+                write_json(args.out, metrics)
+            except OSError as err:
+                print(f"nemo-gdro eval: cannot write --out {args.out}: {err.strerror or err}", file=sys.stderr)
+                return 1
         return 0
     if args.command == "export":
         from nemo_gdro.trainer.checkpoint import CheckpointError
