@@ -62,15 +62,15 @@ def test_our_export_is_evaluated_with_the_tokenizer_and_task_it_was_trained_with
         _config_for(out, [*SMALL[:2], "+recipe=qwen3_0p6b_dapo"], "train")
 
 
-def test_a_running_run_is_evaluated_without_its_lock_and_left_untouched(run_copy, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing may appear in the working directory either (run.output_dir)
-    holder = hold_lock(run_copy)
+def test_a_running_run_is_evaluated_without_its_lock_and_left_untouched(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may appear in the working directory either
+    holder = hold_lock(tiny_run)  # the run's own output_dir (its saved run.output_dir), as a live trainer holds it
     try:
-        before = snapshot(run_copy)
-        metrics = evaluate_target(run_copy, ["eval.k=1"])
+        before = snapshot(tiny_run)
+        metrics = evaluate_target(tiny_run, ["eval.k=1"])
         assert {"eval/pass@1", "eval/mean@k"} <= metrics.keys()
-        assert snapshot(run_copy) == before
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+        assert snapshot(tiny_run) == before
+        assert not list(tmp_path.iterdir())
     finally:
         holder.kill()
         holder.wait()
