@@ -39,9 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
     export = sub.add_parser("export", help="convert a training checkpoint to a Hugging Face checkpoint directory")
     export.add_argument("checkpoint", help="a run's output dir (newest checkpoint) or one checkpoints/step_XXXXXXXX dir")
-    export.add_argument("out_dir", help="where to write the HF directory (replaced atomically)")
+    export.add_argument(
+        "out_dir",
+        help="a new or empty directory for the HF checkpoint (written to a temp sibling, then renamed into place); "
+        "never a run directory, anything inside one, or the checkpoint itself",
+    )
     export.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="stored dtype (default: the run's model.dtype)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace out_dir if it holds an HF checkpoint (a previous export) and nothing else")
     return parser
 
 
@@ -58,7 +64,7 @@ def _quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message="Apex is not installed")
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: object) -> str:
     return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
@@ -125,17 +131,29 @@ def main(argv: list[str] | None = None) -> int:
         from nemo_gdro.trainer.config import ConfigError
         from nemo_gdro.trainer.eval_run import evaluate_target, format_table, write_json
 
+        from nemo_gdro.trainer.errors import RunError
+
         try:
             metrics = evaluate_target(args.target, args.overrides, config_name=args.config_name)
-        except (CheckpointError, ConfigError) as err:
+        except (CheckpointError, ConfigError, FileNotFoundError, ValueError, KeyError) as err:
             if args.debug:
                 raise
-            print(f"nemo-gdro eval: {err}", file=sys.stderr)
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"nemo-gdro eval: {_one_line(message)}", file=sys.stderr)
             return 2
+        except (RunError, OSError) as err:  # a run-time failure (a worker, the disk): nothing was written
+            if args.debug:
+                raise
+            print(f"nemo-gdro eval: {_one_line(err)}", file=sys.stderr)
+            return getattr(err, "exit_code", 1)
         k = max(int(key.rsplit("@", 1)[1]) for key in metrics if key.startswith("eval/pass@") and "/" not in key[5:])
         print(format_table(metrics, k))
         if args.out:
-            write_json(args.out, metrics)
+            try:
+                write_json(args.out, metrics)
+            except OSError as err:
+                print(f"nemo-gdro eval: cannot write --out {args.out}: {err.strerror or err}", file=sys.stderr)
+                return 1
         return 0
     if args.command == "export":
         from nemo_gdro.trainer.checkpoint import CheckpointError
@@ -143,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         from nemo_gdro.trainer.hf_out import export_checkpoint
 
         try:
-            out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
-        except (CheckpointError, ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+            out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+        except (CheckpointError, ConfigError, FileNotFoundError, ValueError, KeyError, OSError) as err:
             if args.debug:
                 raise
-            print(f"nemo-gdro export: {err}", file=sys.stderr)
-            return 2
+            # A failure while writing (disk full, a file vanished) is a run-time error; the rest is input.
+            code = 1 if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, FileExistsError)) else 2
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"nemo-gdro export: {_one_line(message)}", file=sys.stderr)
+            return code
         print(f"[nemo-gdro] wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
         return 0
     if args.command == "plot":

@@ -16,6 +16,8 @@ each file is fsynced, then the directory, then it is renamed into place. An
 existing target is moved aside only once the new directory is complete and
 removed after the rename, so a failure at any point leaves the old
 directory (or, in the instant between the two renames, ``.old_<name>_<pid>``).
+Only an empty directory or an HF checkpoint (nothing but its files) is ever
+replaced: anything else in the way is a ``FileExistsError`` and stays untouched.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.distributed as dist
 from nemo_gdro._optional import import_optional
 from nemo_gdro.models.gpt import GPTSpec
 from nemo_gdro.models.hf_export import iter_hf_tensors
+from nemo_gdro.models.hf_export_marker import EXPORT_MARKER, TOKENIZER_FILES, foreign_entries, replaceable_hf_dir
 from nemo_gdro.models.hf_mapping import hf_config, hf_shapes
 from nemo_gdro.models.hf_weights import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from nemo_gdro.models.model_layout import model_layout, unwrap
@@ -46,6 +49,7 @@ __all__ = [
     "atomic_directory",
     "plan_shards",
     "hf_config_json",
+    "check_replaceable",
     "write_hf_dir",
     "save_hf_checkpoint",
 ]
@@ -53,18 +57,6 @@ __all__ = [
 #: 5 GB (decimal, as the HF hub's shards): large enough for few files, small enough to stream.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 GENERATION_CONFIG_NAME = "generation_config.json"
-#: Tokenizer files copied when present (fast and slow BPE, sentencepiece, chat templates).
-TOKENIZER_FILES: tuple[str, ...] = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 @dataclass(frozen=True)
@@ -233,6 +225,22 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _fsync_path(path)
 
 
+def check_replaceable(out_dir: str | os.PathLike) -> None:
+    """Refuse (``FileExistsError``, naming what is in the way) a target that is neither
+    absent, an empty directory, nor an HF checkpoint holding nothing but its files."""
+    out = Path(out_dir)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if any(out.iterdir()) and not replaceable_hf_dir(out):
+        found = foreign_entries(out) or ["no config.json"]
+        raise FileExistsError(
+            f"{out} is not empty and is not an HF checkpoint directory ({', '.join(found[:5])}"
+            f"{', ...' if len(found) > 5 else ''}): refusing to replace it"
+        )
+
+
 def write_hf_dir(
     out_dir: str | os.PathLike,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -241,11 +249,13 @@ def write_hf_dir(
     dtype: torch.dtype,
     metadata: HFMetadata | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write an HF checkpoint directory from ``(hf_name, full_tensor)`` pairs (single process).
 
     Args:
-        out_dir: target directory; replaced atomically if it exists.
+        out_dir: target directory; an existing one is replaced atomically if it
+            is empty or an HF checkpoint and nothing else (see :func:`check_replaceable`).
         tensors: every HF tensor of ``spec`` exactly once, in any order (in
             :func:`nemo_gdro.models.hf_mapping.hf_key_names` order the writer
             holds only one shard at a time), e.g. :func:`iter_hf_tensors` or
@@ -254,11 +264,15 @@ def write_hf_dir(
         dtype: dtype the weights are stored in (cast on the fly) and ``config.json``'s ``dtype``.
         metadata: tokenizer / generation config / token ids to write alongside.
         max_shard_bytes: shard size limit in bytes.
+        provenance: written as :data:`EXPORT_MARKER` (JSON) when given: where
+            the weights came from, the tokenizer and task they were trained with.
     Returns:
         ``out_dir`` as a ``Path``.
     Raises ``ValueError`` naming a tensor that is unexpected, repeated or of the
-    wrong shape, ``KeyError`` naming tensors that never arrived.
+    wrong shape, ``KeyError`` naming tensors that never arrived,
+    ``FileExistsError`` when ``out_dir`` holds anything but an HF checkpoint.
     """
+    check_replaceable(out_dir)
     metadata = metadata or HFMetadata()
     metadata.validate()
     shapes = hf_shapes(spec)
@@ -300,6 +314,8 @@ def write_hf_dir(
                 src = Path(metadata.tokenizer_dir) / fname
                 if src.is_file():
                     _copy_file(src, tmp / fname)
+        if provenance is not None:
+            _write_text(tmp / EXPORT_MARKER, json.dumps(dict(provenance), indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
 
 
@@ -312,6 +328,7 @@ def save_hf_checkpoint(
     metadata: HFMetadata | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     writer_rank: int = 0,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export a live Megatron ``GPTModel`` (any TP/PP/DP layout) as an HF checkpoint directory.
 
@@ -323,7 +340,7 @@ def save_hf_checkpoint(
 
     Args:
         dtype: stored dtype (default: the model's parameter dtype).
-        metadata, max_shard_bytes: see :func:`write_hf_dir`.
+        metadata, max_shard_bytes, provenance: see :func:`write_hf_dir`.
     """
     metadata = metadata or HFMetadata()
     metadata.validate()  # every rank: the same deterministic check, so all raise together
@@ -331,7 +348,9 @@ def save_hf_checkpoint(
     dtype = dtype or next(module.parameters()).dtype
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         stream = ((n, t) for n, t in iter_hf_tensors(module, spec, dtype=dtype) if t is not None)
-        return write_hf_dir(out_dir, stream, spec, dtype=dtype, metadata=metadata, max_shard_bytes=max_shard_bytes)
+        return write_hf_dir(
+            out_dir, stream, spec, dtype=dtype, metadata=metadata, max_shard_bytes=max_shard_bytes, provenance=provenance
+        )
     layout = model_layout(module)
     rank = dist.get_rank()
     error: BaseException | None = None
@@ -340,7 +359,10 @@ def save_hf_checkpoint(
         try:
             if rank == writer_rank:
                 received = ((n, t) for n, t in stream if t is not None)
-                write_hf_dir(out_dir, received, spec, dtype=dtype, metadata=metadata, max_shard_bytes=max_shard_bytes)
+                write_hf_dir(
+                    out_dir, received, spec, dtype=dtype, metadata=metadata, max_shard_bytes=max_shard_bytes,
+                    provenance=provenance,
+                )
             else:
                 for _ in stream:
                     pass

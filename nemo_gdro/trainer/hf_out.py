@@ -10,7 +10,7 @@ import torch
 
 from nemo_gdro.models.hf_save import HFMetadata
 
-__all__ = ["hf_metadata", "export_live", "export_checkpoint", "HF_DTYPES"]
+__all__ = ["hf_metadata", "provenance", "export_live", "export_checkpoint", "HF_DTYPES"]
 
 HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -35,14 +35,26 @@ def hf_metadata(model_section: Any, tokenizer: Any) -> HFMetadata:
     )
 
 
-def export_live(components: Any, out_dir: Path, dtype: str | None) -> Path:
+def provenance(cfg: Any, source: Path, step: int | None) -> dict[str, Any]:
+    """The export marker's content: where the weights come from and what they were trained with."""
+    return {
+        "format": "nemo_gdro.hf_export",
+        "version": 1,
+        "source": str(Path(source).resolve()),
+        "step": step,
+        "tokenizer": cfg.tokenizer.name,
+        "task": cfg.data.task,
+    }
+
+
+def export_live(components: Any, out_dir: Path, dtype: str | None, step: int | None = None) -> Path:
     """Write the actor's current weights as an HF directory (collective; rank 0 writes, atomically)."""
     from nemo_gdro.models.hf_save import save_hf_checkpoint
 
     c = components
     return save_hf_checkpoint(
         c.actor.module, c.spec, out_dir, dtype=HF_DTYPES[dtype] if dtype else None,
-        metadata=hf_metadata(c.cfg.model, c.tokenizer),
+        metadata=hf_metadata(c.cfg.model, c.tokenizer), provenance=provenance(c.cfg, Path(c.cfg.run.output_dir), step),
     )
 
 
@@ -53,12 +65,15 @@ def rotate(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None = None) -> Path:
+def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Convert a saved training checkpoint (a run dir or one ``step_XXXXXXXX`` dir) to an HF directory.
 
     Needs no Megatron and no process group: the saved model shards (one per
     TP x PP position) are merged offline with the spec rebuilt from the
-    checkpoint's own ``config.yaml``.
+    checkpoint's own ``config.yaml``. ``out_dir`` is checked first
+    (:func:`~nemo_gdro.trainer.export_target.check_export_target`: never a run
+    directory, the checkpoint or its sources; an existing HF checkpoint only with
+    ``overwrite``), then written to a temp sibling and renamed into place.
     """
     from omegaconf import OmegaConf
 
@@ -67,6 +82,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None = None)
     from nemo_gdro.registries import MODEL_SOURCES, TOKENIZERS
     from nemo_gdro.trainer.checkpoint import CONFIG_NAME, CheckpointError, CheckpointManager
     from nemo_gdro.trainer.config import validate
+    from nemo_gdro.trainer.export_target import check_export_target
 
     checkpoint = Path(checkpoint)
     step_dir = checkpoint
@@ -79,6 +95,8 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None = None)
     if not config_path.is_file():
         raise CheckpointError(f"{step_dir}: no {CONFIG_NAME} (is this a nemo_gdro checkpoint directory?)")
     cfg = validate(OmegaConf.load(config_path))
+    sources = [("model.path", getattr(cfg.model, "path", None)), ("tokenizer.path", cfg.tokenizer.path)]
+    out_dir = check_export_target(out_dir, checkpoint=step_dir, sources=sources, overwrite=overwrite)
     tokenizer = TOKENIZERS.get(cfg.tokenizer.name)(cfg.tokenizer, cfg.model)
     spec = MODEL_SOURCES.get(cfg.model.source).build(cfg.model, tokenizer).spec
     state = CheckpointManager(step_dir.parent).load(step_dir)
@@ -94,4 +112,8 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None = None)
         shards = [({"tp": 1, "pp": 1, "tp_rank": 0, "pp_rank": 0}, actor["model"])]
     hf = hf_state_dict_from_megatron_shards(spec, shards)
     stored = HF_DTYPES[dtype] if dtype else cfg.model.torch_dtype
-    return write_hf_dir(out_dir, hf.items(), spec, dtype=stored, metadata=hf_metadata(cfg.model, tokenizer))
+    step = int(state["trainer"]["step"]) if isinstance(state.get("trainer"), dict) else None
+    return write_hf_dir(
+        out_dir, hf.items(), spec, dtype=stored, metadata=hf_metadata(cfg.model, tokenizer),
+        provenance=provenance(cfg, step_dir, step),
+    )

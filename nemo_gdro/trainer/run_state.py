@@ -149,7 +149,9 @@ class RunState:
         from nemo_gdro.trainer.hf_out import export_live, rotate
 
         root = self.output_dir / "hf"
-        out = export_live(self.c, root / step_dir_name(self.progress.step), self.c.cfg.checkpoint.hf_dtype)
+        out = export_live(
+            self.c, root / step_dir_name(self.progress.step), self.c.cfg.checkpoint.hf_dtype, step=self.progress.step
+        )
         if self.c.dist.rank == 0:
             rotate(root, self.c.cfg.trainer.keep_last_checkpoints)
         return out

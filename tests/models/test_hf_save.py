@@ -143,3 +143,18 @@ def test_failed_write_leaves_the_old_directory(loaded, tmp_path):
     write_hf_dir(out, good.items(), spec, dtype=torch.bfloat16)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_write_hf_dir_never_replaces_a_directory_that_is_not_an_hf_checkpoint(loaded, tmp_path):
+    spec, model, _ = loaded
+    good = export_to_hf(model, spec)
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match=r"not an HF checkpoint directory \(checkpoints/, metrics.jsonl\)"):
+        write_hf_dir(out, good.items(), spec, dtype=torch.float32)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is not a directory"):
+        write_hf_dir(tmp_path / "file", good.items(), spec, dtype=torch.float32)
