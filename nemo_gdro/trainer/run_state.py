@@ -106,6 +106,8 @@ class RunState:
         self._fingerprint = None
         self.allowed_changes: list[Any] = []
         self._assets: dict[str, bytes] | None = None
+        if d.rank == 0:
+            self.assets  # read now: the model folder may be removed while the run trains
         #: The metrics / eval records of the checkpoint the run resumed from (see MetricsLogger.tail).
         self.resumed_log: dict[str, Any] | None = None
 
@@ -119,13 +121,17 @@ class RunState:
     @property
     def assets(self) -> dict[str, bytes]:
         """``hf_assets/``: the HF tokenizer and config files kept with every checkpoint
-        (:mod:`nemo_gdro.trainer.hf_assets`), read at the first save, so that a model
-        folder removed during the run does not fail the later checkpoints."""
+        (:mod:`nemo_gdro.trainer.hf_assets`), read once when the run is built, so that a
+        model folder removed during the run does not fail its checkpoints."""
         if self._assets is None:
             from nemo_gdro.trainer.hf_assets import asset_files
 
-            files = asset_files(self.c.cfg.model, self.c.tokenizer)
-            self._assets = {name: src if isinstance(src, bytes) else Path(src).read_bytes() for name, src in files.items()}
+            self._assets = {}
+            for name, src in asset_files(self.c.cfg.model, self.c.tokenizer).items():
+                try:
+                    self._assets[name] = src if isinstance(src, bytes) else Path(src).read_bytes()
+                except OSError:  # gone since it was listed: the other files are still worth keeping
+                    continue
         return self._assets
 
     def _layout(self) -> dict[str, int]:
