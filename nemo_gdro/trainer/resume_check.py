@@ -11,7 +11,14 @@ the resumed run's config with the checkpoint's ``config.yaml`` key by key:
 - every other change (data, model, tokenizer, algorithm stages and their
   parameters, ``rollout.n`` and sampling, optimizer, seed, layout) is
   refused with one error listing each differing key, unless the key (or a
-  prefix of it, or ``*``) is listed in ``run.allow_config_change``.
+  prefix of it, or ``*``) is listed in ``run.allow_config_change``;
+- an input path spelled otherwise (relative / absolute, through a symlink)
+  that names the same files is no change; other data files
+  (:data:`DATA_FILE_KEYS`, e.g. the same rows converted from Parquet to JSONL)
+  are judged by the training data's fingerprint (:func:`check_dataset`), not
+  by their names. An algorithm stage switched on or off by an allowed
+  ``algorithm.*`` change starts fresh or is ignored, with a warning naming it
+  (:meth:`~nemo_gdro.trainer.run_state.RunState.load`).
 
 :func:`dataset_fingerprint` hashes every training prompt (id -> prompt and
 answer text) and :func:`check_dataset` compares it with the checkpoint's, so
