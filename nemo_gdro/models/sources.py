@@ -65,4 +65,8 @@ class HFSource:
             raise ValueError(f"model.path={path}: no config.json there (expected a Hugging Face checkpoint directory)")
         spec = spec_from_hf_config(path)
         check_vocab(spec, tokenizer, f"model.path={path}")
-        return ModelInit(spec, weights_dir=path)
+        # A checkpoint's copy of the model's files (export / eval once the folder is gone) has no
+        # weights: the checkpoint's actor state replaces the initial weights.
+        from nemo_gdro.trainer.hf_assets import is_assets_dir
+
+        return ModelInit(spec, weights_dir=None if is_assets_dir(path) else path)

@@ -5,6 +5,7 @@ Layout of one checkpoint (``root/step_{step:08d}/``)::
     model.pt  optimizer.pt  controllers.pt  sampler.pt  rng.pt  ...  (one torch.save per component)
     trainer.json  ...                                              (plain data: one JSON file per component)
     config.yaml                                                    (optional, the resolved config)
+    hf_assets/tokenizer.json  ...                                  (optional attachments: files kept as they are)
     manifest.json                                                  (written last: size + sha256 of every file)
 
 Safe loading (the trust model): ``.pt`` files are read with
@@ -77,6 +78,7 @@ _OLD_PREFIX = ".old_step_"
 _SIDE_DIR_RE = re.compile(r"^\.(?:tmp|old)_step_(\d{8,})_(\d+)$")
 _COMPONENT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RESERVED_NAMES = frozenset({"manifest", "config"})
+_ATTACHMENT_NAME_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)?[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _HASH_CHUNK = 1 << 22  # 4 MiB reads when re-hashing files
 
 
@@ -355,6 +357,7 @@ class CheckpointManager:
         per_rank: dict[str, Any] | None = None,
         plain: dict[str, Any] | None = None,
         group: Any = None,
+        attachments: dict[str, Path | bytes] | None = None,
     ) -> Path:
         """Write the checkpoint of ``step`` atomically and rotate old ones.
 
@@ -368,6 +371,10 @@ class CheckpointManager:
             config_yaml: the resolved run config, stored as ``config.yaml``.
             plain: name -> JSON-serialisable data (replicated, rank 0's copy),
                 stored as ``{name}.json`` and loaded with ``json``.
+            attachments: checkpoint-relative file name (``dir/file`` at most one
+                level deep) -> source file to copy or bytes to write (rank 0's);
+                listed in the manifest like every file, never loaded by :meth:`load`
+                (e.g. the tokenizer files, :mod:`nemo_gdro.trainer.hf_assets`).
 
         Returns:
             The final checkpoint directory.
@@ -403,7 +410,7 @@ class CheckpointManager:
                 assert gathered is not None
                 error = None
                 try:
-                    final = self._save_files(step, components, config_yaml, gathered, plain)
+                    final = self._save_files(step, components, config_yaml, gathered, plain, attachments)
                 except BaseException as err:  # noqa: BLE001 - shared with every rank below
                     error = err
             else:
@@ -420,7 +427,7 @@ class CheckpointManager:
                     f"rank 0 could not write the checkpoint: {message}"
                 )
             return final
-        return self._save_files(step, components, config_yaml, [per_rank], plain)
+        return self._save_files(step, components, config_yaml, [per_rank], plain, attachments)
 
     def _save_files(
         self,
@@ -429,6 +436,7 @@ class CheckpointManager:
         config_yaml: str | None,
         shards: list[dict[str, Any]],
         plain: dict[str, Any] | None = None,
+        attachments: dict[str, Path | bytes] | None = None,
     ) -> Path:
         """Single writer: publish ``components`` and every rank's ``shards`` atomically."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -444,6 +452,11 @@ class CheckpointManager:
                 )
         if config_yaml is not None and not isinstance(config_yaml, str):
             raise TypeError(f"config_yaml must be a str or None, got {type(config_yaml).__name__}")
+        attachments = dict(attachments or {})
+        for name in attachments:
+            if not isinstance(name, str) or not _ATTACHMENT_NAME_RE.match(name):
+                raise ValueError(f"checkpoint attachment name {name!r} is invalid: use 'file' or 'dir/file' "
+                                 "(letters, digits, '_', '.', '-')")
 
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -480,6 +493,14 @@ class CheckpointManager:
                     sharded.setdefault(name, []).append(fname)
             if config_yaml is not None:
                 files[CONFIG_NAME] = _write_bytes_synced(tmp / CONFIG_NAME, config_yaml.encode("utf-8"))
+            for name, source in sorted(attachments.items()):
+                if name in files:
+                    raise ValueError(f"checkpoint attachment {name!r} collides with a component file")
+                (tmp / name).parent.mkdir(exist_ok=True)
+                data = source if isinstance(source, bytes) else Path(source).read_bytes()
+                files[name] = _write_bytes_synced(tmp / name, data)
+            for sub in {(tmp / name).parent for name in attachments} - {tmp}:
+                _fsync_dir(sub)
             manifest = {
                 "format_version": MANIFEST_FORMAT_VERSION,
                 "step": step,
@@ -488,6 +509,7 @@ class CheckpointManager:
                 "components": comp_files,
                 "plain": plain_files,
                 "sharded": sharded,
+                "attachments": sorted(attachments),
                 "files": files,
             }
             # The manifest is the commit record of the dir's content: written

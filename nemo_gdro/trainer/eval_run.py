@@ -102,13 +102,15 @@ def _config_for(target: Path, overrides: list[str], config_name: str) -> tuple[A
 
     from nemo_gdro.trainer.checkpoint import CONFIG_NAME
     from nemo_gdro.trainer.config import validate
+    from nemo_gdro.trainer.hf_assets import with_assets
     from nemo_gdro.typed_config import ConfigError
 
     if not target.exists():
         raise ConfigError(f"nothing to evaluate at {target}")
     ckpt = _checkpoint_dir(target)
     if ckpt is not None:
-        tree = OmegaConf.load(ckpt / CONFIG_NAME)
+        # The model folder may be gone: its tokenizer and config files are kept with the checkpoint.
+        tree = with_assets(OmegaConf.load(ckpt / CONFIG_NAME), ckpt)
         # key=value overrides on the saved config (values parsed as YAML, like Hydra's).
         tree = OmegaConf.merge(tree, OmegaConf.from_dotlist([item.lstrip("+") for item in overrides]))
         cfg = validate(tree)

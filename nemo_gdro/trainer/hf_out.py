@@ -15,17 +15,25 @@ __all__ = ["hf_metadata", "provenance", "export_live", "export_checkpoint", "HF_
 HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def hf_metadata(model_section: Any, tokenizer: Any) -> HFMetadata:
+def hf_metadata(model_section: Any, tokenizer: Any, fallback: Path | None = None) -> HFMetadata:
     """Tokenizer files and generation config to write next to the weights.
 
     An HF tokenizer's directory is copied; with ``model.source=hf`` the
     source's ``generation_config.json`` is kept (Qwen3-Base: eos 151643 and
     151645); otherwise one is built from the tokenizer's stop ids.
+    ``fallback``: a checkpoint's ``hf_assets`` copy of those files
+    (:mod:`nemo_gdro.trainer.hf_assets`), used for each folder that is gone.
     """
     tokenizer_dir = getattr(tokenizer, "path", None)
+    model_dir = getattr(model_section, "path", None)
+    if fallback is not None and Path(fallback).is_dir():
+        if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+            tokenizer_dir = fallback
+        if model_dir and not Path(model_dir).is_dir():
+            model_dir = fallback
     generation = None
-    if getattr(model_section, "path", None) and (Path(model_section.path) / "generation_config.json").is_file():
-        generation = Path(model_section.path) / "generation_config.json"
+    if model_dir and (Path(model_dir) / "generation_config.json").is_file():
+        generation = Path(model_dir) / "generation_config.json"
     stop = sorted(getattr(tokenizer, "stop_ids", {tokenizer.eos_id}))
     return HFMetadata(
         tokenizer_dir=tokenizer_dir,
@@ -47,14 +55,20 @@ def provenance(cfg: Any, source: Path, step: int | None) -> dict[str, Any]:
     }
 
 
-def export_live(components: Any, out_dir: Path, dtype: str | None, step: int | None = None) -> Path:
-    """Write the actor's current weights as an HF directory (collective; rank 0 writes, atomically)."""
+def export_live(
+    components: Any, out_dir: Path, dtype: str | None, step: int | None = None, assets: Path | None = None
+) -> Path:
+    """Write the actor's current weights as an HF directory (collective; rank 0 writes, atomically).
+
+    ``assets``: the just written checkpoint's ``hf_assets`` (tokenizer files if the model folder is gone).
+    """
     from nemo_gdro.models.hf_save import save_hf_checkpoint
 
     c = components
     return save_hf_checkpoint(
         c.actor.module, c.spec, out_dir, dtype=HF_DTYPES[dtype] if dtype else None,
-        metadata=hf_metadata(c.cfg.model, c.tokenizer), provenance=provenance(c.cfg, Path(c.cfg.run.output_dir), step),
+        metadata=hf_metadata(c.cfg.model, c.tokenizer, assets),
+        provenance=provenance(c.cfg, Path(c.cfg.run.output_dir), step),
     )
 
 
@@ -83,6 +97,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None = None,
     from nemo_gdro.trainer.checkpoint import CONFIG_NAME, CheckpointError, CheckpointManager
     from nemo_gdro.trainer.config import validate
     from nemo_gdro.trainer.export_target import check_export_target
+    from nemo_gdro.trainer.hf_assets import with_assets
 
     checkpoint = Path(checkpoint)
     step_dir = checkpoint
@@ -94,7 +109,8 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None = None,
     config_path = step_dir / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{step_dir}: no {CONFIG_NAME} (is this a nemo_gdro checkpoint directory?)")
-    cfg = validate(OmegaConf.load(config_path))
+    # The model folder may be gone: its tokenizer and config files are kept with the checkpoint.
+    cfg = validate(with_assets(OmegaConf.load(config_path), step_dir))
     sources = [("model.path", getattr(cfg.model, "path", None)), ("tokenizer.path", cfg.tokenizer.path)]
     out_dir = check_export_target(out_dir, checkpoint=step_dir, sources=sources, overwrite=overwrite)
     tokenizer = TOKENIZERS.get(cfg.tokenizer.name)(cfg.tokenizer, cfg.model)

@@ -11,7 +11,14 @@ the resumed run's config with the checkpoint's ``config.yaml`` key by key:
 - every other change (data, model, tokenizer, algorithm stages and their
   parameters, ``rollout.n`` and sampling, optimizer, seed, layout) is
   refused with one error listing each differing key, unless the key (or a
-  prefix of it, or ``*``) is listed in ``run.allow_config_change``.
+  prefix of it, or ``*``) is listed in ``run.allow_config_change``;
+- an input path spelled otherwise (relative / absolute, through a symlink)
+  that names the same files is no change; other data files
+  (:data:`DATA_FILE_KEYS`, e.g. the same rows converted from Parquet to JSONL)
+  are judged by the training data's fingerprint (:func:`check_dataset`), not
+  by their names. An algorithm stage switched on or off by an allowed
+  ``algorithm.*`` change starts fresh or is ignored, with a warning naming it
+  (:meth:`~nemo_gdro.trainer.run_state.RunState.load`).
 
 :func:`dataset_fingerprint` hashes every training prompt (id -> prompt and
 answer text) and :func:`check_dataset` compares it with the checkpoint's, so
@@ -36,6 +43,7 @@ from nemo_gdro.typed_config import ConfigError
 
 __all__ = [
     "SAFE_KEYS",
+    "DATA_FILE_KEYS",
     "Change",
     "config_changes",
     "check_resume_config",
@@ -71,11 +79,21 @@ _MISSING = "<absent>"
 _MAX_SHOWN = 12
 
 
+#: Keys naming the training / eval data files: what matters is the prompts they hold, which
+#: :func:`check_dataset` compares (the fingerprint), not how the files are named.
+DATA_FILE_KEYS: tuple[str, ...] = ("data.train_files", "data.eval_files.")
+
+
 @dataclass(frozen=True)
 class Change:
+    """One differing leaf key; ``kind`` says why it passed (``changed``: not judged yet or refused,
+    ``safe``, ``allowed``, ``same_path``: another spelling of the same files, ``data_files``:
+    other data files, judged by the training data's fingerprint)."""
+
     key: str
     before: Any
     after: Any
+    kind: str = "changed"
 
     def __str__(self) -> str:
         return f"{self.key}: {_short(self.before)} -> {_short(self.after)}"
@@ -125,6 +143,33 @@ def _is_safe(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_KEYS)
 
 
+def _is_data_file_key(key: str) -> bool:
+    return any(key.startswith(k) if k.endswith(".") else key == k for k in DATA_FILE_KEYS)
+
+
+def _judge(change: Change, allow: list[str]) -> Change:
+    """``change`` with its ``kind`` (``changed`` when it must be refused)."""
+    from nemo_gdro.trainer.hf_assets import stands_for
+    from nemo_gdro.trainer.paths import is_path_key, same_path_value
+
+    key = change.key
+    if _is_safe(key):
+        kind = "safe"
+    elif is_path_key(key) and (
+        same_path_value(change.before, change.after, key) or stands_for(change.after, change.before)
+    ):
+        # A relative path stored by an older version and the absolute one now, or the
+        # checkpoint's copy of a model folder that is gone (eval, hf_assets).
+        kind = "same_path"
+    elif _matches(key, allow):
+        kind = "allowed"
+    elif _is_data_file_key(key):
+        kind = "data_files"
+    else:
+        kind = "changed"
+    return Change(key, change.before, change.after, kind)
+
+
 def check_resume_config(
     stored_yaml: str | None, current: DictConfig, allow: Iterable[str], where: str
 ) -> list[Change]:
@@ -136,12 +181,16 @@ def check_resume_config(
         current: the resumed run's composed config.
         allow: ``run.allow_config_change``.
         where: the checkpoint path, for the message.
+
+    Data file keys (:data:`DATA_FILE_KEYS`) are not refused here: other files (or the same
+    files spelled otherwise) holding the same prompts are the same data, which
+    :func:`check_dataset` decides from the fingerprint (returned with ``kind="data_files"``).
     """
     if stored_yaml is None:
         return []
     allow = list(allow)
-    changes = config_changes(stored_yaml, current)
-    refused = [c for c in changes if not _is_safe(c.key) and not _matches(c.key, allow)]
+    changes = [_judge(c, allow) for c in config_changes(stored_yaml, current)]
+    refused = [c for c in changes if c.kind == "changed"]
     if refused:
         shown = "; ".join(str(c) for c in refused[:_MAX_SHOWN])
         more = f"; and {len(refused) - _MAX_SHOWN} more" if len(refused) > _MAX_SHOWN else ""
@@ -170,27 +219,54 @@ def dataset_fingerprint(dataset: Iterable[Any]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
 
 
-def check_dataset(saved: torch.Tensor | None, current: torch.Tensor, allow: Iterable[str], where: str) -> str | None:
+def check_dataset(
+    saved: torch.Tensor | None,
+    current: torch.Tensor,
+    allow: Iterable[str],
+    where: str,
+    file_changes: Iterable[Change] = (),
+) -> str | None:
     """Raise ConfigError if the training prompts differ from the checkpoint's (unless ``data`` is allowed).
 
-    Returns a warning line when they differ but the change is allowed, else None.
+    ``file_changes``: the data file keys that differ from the checkpoint's config
+    (``kind="data_files"`` of :func:`check_resume_config`). Identical prompts make
+    them a note; a checkpoint without a fingerprint cannot tell, so they are refused.
+
+    Returns a warning line when the files or the prompts differ but the run may
+    continue, else None.
     """
+    files = list(file_changes)
+    named = "; ".join(str(c) for c in files[:4]) + ("; ..." if len(files) > 4 else "")
+    allowed = _matches("data", allow)
     if saved is None:
+        if files and not allowed:
+            raise ConfigError(
+                f"run.resume: the data files differ from those {where} was trained on ({named}) and the "
+                "checkpoint holds no fingerprint of its training prompts to compare them with: restore the "
+                "data.* keys, start a new run, or accept it with run.allow_config_change=[data]"
+            )
         return None
     saved = torch.as_tensor(saved, dtype=torch.int64).reshape(-1, 2)
     if saved.shape == current.shape and torch.equal(saved, current):
-        return None
+        if not files:
+            return None
+        return (
+            f"warning: the data files differ from those in {where}'s config ({named}), but they hold the "
+            f"same {current.shape[0]} training prompts (identical fingerprint): continuing"
+        )
     if saved.shape != current.shape:
         detail = f"{current.shape[0]} training prompts now, {saved.shape[0]} in the checkpoint"
     else:
         differ = torch.nonzero((saved != current).any(dim=1)).flatten()
         ids = current[differ[:5], 0].tolist()
         detail = f"{differ.numel()} of {current.shape[0]} prompt ids hold a different prompt or answer (ids {ids}...)"
+    if files:
+        detail += f"; data files: {named}"
     message = (
         f"run.resume: the training data differ from those {where} was trained on: {detail}. The per-prompt "
         "statistics, bins and sampler position are keyed by prompt id and would be attached to other problems"
     )
-    if _matches("data", allow):
+    if allowed:
         return message + " (allowed by run.allow_config_change)"
     raise ConfigError(
         message + ": restore the data (data.* keys, the data files), start a new run, or accept it with "

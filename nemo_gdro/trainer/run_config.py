@@ -416,9 +416,16 @@ _SECTIONS = {
 
 
 def build_run_config(tree: DictConfig) -> RunConfig:
-    """Validate the composed config into a :class:`RunConfig`; raises ConfigError naming the key."""
-    from nemo_gdro.registries import TASKS
+    """Validate the composed config into a :class:`RunConfig`; raises ConfigError naming the key.
 
+    Input paths (``model.path``, data files, ...) are made absolute first, relative to the
+    working directory (:func:`~nemo_gdro.trainer.paths.resolve_input_paths`): the config a
+    checkpoint stores still names the same files when read from elsewhere.
+    """
+    from nemo_gdro.registries import TASKS
+    from nemo_gdro.trainer.paths import resolve_input_paths
+
+    tree = resolve_input_paths(tree)
     data = OmegaConf.to_container(tree, resolve=True)
     assert isinstance(data, dict)
     known = set(_SECTIONS) | {"data", "algorithm"}

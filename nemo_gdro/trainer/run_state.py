@@ -14,6 +14,9 @@ Files of one ``step_XXXXXXXX`` directory:
 - per-rank (``name.rankRRRRR-of-WWWWW.pt``): ``layout`` (dp/tp/pp rank and
   sizes), ``prompt_stats`` (this rank's store shard), ``replay`` (this
   rank's buffer), ``rng``;
+- ``hf_assets/`` (HF runs): the tokenizer, ``config.json`` and generation
+  config of the model, for export and eval once the model folder is gone
+  (:mod:`nemo_gdro.trainer.hf_assets`);
 - ``config.yaml`` and ``manifest.json``.
 
 Every ``.pt`` file holds tensors and plain containers only and is loaded with
@@ -28,6 +31,7 @@ optimizer state is never written, and one that does not load is skipped by
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,22 @@ from nemo_gdro.trainer.resume_check import (
 from nemo_gdro.typed_config import ConfigError
 
 __all__ = ["TrainerState", "RunState"]
+
+#: Checkpoint names of the algorithm stages' state (what an allowed ``algorithm.*`` change may switch on or off).
+_STAGE_STATES: dict[str, str] = {
+    "sampler": "the uniform prompt sampler (algorithm.prompt_scheduler=uniform)",
+    "bin_index": "Prompt-GDRO resampling's bin index (algorithm.prompt_scheduler=prompt_gdro_resample)",
+    "prompt_gdro": "Prompt-GDRO's bin scores (algorithm.advantage_weighting=prompt_gdro or "
+    "algorithm.prompt_scheduler=prompt_gdro_resample)",
+    "rollout_gdro": "Rollout-GDRO (algorithm.rollout_scheduler=rollout_gdro)",
+    "dynamo": "DynaMO's rollout allocator (algorithm.rollout_scheduler=dynamo)",
+    "dual": "R2VPO's dual multiplier (algorithm.loss=r2vpo)",
+    "replay": "R2VPO's replay buffer (algorithm.r2vpo.replay_ratio > 0)",
+}
+
+
+def _describe(name: str) -> str:
+    return f"{name!r}, {_STAGE_STATES[name]}" if name in _STAGE_STATES else repr(name)
 
 
 @dataclass
@@ -84,6 +104,10 @@ class RunState:
             world_size=d.world_size,
         )
         self._fingerprint = None
+        self.allowed_changes: list[Any] = []
+        self._assets: dict[str, bytes] | None = None
+        if d.rank == 0:
+            self.assets  # read now: the model folder may be removed while the run trains
         #: The metrics / eval records of the checkpoint the run resumed from (see MetricsLogger.tail).
         self.resumed_log: dict[str, Any] | None = None
 
@@ -93,6 +117,22 @@ class RunState:
         if self._fingerprint is None:
             self._fingerprint = dataset_fingerprint(self.c.task.train)
         return self._fingerprint
+
+    @property
+    def assets(self) -> dict[str, bytes]:
+        """``hf_assets/``: the HF tokenizer and config files kept with every checkpoint
+        (:mod:`nemo_gdro.trainer.hf_assets`), read once when the run is built, so that a
+        model folder removed during the run does not fail its checkpoints."""
+        if self._assets is None:
+            from nemo_gdro.trainer.hf_assets import asset_files
+
+            self._assets = {}
+            for name, src in asset_files(self.c.cfg.model, self.c.tokenizer).items():
+                try:
+                    self._assets[name] = src if isinstance(src, bytes) else Path(src).read_bytes()
+                except OSError:  # gone since it was listed: the other files are still worth keeping
+                    continue
+        return self._assets
 
     def _layout(self) -> dict[str, int]:
         d = self.c.dist
@@ -137,20 +177,23 @@ class RunState:
         model_target = per_rank if self.c.model_parallel > 1 else shared
         model_target.update(models)
         path = self.checkpoints.save(
-            self.progress.step, shared, config_yaml=self.c.cfg.to_yaml(), per_rank=per_rank, plain={"trainer": trainer}
+            self.progress.step, shared, config_yaml=self.c.cfg.to_yaml(), per_rank=per_rank, plain={"trainer": trainer},
+            attachments=self.assets if self.c.dist.rank == 0 else None,
         )
         if self.c.cfg.checkpoint.save_hf:
-            self._save_hf()
+            self._save_hf(path)
         return path
 
-    def _save_hf(self) -> Path:
+    def _save_hf(self, checkpoint: Path) -> Path:
         """``<output_dir>/hf/step_XXXXXXXX`` (collective), rotated like the checkpoints."""
         from nemo_gdro.trainer.checkpoint import step_dir_name
+        from nemo_gdro.trainer.hf_assets import ASSETS_DIR
         from nemo_gdro.trainer.hf_out import export_live, rotate
 
         root = self.output_dir / "hf"
         out = export_live(
-            self.c, root / step_dir_name(self.progress.step), self.c.cfg.checkpoint.hf_dtype, step=self.progress.step
+            self.c, root / step_dir_name(self.progress.step), self.c.cfg.checkpoint.hf_dtype,
+            step=self.progress.step, assets=checkpoint / ASSETS_DIR,
         )
         if self.c.dist.rank == 0:
             rotate(root, self.c.cfg.trainer.keep_last_checkpoints)
@@ -184,7 +227,14 @@ class RunState:
         cfg = self.c.cfg
         allow = cfg.run.allow_config_change
         changes = check_resume_config(self.checkpoints.read_config(path), cfg.tree, allow, str(path))
-        notes = [f"config changes on resume (allowed): {'; '.join(str(c) for c in changes)}"] if changes else []
+        files = [c for c in changes if c.kind == "data_files"]
+        spelled = [c for c in changes if c.kind == "same_path"]
+        passed = [c for c in changes if c.kind in ("safe", "allowed")]
+        #: Allowed changes the restore must know of (a stage switched on or off by an allowed change).
+        self.allowed_changes = [c for c in changes if c.kind == "allowed"]
+        notes = [f"config changes on resume (allowed): {'; '.join(str(c) for c in passed)}"] if passed else []
+        if spelled:
+            notes.append(f"paths spelled otherwise, same files: {'; '.join(str(c) for c in spelled)}")
         layouts = state["layout"]
         mine = self._layout()
         saved = sorted({(lay["tp"], lay["pp"]) for lay in layouts})
@@ -194,7 +244,7 @@ class RunState:
                 f"{saved[0]}; this run uses {(mine['tp'], mine['pp'])}. Resume with the same model-parallel layout "
                 "(the data-parallel size may change)"
             )
-        data_note = check_dataset(state.get("data", {}).get("train"), self.fingerprint, allow, str(path))
+        data_note = check_dataset(state.get("data", {}).get("train"), self.fingerprint, allow, str(path), files)
         if data_note:
             notes.append(data_note)
         return notes
@@ -217,8 +267,9 @@ class RunState:
             self._restore(path, name, model, self._model_slice(path, state[name], layouts))
         stateful = self.c.stateful()
         controllers = state["controllers"]
+        fresh = self._fresh_stages(path, state, stateful)
         for name, item in stateful.items():
-            if item.scope != "replicated":
+            if item.scope != "replicated" or name in fresh:
                 continue
             if name not in controllers:
                 raise ConfigError(
@@ -227,7 +278,7 @@ class RunState:
                 )
             self._restore(path, name, item.obj, controllers[name])
         for name, item in stateful.items():
-            if item.scope != "per_rank":
+            if item.scope != "per_rank" or name in fresh:
                 continue
             shards = state.get(name)
             if shards is None:
@@ -239,6 +290,37 @@ class RunState:
             self._restore(path, name, item.obj, [by_dp[r] for r in sorted(by_dp)], resharded=True)
         rngs = state["rng"]
         restore_rng_state(rngs[self.c.dist.rank] if len(rngs) == self.c.dist.world_size else rngs[0])
+
+    def _fresh_stages(self, path: Path, state: dict[str, Any], stateful: dict[str, Any]) -> set[str]:
+        """Algorithm stages switched on or off by an allowed ``algorithm.*`` change, each named in a warning.
+
+        A stage this run uses that the checkpoint has no state for starts from its
+        initial state (returned); a stage's state the checkpoint holds that this run
+        does not use is ignored. Without an allowed algorithm change neither happens
+        (the config check refused the change; a missing state is an error in :meth:`load`).
+        """
+        keys = [c.key for c in self.allowed_changes if c.key.startswith("algorithm.")]
+        if not keys:
+            return set()
+        switchable = set(self.c.stages.stateful()) | set(self.c.replay.stateful())
+        saved = set(state["controllers"]) | {name for name in state if name in _STAGE_STATES}
+        on = sorted(name for name in switchable & set(stateful) if name not in saved)
+        off = sorted(name for name in saved & set(_STAGE_STATES) if name not in stateful)
+        changed = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        if self.c.dist.rank == 0:
+            for name in on:
+                warnings.warn(
+                    f"run.allow_config_change ({changed}): checkpoint {path} holds no state for {_describe(name)}, "
+                    "switched on by the allowed change; it starts from its initial state",
+                    stacklevel=3,
+                )
+            for name in off:
+                warnings.warn(
+                    f"run.allow_config_change ({changed}): checkpoint {path} holds state for {_describe(name)}, "
+                    "which this run no longer uses; it is ignored",
+                    stacklevel=3,
+                )
+        return set(on)
 
     @staticmethod
     def _restore(path: Path, name: str, obj: Any, value: Any, resharded: bool = False) -> None:

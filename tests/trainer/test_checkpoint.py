@@ -396,3 +396,26 @@ def test_disk_full_is_one_clear_error_and_keeps_the_previous_checkpoint(tmp_path
         assert mgr.latest() == good
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_attachments_are_written_in_the_atomic_save_listed_and_verified(tmp_path: Path) -> None:
+    """Item 21.5: files kept with a checkpoint (the tokenizer's) are part of its manifest, not of what load returns."""
+    source = tmp_path / "tokenizer.json"
+    source.write_text('{"model": "bpe"}')
+    mgr = CheckpointManager(tmp_path / "ckpt")
+    path = mgr.save(1, {"model": torch.ones(2)}, attachments={"hf_assets/tokenizer.json": source,
+                                                            "hf_assets/note.json": b"{}"})
+    assert (path / "hf_assets" / "tokenizer.json").read_text() == '{"model": "bpe"}'
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    assert manifest["attachments"] == ["hf_assets/note.json", "hf_assets/tokenizer.json"]
+    assert {"hf_assets/tokenizer.json", "hf_assets/note.json"} <= set(manifest["files"])
+    assert set(mgr.load(path)) == {"model"}
+    (path / "hf_assets" / "tokenizer.json").write_text('{"model": "xxx"}')  # same size, other bytes
+    with pytest.raises(CheckpointError, match="hf_assets/tokenizer.json"):
+        verify_checkpoint(path)
+    for bad in ("../escape.json", "/abs.json", "a/b/c.json", "model.pt"):
+        with pytest.raises(ValueError, match="attachment"):
+            mgr.save(2, {"model": torch.ones(2)}, attachments={bad: b"x"})
+    with pytest.warns(UserWarning, match="does not match the manifest"):
+        assert mgr.latest() is None
+    assert not list((tmp_path / "ckpt").glob(".tmp_*"))

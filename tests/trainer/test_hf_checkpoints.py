@@ -66,3 +66,29 @@ def test_model_source_hf_errors_name_the_path(tmp_path):
         validate(compose(overrides=["model=hf", f"model.path={tmp_path}", "+model.overrides.num_layers=2"]))
     with pytest.raises(ConfigError, match="no config.json"):
         Trainer(compose(overrides=["model=hf", f"model.path={tmp_path}", f"run.output_dir={tmp_path / 'r'}"]))
+
+
+@pytest.mark.slow
+def test_tokenizer_files_kept_with_each_checkpoint_survive_the_model_folder(tmp_path):
+    """Item 21.5: the model folder deleted once the run is built; the checkpoints and checkpoint.save_hf's exports
+    still carry its tokenizer and config files, and the export of the run needs no folder either."""
+    from transformers import AutoTokenizer
+
+    src = build_tiny_hf(tmp_path / "src", arch="qwen3", seed=3)
+    run = tmp_path / "run"
+    args = [a for a in RUN if not a.startswith(("sft.", "trainer.max_steps", "trainer.checkpoint_every"))]
+    cfg = compose(overrides=args + ["sft.steps=0", "trainer.max_steps=1", "trainer.checkpoint_every=1", "model=hf",
+                                    f"model.path={src}", "tokenizer.name=hf", "model.dtype=float32",
+                                    f"run.output_dir={run}", "checkpoint.save_hf=true"])
+    with Trainer(cfg) as trainer:
+        import shutil
+
+        shutil.rmtree(src)
+        trainer.run()
+    for out in (run / "checkpoints" / "step_00000001" / "hf_assets", run / "hf" / "step_00000001"):
+        assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"} <= {
+            p.name for p in out.iterdir()}, out
+        assert AutoTokenizer.from_pretrained(out, local_files_only=True).convert_tokens_to_ids("<|im_end|>") == 151645
+    with pytest.warns(UserWarning, match="kept with the checkpoint"):
+        assert main(["export", str(run), str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()

@@ -8,7 +8,13 @@ from omegaconf import OmegaConf
 
 from nemo_gdro.data.dataset import PromptRecord
 from nemo_gdro.trainer.config import compose
-from nemo_gdro.trainer.resume_check import check_dataset, check_resume_config, config_changes, dataset_fingerprint
+from nemo_gdro.trainer.resume_check import (
+    Change,
+    check_dataset,
+    check_resume_config,
+    config_changes,
+    dataset_fingerprint,
+)
 from nemo_gdro.typed_config import ConfigError
 
 
@@ -81,6 +87,41 @@ def test_dataset_fingerprint_names_the_prompts_that_changed():
     assert "allowed by run.allow_config_change" in check_dataset(saved, changed, ["data"], "ckpt")
     assert check_dataset(None, changed, [], "ckpt") is None
     assert saved.dtype == torch.int64 and saved.shape == (3, 2)
+
+
+def _math(*overrides):
+    return compose(overrides=["data=math", "reward.verifier=dapo_math", "sft.steps=0", *overrides])
+
+
+def test_data_files_are_judged_by_the_fingerprint_not_by_their_names(tmp_path, monkeypatch):
+    """Item 21.5: a relative path stored by an older version, or other files (parquet -> jsonl), pass the config
+    check as ``data_files`` changes; the data fingerprint then decides. Other keys still refuse."""
+    monkeypatch.chdir(tmp_path)
+    stored = OmegaConf.to_yaml(_math("data.train_files=[d/train.parquet]", "+data.eval_files.math500=[m.jsonl]"))
+    same = _math(f"data.train_files=[{tmp_path}/d/train.parquet]", f"+data.eval_files.math500=[{tmp_path}/m.jsonl]")
+    changes = check_resume_config(stored, same, [], "ckpt")
+    assert {(c.key, c.kind) for c in changes} == {("data.train_files", "same_path"), ("data.eval_files.math500", "same_path")}
+    converted = _math("data.train_files=[d/train.jsonl]", "+data.eval_files.math500=[m.jsonl]")
+    assert [(c.key, c.kind) for c in check_resume_config(stored, converted, [], "ckpt")] == [("data.train_files", "data_files")]
+    assert check_resume_config(stored, converted, ["data"], "ckpt")[0].kind == "allowed"
+    with pytest.raises(ConfigError, match=r"model.path"):
+        check_resume_config(OmegaConf.to_yaml(_math("data.train_files=[a]", "model=hf", "model.path=m1")),
+                            _math("data.train_files=[a]", "model=hf", "model.path=m2"), [], "ckpt")
+
+
+def test_other_data_files_with_the_same_prompts_are_a_note_and_with_other_prompts_refused():
+    saved = dataset_fingerprint(_records([("Q:1+1=A:", "2"), ("Q:2+2=A:", "4")]))
+    moved = [Change("data.train_files", ["/d/train.parquet"], ["/d/train.jsonl"], "data_files")]
+    note = check_dataset(saved, saved.clone(), [], "ckpt", moved)
+    assert "same 2 training prompts" in note and "train.parquet" in note and "train.jsonl" in note
+    other = dataset_fingerprint(_records([("Q:1+1=A:", "2"), ("Q:2+3=A:", "5")]))
+    with pytest.raises(ConfigError, match=r"training data differ.*data files: data.train_files") as info:
+        check_dataset(saved, other, [], "ckpt", moved)
+    assert "\n" not in str(info.value)
+    # An old checkpoint without a fingerprint cannot tell: other files are refused (unless allowed).
+    with pytest.raises(ConfigError, match="holds no fingerprint"):
+        check_dataset(None, saved, [], "ckpt", moved)
+    assert check_dataset(None, saved, ["data"], "ckpt", moved) is None
 
 
 def _compare_configs_worker(rank: int, init_file: str, results) -> None:
