@@ -114,6 +114,10 @@ def _train(args: argparse.Namespace) -> int:
     from nemo_gdro.trainer.preflight import check_launch
 
     validate_only = getattr(args, "validate_only", False)
+    if getattr(args, "world_size", None) is not None and not validate_only:
+        # A real launch's world size is its launcher's; a number given here would be checked and then ignored.
+        print("nemo-gdro train: --world-size applies to --validate-only only", file=sys.stderr)
+        return 2
     try:
         # The whole config is typed and checked before torch and Megatron are imported
         # (seconds): a bad value is answered at once, and nothing is built or written.

@@ -64,6 +64,8 @@ def test_validate_only_checks_the_layout_against_the_jobs_task_count(capsys, mon
     assert "must divide the 4 process(es) launched" in capsys.readouterr().err
     assert main(["train", "--validate-only", "--world-size", "6", "parallel.tensor_parallel=3"]) == 0
     assert "configuration OK for 6 process(es)" in capsys.readouterr().out
+    assert main(["train", "--world-size", "6", "parallel.tensor_parallel=3"]) == 2
+    assert "--world-size applies to --validate-only only" in capsys.readouterr().err
 
 
 def test_validate_only_names_every_input_problem_in_one_line(tmp_path, capsys, monkeypatch):
