@@ -24,6 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plot":
             cmd.add_argument("run_dir", help="a run's output dir (metrics.jsonl, eval.jsonl)")
             continue
+        if name == "train":
+            cmd.add_argument(
+                "--validate-only",
+                action="store_true",
+                help="compose, type and check the config and the input files (headers), build nothing, "
+                "print one OK line; exit 0, or 2 with the one-line error",
+            )
+            cmd.add_argument(
+                "--world-size",
+                type=_positive_int,
+                default=None,
+                metavar="N",
+                help="with --validate-only: the number of processes the job will start (default: SLURM_NTASKS "
+                "when set, else this process's launcher's)",
+            )
         if name == "eval":
             cmd.add_argument("target", help="a run's output dir, a checkpoints/step_XXXXXXXX dir, or an HF checkpoint dir")
             cmd.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
@@ -49,6 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="replace out_dir if it holds an HF checkpoint (a previous export) and nothing else")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _validate_world_size(args: argparse.Namespace) -> int | None:
+    """The process count a validate-only run checks the layout against.
+
+    A batch script runs outside the job step, where the launcher variables
+    describe one process; the job's task count is ``SLURM_NTASKS``.
+    """
+    import os
+
+    if args.world_size is not None:
+        return args.world_size
+    ntasks = os.environ.get("SLURM_NTASKS", "").strip()
+    return int(ntasks) if ntasks.isdigit() and int(ntasks) > 0 else None
 
 
 def _quiet_third_party_warnings() -> None:
@@ -80,11 +119,23 @@ def _train(args: argparse.Namespace) -> int:
     from nemo_gdro.trainer.errors import CheckpointError, RunError
     from nemo_gdro.trainer.preflight import check_launch
 
+    validate_only = getattr(args, "validate_only", False)
+    if getattr(args, "world_size", None) is not None and not validate_only:
+        # A real launch's world size is its launcher's; a number given here would be checked and then ignored.
+        print("nemo-gdro train: --world-size applies to --validate-only only", file=sys.stderr)
+        return 2
     try:
         # The whole config is typed and checked before torch and Megatron are imported
         # (seconds): a bad value is answered at once, and nothing is built or written.
         run_config = load(args.config_name, args.overrides)
-        check_launch(run_config)
+        world_size = _validate_world_size(args) if validate_only else None
+        check_launch(run_config, world_size=world_size)
+        if validate_only:
+            from nemo_gdro.trainer.input_check import describe_inputs
+
+            procs = f"{world_size} process(es)" if world_size is not None else "this launch"
+            print(f"nemo-gdro train: configuration OK for {procs} ({describe_inputs(run_config)})")
+            return 0
         from nemo_gdro.trainer.loop import train_config
 
         train_config(run_config)

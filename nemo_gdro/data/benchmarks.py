@@ -35,72 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from nemo_gdro.data.benchmark_specs import BENCHMARKS, GPQA_INCORRECT, BenchmarkSpec, benchmark_layout, benchmark_spec
 from nemo_gdro.data.dataset import DEFAULT_MAX_PROMPT_CHARS, DatasetError, PromptDataset
-from nemo_gdro.data.files import DAPO, Layout, coerce_answer, columns_of
+from nemo_gdro.data.files import coerce_answer, file_problem
 from nemo_gdro.data.prompt_files import Collector, LoadReport, PathLike, Prompt, as_paths, build_dataset
 from nemo_gdro.data.prompt_format import PromptFormat, render_prompts
-from nemo_gdro.registry import UnknownNameError
 
 CHOICE_LETTERS = "ABCD"
-GPQA_INCORRECT = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 CHOICE_INSTRUCTION = (
     "Answer the following multiple-choice question. The last line of your response should be of the form "
     "Answer: $LETTER (without quotes) where $LETTER is one of A, B, C or D.\n\n"
 )
 CHOICE_REMINDER = '\n\nRemember to put the letter of your answer on its own line after "Answer:".'
-
-
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    """Column candidates of one benchmark (the first present wins)."""
-
-    name: str
-    question: tuple[str, ...]
-    answer: tuple[str, ...]
-    answer_kind: Literal["scalar", "list"] = "scalar"
-    answer_type: Literal["math", "choice"] = "math"
-    dapo_layout: bool = True  # also accept the verl / DAPO layout
-
-
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    s.name: s
-    for s in (
-        BenchmarkSpec("aime24", ("problem", "question", "Problem", "Question"), ("answer", "Answer")),
-        BenchmarkSpec("aime25", ("question", "problem", "Problem", "Question"), ("answer", "Answer")),
-        BenchmarkSpec("amc23", ("question", "problem"), ("answer",)),
-        BenchmarkSpec("math500", ("problem",), ("answer",)),
-        BenchmarkSpec("minerva", ("question", "problem"), ("answer",)),
-        BenchmarkSpec("olympiadbench", ("question",), ("final_answer",), answer_kind="list"),
-        BenchmarkSpec("gpqa_diamond", ("Question",), ("Correct Answer",), answer_type="choice", dapo_layout=False),
-    )
-}
-
-
-def benchmark_spec(name: str) -> BenchmarkSpec:
-    """The registry entry ``name``; an unknown name is an ``UnknownNameError`` (a ``ValueError``) listing the valid ones."""
-    if not isinstance(name, str) or name not in BENCHMARKS:
-        raise UnknownNameError(f"benchmark {name!r} is not known; valid names: {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name]
-
-
-def benchmark_layout(spec: BenchmarkSpec, path: Path) -> Layout:
-    """The layout of one file of ``spec`` (DAPO layout or the benchmark's own columns)."""
-    cols = columns_of(path)
-    if spec.dapo_layout and cols.get("prompt") == "list" and "reward_model" in cols:
-        return DAPO
-    q = next((c for c in spec.question if c in cols), None)
-    a = next((c for c in spec.answer if c in cols), None)
-    if q is None or a is None:
-        dapo = " or the DAPO layout (prompt: chat messages, reward_model.ground_truth)" if spec.dapo_layout else ""
-        raise DatasetError(
-            f"{path}: not a {spec.name} file: expected a problem column (one of {list(spec.question)}) and an "
-            f"answer column (one of {list(spec.answer)}){dapo}; the file has columns {sorted(cols)}"
-        )
-    if spec.answer_type == "choice":
-        missing = [c for c in GPQA_INCORRECT if c not in cols]
-        if missing:
-            raise DatasetError(f"{path}: every row, column {missing[0]!r}: missing ({spec.name} needs {list(GPQA_INCORRECT)})")
-    return Layout(f"{spec.name}", (q,), (a,), answer_kind=spec.answer_kind)
 
 
 def choice_order(seed: int, uid: int, n: int = 4) -> list[int]:
@@ -117,8 +63,26 @@ def choice_prompt(question: str, choices: Sequence[str]) -> str:
     return f"{CHOICE_INSTRUCTION}{question.strip()}\n\n{lines}{CHOICE_REMINDER}"
 
 
-def _gpqa(collector: Collector, prompts: list[Prompt], seed: int) -> tuple[list[str], dict[int, dict[str, Any]]]:
-    """Prompt texts and the answer / meta changes for multiple-choice prompts."""
+def _repeated_choices(columns: Sequence[str], options: Sequence[str]) -> str | None:
+    """``column 'b': the same choice as column 'a' ('text')`` for the first repeat, or ``None``.
+
+    Choices that differ only in whitespace read the same to the model, so they count as one.
+    """
+    seen: dict[str, str] = {}
+    for col, text in zip(columns, options, strict=True):
+        key = " ".join(text.split())
+        if not key:
+            continue  # an empty choice is reported on its own
+        if key in seen:
+            return f"column {col!r}: the same choice as column {seen[key]!r} ({text!r}); the choices must differ"
+        seen[key] = col
+    return None
+
+
+def _gpqa(
+    collector: Collector, prompts: list[Prompt], seed: int, answer_column: str
+) -> tuple[list[str], dict[int, dict[str, Any]]]:
+    """Prompt texts and the answer / meta changes for multiple-choice prompts (``answer_column``: the correct one's)."""
     texts: list[str] = []
     extra: dict[int, dict[str, Any]] = {}
     bad: list[str] = []
@@ -130,6 +94,9 @@ def _gpqa(collector: Collector, prompts: list[Prompt], seed: int) -> tuple[list[
                 bad.append(f"{collector.where(p.file, p.row)}, column {col!r}: must be a non-empty string")
             wrong.append((v or "").strip())
         options = [p.answer.strip(), *wrong]
+        repeat = _repeated_choices([answer_column, *GPQA_INCORRECT], options)
+        if repeat is not None:
+            bad.append(f"{collector.where(p.file, p.row)}, {repeat}")
         order = choice_order(seed, p.uid)
         shown = [options[i] for i in order]
         letter = CHOICE_LETTERS[order.index(0)]
@@ -158,12 +125,13 @@ def read_benchmark(
     paths = as_paths(path, f"benchmark {name}")
     collector = Collector(max_prompt_chars)
     for p in paths:
-        if not p.is_file():
-            raise DatasetError(f"benchmark {name}: file {p} does not exist")
+        problem = file_problem(p)
+        if problem is not None:
+            raise DatasetError(f"benchmark {name}: file {problem}")
         collector.add_file(p, benchmark_layout(spec, p))
     prompts = collector.prompts()
     if spec.answer_type == "choice":
-        bodies, extra = _gpqa(collector, prompts, seed)
+        bodies, extra = _gpqa(collector, prompts, seed, spec.answer[0])
         texts = render_prompts(bodies, fmt, tokenizer, instruct=False)
         answers = {uid: e.pop("answer") for uid, e in extra.items()}
         for p in prompts:

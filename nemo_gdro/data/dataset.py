@@ -38,12 +38,8 @@ import numpy as np
 import torch
 
 from nemo_gdro.data.arithmetic import ArithmeticConfig, ArithmeticProblem, make_problems
+from nemo_gdro.data.errors import DatasetError
 from nemo_gdro.data.fingerprint import DatasetFingerprint
-
-
-class DatasetError(ValueError):
-    """A dataset violates the prompt-identity or schema rules; the message names the rows."""
-
 
 DEFAULT_MAX_PROMPT_CHARS = 64 * 1024
 
@@ -204,11 +200,15 @@ class PromptDataset:
 
         Errors name 1-based line numbers of ``path``.
         """
+        from contextlib import closing
+
+        from nemo_gdro.data.files import text_lines  # UTF-8 errors name the line
+
         rows: list[Any] = []
         labels: list[str] = []
         bad: list[str] = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with closing(text_lines(path)) as lines:
+            for lineno, line in lines:
                 if not line.strip():
                     continue
                 try:

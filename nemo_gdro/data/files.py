@@ -22,7 +22,9 @@ become ``"27"``); list answers (``list`` answer kind) are joined with ``", "``.
 Row numbers in messages: JSONL ``line n`` is 1-based (blank lines count and are
 skipped), Parquet and CSV ``row n`` is the 0-based data row (CSV: the header is
 not a row, and a quoted field may span lines). CSV is read with every column as
-text (GPQA ships as ``gpqa_diamond.csv``).
+text (GPQA ships as ``gpqa_diamond.csv``). Text files must be UTF-8 (a leading
+byte-order mark is allowed): a byte that is not names its line and character.
+Every error is a ``DatasetError`` whose message starts with the file.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from nemo_gdro.data.dataset import DatasetError
+from nemo_gdro.data.errors import DatasetError
 
 CHUNK_ROWS = 262_144
 JSONL_FAST_ROWS = 65_536  # the JSON reader's batches are combined up to this many rows (memory vs. dedup work)
@@ -98,6 +101,19 @@ class Chunk:
     counts: list[int]
     conflicts: list[tuple[int, str, int, str]]
     meta: Callable[[list[int]], list[dict[str, Any]]] = field(repr=False)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a data file (missing, a directory, an unknown type), or ``None``."""
+    if not path.exists():
+        return f"{path} does not exist"
+    if path.is_dir():
+        return f"{path} is a directory, not a data file"
+    try:
+        file_format(path)
+    except DatasetError as e:
+        return str(e)
+    return None
 
 
 def file_format(path: Path) -> Literal["jsonl", "parquet", "csv"]:
@@ -162,6 +178,43 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+# ------------------------------------------------------------------ text
+def _utf8_error(path: Path, lineno: int, raw: bytes, err: UnicodeDecodeError) -> DatasetError:
+    """Where a line stops being UTF-8: the 1-based line, the character and the byte."""
+    char = len(raw[: err.start].decode("utf-8", errors="replace")) + 1
+    return DatasetError(
+        f"{path}: line {lineno}, character {char}: byte 0x{raw[err.start]:02x} is not UTF-8 "
+        "(data files must be UTF-8 encoded; re-save the file as UTF-8)"
+    )
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(1-based line number, text)`` of a UTF-8 text file; a leading byte-order mark is dropped.
+
+    Lines end at ``\n`` only (as ``_count_lines`` counts them); a byte that is not
+    UTF-8, or a file that cannot be opened, is a ``DatasetError`` naming the file
+    (and the line).
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot open the file ({e.strerror or e})") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, lineno, raw, e) from None
+            if lineno == 1 and line.startswith("\ufeff"):
+                line = line[1:]
+            yield lineno, line
+
+
+def _not_json_lines_hint(line: str) -> str:
+    """A hint for a whole-file JSON array given where JSON lines are expected."""
+    return "; the file looks like one JSON array: give JSON lines (one object per line)" if line.lstrip().startswith("[") else ""
+
+
 # ------------------------------------------------------------------ JSONL
 def _walk(row: Mapping[str, Any], path: Sequence[str]) -> tuple[Any, str | None]:
     """Value at ``path`` or ``(None, name of the missing part)``."""
@@ -189,19 +242,32 @@ def _message_text(value: Any) -> tuple[str | None, str]:
     return content, ""
 
 
+def first_jsonl_line(path: Path) -> tuple[int, dict[str, Any]]:
+    """The first non-blank line's number and object (for layout detection)."""
+    for lineno, line in text_lines(path):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(
+                    f"{path}: line {lineno}, character {e.colno}: invalid JSON ({e.msg}){_not_json_lines_hint(line)}"
+                ) from None
+            if not isinstance(row, dict):
+                raise DatasetError(
+                    f"{path}: line {lineno}: expected a JSON object, got {_type_name(row)}{_not_json_lines_hint(line)}"
+                )
+            return lineno, row
+    raise DatasetError(f"{path}: the file has no rows (it is empty or holds only blank lines)")
+
+
 def first_jsonl_row(path: Path) -> dict[str, Any]:
     """The first non-blank line's object (for layout detection)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DatasetError(f"{path}: line {lineno}: expected a JSON object, got {_type_name(row)}")
-                return row
-    raise DatasetError(f"{path}: the file has no rows")
+    return first_jsonl_line(path)[1]
+
+
+def first_row_where(path: Path) -> str:
+    """`` of its first row (line n)`` for JSON lines, whose columns come from that row; ``""`` otherwise."""
+    return f" of its first row (line {first_jsonl_line(path)[0]})" if file_format(path) == "jsonl" else ""
 
 
 def _jsonl_chunks(path: Path, layout: Layout) -> Iterator[Chunk]:
@@ -252,17 +318,17 @@ def _jsonl_python_chunks(path: Path, layout: Layout) -> Iterator[Chunk]:
             return Chunk(self.num_rows, self.rows, self.texts, self.answers, self.counts, self.conflicts, meta)
 
     acc = _Acc()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with closing(text_lines(path)) as lines:  # closes the file when a caller stops early
+        for lineno, line in lines:
             if not line or line.isspace():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                errors.add(lineno, "-", f"invalid JSON ({e.msg})")
+                errors.add(lineno, "-", f"invalid JSON at character {e.colno} ({e.msg}){_not_json_lines_hint(line)}")
                 continue
             if not isinstance(obj, dict):
-                errors.add(lineno, "-", f"expected a JSON object, got {_type_name(obj)}")
+                errors.add(lineno, "-", f"expected a JSON object, got {_type_name(obj)}{_not_json_lines_hint(line)}")
                 continue
             raw_text, missing = _walk(obj, layout.text)
             if missing is not None:
@@ -483,7 +549,7 @@ def _batch_chunk(
 
 
 def _parquet_chunks(path: Path, layout: Layout) -> Iterator[Chunk]:
-    _, _, pq = _pyarrow()
+    pa, _, pq = _pyarrow()
     columns = parquet_columns(path)
     _check_parquet_types(path, columns, layout)
     meta_cols = [c for c in columns if c not in layout.skipped_roots]
@@ -494,9 +560,12 @@ def _parquet_chunks(path: Path, layout: Layout) -> Iterator[Chunk]:
     # pre_buffer=False reads pages as they are decoded, not whole row groups (GBs at 1M rows).
     pf = pq.ParquetFile(path, read_dictionary=[leaf] if leaf else None, pre_buffer=False, buffer_size=1 << 22)
     start = 0
-    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
-        yield _batch_chunk(batch, layout, path, "parquet", start, meta_cols, eager_meta=False)
-        start += batch.num_rows
+    try:
+        for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
+            yield _batch_chunk(batch, layout, path, "parquet", start, meta_cols, eager_meta=False)
+            start += batch.num_rows
+    except (OSError, pa.ArrowException) as e:  # a damaged page or row group (DatasetError is neither)
+        raise DatasetError(f"{path}: cannot read the Parquet rows from row {start} on ({e})") from None
 
 
 def csv_columns(path: Path) -> list[str]:
@@ -507,7 +576,54 @@ def csv_columns(path: Path) -> list[str]:
         with pcsv.open_csv(path) as reader:
             return list(reader.schema.names)
     except Exception as e:  # ArrowInvalid for an empty or malformed file
-        raise DatasetError(f"{path}: cannot read as CSV ({e})") from None
+        where = _csv_locate(path)
+        raise DatasetError(f"{path}: {where}" if where else f"{path}: cannot read as CSV ({e})") from None
+
+
+def _csv_locate(path: Path) -> str | None:
+    """Where a CSV file goes wrong, found again with Python's csv module (pyarrow's
+    errors name neither the line nor the row): a byte that is not UTF-8 (line,
+    character, data row, column) or a row whose field count differs from the
+    header's. ``None`` when neither is found. Reads the whole file: error path only."""
+    import csv
+    import io
+
+    data = path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    bad_byte = None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        char = len(data[max(line_start, bom) : e.start].decode("utf-8", errors="replace")) + 1
+        bad_byte = (data.count(b"\n", 0, e.start) + 1, char, data[e.start])
+    reader = csv.reader(io.StringIO(data[bom:].decode("utf-8", errors="surrogateescape"), newline=""))
+    header: list[str] | None = None
+    row, next_line = -1, 1
+    try:
+        for record in reader:
+            line, next_line = next_line, reader.line_num + 1
+            if not record:  # a blank line: pyarrow skips it too
+                continue
+            what = "the header" if header is None else f"data row {row + 1}"
+            for k, value in enumerate(record):
+                if bad_byte is not None and any("\udc80" <= ch <= "\udcff" for ch in value):
+                    name = "" if header is None or k >= len(header) else f", column {header[k]!r}"
+                    lineno, char, byte = bad_byte
+                    return (f"line {lineno}, character {char} ({what}{name}): byte 0x{byte:02x} is not UTF-8 "
+                            "(data files must be UTF-8 encoded; re-save the file as UTF-8)")
+            if header is None:
+                header = record
+                continue
+            row += 1
+            if len(record) != len(header):
+                return f"line {line} (data row {row}): {len(record)} fields, but the header has {len(header)}"
+    except csv.Error as e:
+        return f"line {reader.line_num}: invalid CSV ({e})"
+    if bad_byte is not None:
+        lineno, char, byte = bad_byte
+        return f"line {lineno}, character {char}: byte 0x{byte:02x} is not UTF-8 (data files must be UTF-8 encoded)"
+    return None
 
 
 def _csv_chunks(path: Path, layout: Layout) -> Iterator[Chunk]:
@@ -530,7 +646,8 @@ def _csv_chunks(path: Path, layout: Layout) -> Iterator[Chunk]:
             yield _batch_chunk(batch, layout, path, "csv", start, meta_cols, eager_meta=False)
             start += batch.num_rows
     except pa.ArrowInvalid as e:
-        raise DatasetError(f"{path}: invalid CSV after data row {start - 1} ({e})") from None
+        where = _csv_locate(path)
+        raise DatasetError(f"{path}: {where}" if where else f"{path}: invalid CSV at or after data row {start} ({e})") from None
 
 
 def _count_lines(path: Path) -> tuple[int, bool]:
@@ -635,7 +752,7 @@ def detect_layout(path: Path) -> Layout:
     if cols.get("prompt") == "string" and "answer" in cols:
         return PLAIN
     raise DatasetError(
-        f"{path}: cannot tell the data layout from its columns {cols}; expected 'dapo' (prompt: list of chat "
+        f"{path}: cannot tell the data layout from the columns{first_row_where(path)} {cols}; expected 'dapo' (prompt: list of chat "
         "messages, reward_model.ground_truth), 'dapo_processed' (prompt: string, solution) or 'plain' "
         "(prompt: string, answer); set data.layout to force one"
     )
@@ -644,8 +761,9 @@ def detect_layout(path: Path) -> Layout:
 def read_chunks(path: str | os.PathLike[str], layout: Layout) -> Iterator[Chunk]:
     """The rows of ``path`` in ``layout``, in file order, in chunks; schema errors raise ``DatasetError``."""
     p = Path(path)
-    if not p.is_file():
-        raise DatasetError(f"{p}: data file does not exist")
+    problem = file_problem(p)
+    if problem is not None:
+        raise DatasetError(problem)
     fmt = file_format(p)
     if fmt == "jsonl":
         return _jsonl_chunks(p, layout)

@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from nemo_gdro.data.dataset import DEFAULT_MAX_PROMPT_CHARS, DatasetError, PromptDataset, PromptRecord, _list
-from nemo_gdro.data.files import TRAIN_LAYOUTS, Chunk, Layout, detect_layout, file_format, read_chunks, row_label
+from nemo_gdro.data.files import (
+    TRAIN_LAYOUTS, Chunk, Layout, detect_layout, file_format, file_problem, read_chunks, row_label,
+)
 from nemo_gdro.data.prompt_format import PromptFormat, render_prompts, strip_dapo
 from nemo_gdro.data.text import has_cjk, normalize_prompt, prompt_uid
 
@@ -316,8 +318,9 @@ def load_prompt_files(
         raise ValueError(f"data.layout must be 'auto' or one of {list(TRAIN_LAYOUTS)}, got {layout!r}")
     collector = Collector(max_prompt_chars)
     for p in paths:
-        if not p.is_file():
-            raise DatasetError(f"{name}: data file {p} does not exist")
+        problem = file_problem(p)
+        if problem is not None:
+            raise DatasetError(f"{name}: data file {problem}")
         collector.add_file(p, detect_layout(p) if layout == "auto" else TRAIN_LAYOUTS[layout])
     prompts = collector.prompts()
     unique = len(prompts)

@@ -35,7 +35,7 @@ class MathConfigSection:
     exclude_eval_from_train: bool = True
 
     def __post_init__(self) -> None:
-        from nemo_gdro.data.benchmarks import BENCHMARKS
+        from nemo_gdro.data.benchmark_specs import BENCHMARKS
 
         if not self.train_files:
             raise ValueError("data.train_files must list at least one JSONL / Parquet file")

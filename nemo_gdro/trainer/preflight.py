@@ -29,15 +29,19 @@ def check_world_size(parallel: Any, world_size: int) -> None:
         )
 
 
-def check_launch(cfg: Any) -> None:
+def check_launch(cfg: Any, world_size: int | None = None) -> None:
     """What the command line can check about this launch before importing torch: the
-    world size against the parallel layout and an explicit ``run.resume`` path.
+    world size against the parallel layout, an explicit ``run.resume`` path and the
+    input files (:func:`~nemo_gdro.trainer.input_check.check_inputs`).
 
-    The trainer repeats both (library callers do not come through the CLI).
+    ``world_size``: the number of processes the job will start (a batch script checking
+    before ``srun`` passes the job's task count); default: this process's launcher's.
+    The trainer repeats the first two (library callers do not come through the CLI).
     """
     from nemo_gdro.parallel.launch import detect_launch_env
+    from nemo_gdro.trainer.input_check import check_inputs
 
-    check_world_size(cfg.parallel, detect_launch_env().world_size)
+    check_world_size(cfg.parallel, detect_launch_env().world_size if world_size is None else world_size)
     resume = cfg.run.resume
     if resume is not None and resume.strip().lower() not in ("auto", "none", "null", ""):
         if not Path(resume).expanduser().exists():
@@ -45,6 +49,7 @@ def check_launch(cfg: Any) -> None:
                 f"run.resume={resume!r}: no such checkpoint directory (allowed: auto, null, or a "
                 "checkpoints/step_XXXXXXXX directory)"
             )
+    check_inputs(cfg)
 
 
 def check_model_layout(spec: Any, parallel: Any) -> None:

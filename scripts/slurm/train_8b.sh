@@ -39,6 +39,12 @@ fi
 # sbatch runs a spooled copy of this file, so paths are anchored at the
 # submission directory (the repository root), not at $0.
 WORKDIR=${NEMO_GDRO_WORKDIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [[ ! -d "$WORKDIR" ]]; then
+    echo "train_8b.sh: NEMO_GDRO_WORKDIR=${WORKDIR} is not a directory (the tasks run there)" >&2
+    exit 2
+fi
+# Absolute: relative input paths below are taken from here, where the tasks run.
+WORKDIR=$(cd "$WORKDIR" && pwd)
 # The interpreter that has nemo_gdro installed (inside the container when one is used).
 PYTHON=${NEMO_GDRO_PYTHON:-python3}
 # GPUs per node; 0 = CPU mode (gloo), as in the CPU test cluster.
@@ -52,7 +58,32 @@ CONFIG_NAME=${CONFIG_NAME:-train}
 #   TRAIN_FILES  comma-separated JSONL / Parquet training files (DAPO-Math-17k layout or id,prompt,answer)
 #   EVAL_FILES   space-separated benchmark=file[,file] entries, benchmarks: aime24 aime25 amc23
 #                math500 minerva olympiadbench gpqa_diamond
+# Relative paths are taken from NEMO_GDRO_WORKDIR (where the tasks run), not from the
+# submitting shell's directory. TRAIN_FILES paths cannot hold a comma, EVAL_FILES paths
+# neither a comma nor a space (the separators): give such files as overrides instead.
 # Set NEMO_GDRO_RECIPE_OVERRIDES (even empty) to replace all of this with your own overrides.
+problems=()   # every wrong input, all listed before exiting
+abs_path() { if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s' "${WORKDIR}/$1"; fi; }
+# "a.parquet, b.parquet": the blanks around a list entry are no part of its path.
+trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; printf '%s' "${s%"${s##*[![:space:]]}"}"; }
+# One value in Hydra's override grammar: single-quoted, so that spaces, commas, '=',
+# brackets and double quotes reach the config unchanged. Inside quotes Hydra reads
+# backslashes only before a quote (or the closing quote): double those, escape the quote.
+hydra_quote() {
+    local s=$1 out="" run="" ch i
+    for (( i = 0; i < ${#s}; i++ )); do
+        ch=${s:i:1}
+        if [[ "$ch" == "\\" ]]; then run+="\\"; continue; fi
+        if [[ "$ch" == "'" ]]; then out+="${run}${run}\\'"; else out+="${run}${ch}"; fi
+        run=""
+    done
+    printf "'%s'" "${out}${run}${run}"
+}
+# A path the config can hold verbatim: '${' would be read as an interpolation.
+check_path_text() {
+    [[ "$2" != *'${'* ]] || problems+=("$1 ${2}: contains '\${', which the config reads as an interpolation; rename or link the file")
+}
+RECIPE_ARGS=()
 if [[ -z "${NEMO_GDRO_RECIPE_OVERRIDES+set}" ]]; then
     missing=()
     [[ -n "${MODEL_PATH:-}" ]] || missing+=("MODEL_PATH (HF checkpoint dir)")
@@ -64,27 +95,48 @@ if [[ -z "${NEMO_GDRO_RECIPE_OVERRIDES+set}" ]]; then
         echo "(or set NEMO_GDRO_RECIPE_OVERRIDES to run your own overrides instead of the recipe)" >&2
         exit 2
     fi
-    [[ -f "${MODEL_PATH}/config.json" ]] || { echo "train_8b.sh: MODEL_PATH=${MODEL_PATH} has no config.json" >&2; exit 2; }
+    model=$(abs_path "$MODEL_PATH")
+    check_path_text MODEL_PATH "$model"
+    shown=$MODEL_PATH; [[ "$model" == "$MODEL_PATH" ]] || shown+=" (= ${model})"
+    [[ -f "${model}/config.json" ]] || problems+=("MODEL_PATH=${shown} has no config.json")
+    train_values=()
     IFS=, read -r -a train_list <<< "$TRAIN_FILES"
     for f in "${train_list[@]}"; do
-        [[ -f "$f" ]] || { echo "train_8b.sh: TRAIN_FILES entry ${f} does not exist" >&2; exit 2; }
+        f=$(trim "$f")
+        [[ -n "$f" ]] || continue   # a stray comma: an empty entry, nothing to train on
+        f=$(abs_path "$f")
+        check_path_text "TRAIN_FILES entry" "$f"
+        [[ -f "$f" ]] || problems+=("TRAIN_FILES entry ${f} does not exist")
+        train_values+=("$(hydra_quote "$f")")
     done
-    eval_args=""
+    (( ${#train_values[@]} )) || problems+=("TRAIN_FILES='${TRAIN_FILES}' names no file")
+    eval_args=()
     read -r -a eval_list <<< "$EVAL_FILES"
     for entry in "${eval_list[@]}"; do
         name=${entry%%=*}; files=${entry#*=}
         if [[ "$entry" != *=* || -z "$name" || -z "$files" ]]; then
-            echo "train_8b.sh: EVAL_FILES entry '${entry}' is not benchmark=file[,file]" >&2; exit 2
+            problems+=("EVAL_FILES entry '${entry}' is not benchmark=file[,file]"); continue
         fi
+        values=()
         IFS=, read -r -a flist <<< "$files"
         for f in "${flist[@]}"; do
-            [[ -f "$f" ]] || { echo "train_8b.sh: EVAL_FILES ${name}: ${f} does not exist" >&2; exit 2; }
+            [[ -n "$f" ]] || continue   # a stray comma
+            f=$(abs_path "$f")
+            check_path_text "EVAL_FILES ${name}:" "$f"
+            [[ -f "$f" ]] || problems+=("EVAL_FILES ${name}: ${f} does not exist")
+            values+=("$(hydra_quote "$f")")
         done
-        eval_args+=" ++data.eval_files.${name}=[${files}]"
+        (( ${#values[@]} )) || { problems+=("EVAL_FILES entry '${entry}' names no file"); continue; }
+        joined=$(IFS=,; printf '%s' "${values[*]}")
+        eval_args+=("++data.eval_files.${name}=[${joined}]")
     done
-    NEMO_GDRO_RECIPE_OVERRIDES="+recipe=${RECIPE} model.path=${MODEL_PATH} data.train_files=[${TRAIN_FILES}]${eval_args}"
+    train_joined=$(IFS=,; printf '%s' "${train_values[*]}")
+    RECIPE_ARGS=("+recipe=${RECIPE}" "model.path=$(hydra_quote "$model")" "data.train_files=[${train_joined}]"
+                 "${eval_args[@]}")
+else
+    # Your own overrides, space-separated (`read -a` splits on whitespace without globbing).
+    read -r -a RECIPE_ARGS <<< "$NEMO_GDRO_RECIPE_OVERRIDES"
 fi
-RECIPE_OVERRIDES=$NEMO_GDRO_RECIPE_OVERRIDES
 # Extra Hydra overrides (space-separated); the script's arguments come last and win.
 CONFIG_OVERRIDES=${NEMO_GDRO_CONFIG_OVERRIDES:-}
 # Container (pyxis/enroot): empty runs on the host.
@@ -96,6 +148,10 @@ SRUN_EXTRA_ARGS=${SRUN_EXTRA_ARGS:-}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
 # 1: start every task but only print what each would be (rank, world, rendezvous).
 DRY_RUN=${NEMO_GDRO_DRY_RUN:-0}
+# 0: skip the configuration check before srun (see "config check" below).
+VALIDATE=${NEMO_GDRO_VALIDATE:-1}
+# 1: check the inputs and the configuration, print the srun command, start no task.
+CHECK_ONLY=${NEMO_GDRO_CHECK_ONLY:-0}
 
 cd "$WORKDIR"
 
@@ -135,7 +191,6 @@ fi
 
 # ------------------------------------------------------------------ command
 # `read -a` splits on whitespace without globbing (`edges=[0.1,0.2]` is a glob pattern).
-read -r -a RECIPE_ARGS <<< "$RECIPE_OVERRIDES"
 read -r -a CONFIG_ARGS <<< "$CONFIG_OVERRIDES"
 read -r -a SRUN_EXTRA <<< "$SRUN_EXTRA_ARGS"
 OVERRIDES=("${RECIPE_ARGS[@]}" "run.name=${RUN_NAME}" "run.output_dir=${OUTPUT_DIR}" "run.resume=auto" "${CONFIG_ARGS[@]}" "$@")
@@ -156,7 +211,35 @@ if [[ -n "$CONTAINER_IMAGE" ]]; then
 fi
 SRUN_ARGS+=("${SRUN_EXTRA[@]}")
 
+# ------------------------------------------------------------------ config check
+# What `nemo-gdro train` checks before building anything (keys, values, recipe,
+# benchmark names, the parallel layout against the job's task count, the input
+# files' types and headers, the model folder's weights), once here: a wrong
+# input is named now, not by every task after srun started them all.
+if [[ "$VALIDATE" == "1" ]]; then
+    CHECK=("$PYTHON" -m nemo_gdro.cli train --validate-only "--world-size=${NTASKS}")
+    [[ "$CONFIG_NAME" == "train" ]] || CHECK+=("--config-name=${CONFIG_NAME}")
+    CHECK+=("${OVERRIDES[@]}")
+    if [[ -n "$CONTAINER_IMAGE" ]]; then
+        # The tasks' interpreter and mounts are the image's: check there, as one task.
+        CHECK=(srun --ntasks=1 --nodes=1 "--container-image=${CONTAINER_IMAGE}"
+               "--container-mounts=${CONTAINER_MOUNTS}" "--container-workdir=${CONTAINER_WORKDIR}" "${CHECK[@]}")
+    fi
+    if ! "${CHECK[@]}"; then
+        problems+=("the configuration check failed: see the 'nemo-gdro train' line above")
+    fi
+fi
+if (( ${#problems[@]} )); then
+    printf 'train_8b.sh: %s\n' "${problems[@]}" >&2
+    echo "train_8b.sh: ${#problems[@]} problem(s) with the inputs; no task was started" >&2
+    exit 2
+fi
+
 log "srun ${SRUN_ARGS[*]} ${CMD[*]}"
+if [[ "$CHECK_ONLY" == "1" ]]; then
+    log "NEMO_GDRO_CHECK_ONLY=1: inputs and configuration checked; no task started"
+    exit 0
+fi
 
 # ------------------------------------------------------------------ requeue
 # --signal=B:USR1@300 warns this shell 5 minutes before the time limit; the

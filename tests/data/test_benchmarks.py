@@ -13,7 +13,8 @@ from nemo_gdro.data.benchmarks import (
 from nemo_gdro.data.dataset import DatasetError
 from nemo_gdro.data.prompt_format import PromptFormat, dapo_wrap
 from nemo_gdro.registry import UnknownNameError
-from tests.data.fixtures import write_benchmark, write_rows
+from tests.data.fixtures import _benchmark_row as benchmark_row
+from tests.data.fixtures import math_problem, write_benchmark, write_rows
 
 MATH = [n for n, s in BENCHMARKS.items() if s.answer_type == "math"]
 
@@ -128,3 +129,21 @@ def test_csv_files(tmp_path):
     (tmp_path / "e.csv").write_text("")
     with pytest.raises(DatasetError, match=r"e\.csv: cannot read as CSV"):
         load_benchmark("math500", tmp_path / "e.csv", log=None)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
+@pytest.mark.parametrize(
+    "column, same_as",
+    [("Incorrect Answer 2", "Incorrect Answer 1"), ("Incorrect Answer 3", "Correct Answer")],
+)
+def test_gpqa_row_whose_choices_repeat_is_refused_naming_file_row_and_columns(tmp_path, fmt, column, same_as):
+    """Issue 21, item 7: two identical options make the letter answer ambiguous; stray whitespace does not hide it."""
+    rows = [benchmark_row("gpqa_diamond", k, *math_problem(k)) for k in range(4)]
+    rows[2][column] = f"  {rows[2][same_as].strip()}\n"
+    path = write_rows(tmp_path / f"dup.{fmt}", rows, fmt)
+    with pytest.raises(DatasetError) as e:
+        load_benchmark("gpqa_diamond", path, log=None)
+    where = "line 3" if fmt == "jsonl" else "row 2"
+    value = rows[2][same_as].strip()
+    assert str(e.value) == (f"{path} {where}, column {column!r}: the same choice as column {same_as!r} ({value!r}); "
+                            "the choices must differ"), str(e.value)

@@ -241,3 +241,11 @@ def test_sft_sign_flip_needs_a_separate_sft_pool():
 
     with pytest.raises(ValueError, match="data.sft_sign_flip.*data.num_sft"):
         ArithmeticConfigSection(sft_sign_flip=0.5)
+
+
+def test_jsonl_non_utf8_byte_names_file_and_line(tmp_path):
+    """Issue 21, item 7: not a bare 'utf-8 codec can't decode' without the file."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(DatasetError, match=r"d\.jsonl: line 2, character 16: byte 0xe9 is not UTF-8"):
+        PromptDataset.from_jsonl(path)

@@ -1,6 +1,7 @@
 """Reading rows by layout: detection and schema errors naming file, row and column."""
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -242,3 +243,89 @@ def test_parquet_small_batches_keep_file_row_numbers(tmp_path, monkeypatch):
     entries, conflicts, _ = _chunks(path, DAPO)
     assert conflicts == [(6, "0", 8, "5")]  # rows 6 and 8 share the third chunk; 0-based file rows
     assert sorted((e[0], e[3]) for e in entries if e[1].endswith("Problem 0" + DAPO_SUFFIX)) == [(0, 1), (3, 1), (6, 2), (9, 1)]
+
+
+# ------------------------------------------------------------ encodings, damaged files (issue 21, item 7)
+def _latin1(text: str) -> bytes:
+    """``text`` as Latin-1 bytes: 'é' becomes the single byte 0xe9, which is not UTF-8."""
+    return text.encode("latin-1")
+
+
+@pytest.mark.parametrize("blank_line", [False, True])  # the fast reader, and the line-by-line one after a blank line
+def test_non_utf8_byte_in_jsonl_names_file_line_and_character(tmp_path, blank_line):
+    lines = [json.dumps({"prompt": f"p{k}", "answer": "1"}) for k in range(4)]
+    lines[2] = '{"prompt": "café", "answer": "1"}'
+    if blank_line:
+        lines.insert(1, "")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(_latin1("\n".join(lines) + "\n"))
+    with pytest.raises(DatasetError) as e:
+        _read(path, PLAIN)
+    line = 4 if blank_line else 3
+    assert str(e.value).startswith(f"{path}: line {line}, character 16: byte 0xe9 is not UTF-8"), str(e.value)
+
+
+def test_non_utf8_byte_in_the_first_jsonl_row_names_the_line_in_layout_detection(tmp_path):
+    path = tmp_path / "first.jsonl"
+    path.write_bytes(b"\n" + _latin1('{"prompt": "é", "answer": "1"}\n'))
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: line 2, character 13: byte 0xe9 is not UTF-8"):
+        detect_layout(path)
+
+
+def test_non_utf8_byte_in_csv_names_line_row_and_column(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(_latin1('prompt,answer\np0,1\n"two\nlines",2\np2,caf\xe9\n'))
+    with pytest.raises(DatasetError) as e:
+        _read(path, PLAIN)
+    assert str(e.value) == (f"{path}: line 5, character 7 (data row 2, column 'answer'): byte 0xe9 is not UTF-8 "
+                            "(data files must be UTF-8 encoded; re-save the file as UTF-8)")
+    header = tmp_path / "header.csv"
+    header.write_bytes(_latin1("pr\xe9mpt,answer\np,1\n"))
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(header))}: line 1, character 3 \(the header\): byte 0xe9 is not UTF-8"):
+        _read(header, PLAIN)
+
+
+def test_csv_row_with_a_wrong_field_count_names_line_and_row(tmp_path):
+    path = tmp_path / "fields.csv"
+    path.write_text('prompt,answer\np0,1\np1,2,extra\n')
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: line 3 \(data row 1\): 3 fields, but the header has 2$"):
+        _read(path, PLAIN)
+
+
+def test_jsonl_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "p", "answer": "1"}\n{"prompt": "q", "answer": "2"}\n')
+    assert detect_layout(path) is PLAIN
+    assert [(r[0], r[1], r[2]) for r in _read(path, PLAIN)] == [(1, "p", "1"), (2, "q", "2")]
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_file_is_named_as_such(tmp_path, indent):
+    path = tmp_path / "array.json"
+    path.write_text(json.dumps([{"prompt": "p", "answer": "1"}], indent=indent))
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: line 1.*the file looks like one JSON array: give JSON lines"):
+        detect_layout(path)
+    with pytest.raises(DatasetError, match=r"line 1, column '-': .*the file looks like one JSON array"):
+        _read(path, PLAIN)
+
+
+def test_a_directory_is_not_called_missing(tmp_path):
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(tmp_path))} is a directory, not a data file$"):
+        _read(tmp_path, PLAIN)
+
+
+def test_layout_detection_of_jsonl_names_the_row_it_read(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('\n{"question": "q", "answer": "1"}\n')
+    with pytest.raises(DatasetError, match=r"cannot tell the data layout from the columns of its first row \(line 2\)"):
+        detect_layout(path)
+
+
+def test_damaged_parquet_data_pages_name_the_file_and_row(tmp_path):
+    path = write_plain(tmp_path / "p.parquet", 2000, "parquet").path
+    data = bytearray(path.read_bytes())
+    for offset in range(200, 1200, 7):  # inside the first data page; the footer stays readable
+        data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: cannot read the Parquet rows from row 0 on \("):
+        _read(path, PLAIN)

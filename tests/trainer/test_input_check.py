@@ -1,0 +1,79 @@
+"""The input-file checks made before anything is built: every problem named with its key, torch-free."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nemo_gdro.trainer.config import load
+from nemo_gdro.trainer.input_check import check_inputs, data_file_problem, input_problems, model_weights_problem
+from nemo_gdro.typed_config import ConfigError
+from tests.data.fixtures import write_benchmark, write_plain
+
+
+def test_model_folder_problems(tmp_path):
+    assert model_weights_problem("model.path", None) == "model.path is not set (a Hugging Face checkpoint directory)"
+    assert model_weights_problem("model.path", str(tmp_path / "x")).endswith(": the directory does not exist")
+    (tmp_path / "config.json").write_text("{}")
+    assert "not a directory" in model_weights_problem("model.path", str(tmp_path / "config.json"))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    assert model_weights_problem("model.path", str(tmp_path)) == (
+        f"model.path={tmp_path}: no weights (model.safetensors, model.safetensors.index.json or *.safetensors); "
+        "found ['pytorch_model.bin']: only safetensors checkpoints are supported"
+    )
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    assert model_weights_problem("model.path", str(tmp_path)) is None
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert model_weights_problem("model.path", str(bare)).endswith(": no config.json (not a Hugging Face checkpoint directory)")
+
+
+def test_data_file_problems_name_the_key_and_where_a_relative_path_points(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_plain(tmp_path / "plain.jsonl", 3)
+    assert data_file_problem("data.train_files[0]", "plain.jsonl") is None
+    assert data_file_problem("k", "nope.parquet") == f"k=nope.parquet (= {tmp_path}/nope.parquet): does not exist"
+    assert data_file_problem("k", str(tmp_path)) == f"k={tmp_path}: is a directory, not a data file"
+    # the file is a training file, not a MATH-500 one
+    problem = data_file_problem("data.eval_files.math500[0]", "plain.jsonl", benchmark="math500")
+    assert problem.startswith(f"data.eval_files.math500[0]=plain.jsonl (= {tmp_path}/plain.jsonl): not a math500 file")
+    # a forced layout still needs a readable header
+    (tmp_path / "empty.csv").write_text("")
+    assert "cannot read as CSV" in data_file_problem("k", "empty.csv", layout="plain")
+
+
+def test_every_problem_in_config_order_and_one_config_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    math500 = write_benchmark("math500", tmp_path / "m.jsonl", num=2).path
+    cfg = load(overrides=[
+        "+recipe=qwen3_0p6b_dapo", "model.path=absent_model", "model.dtype=float32", "rollout.engine=hf",
+        "data.train_files=[a.txt,m.jsonl]", f"++data.eval_files.math500=[{math500},absent.jsonl]",
+    ])
+    problems = input_problems(cfg)
+    assert [p.split("=", 1)[0] for p in problems] == [
+        "model.path", "data.train_files[0]", "data.train_files[1]", "data.eval_files.math500[1]"
+    ]
+    assert "cannot tell the data layout" in problems[2]  # a MATH-500 file given as training data
+    with pytest.raises(ConfigError) as info:
+        check_inputs(cfg)
+    assert str(info.value).startswith("4 input file problems: model.path=absent_model") and "\n" not in str(info.value)
+    assert input_problems(load()) == []  # the arithmetic task reads no files
+
+
+def test_the_checks_import_no_torch(tmp_path):
+    probe = (
+        "import sys\n"
+        "from nemo_gdro.trainer.config import load\n"
+        "from nemo_gdro.trainer.input_check import input_problems\n"
+        f"cfg = load(overrides=['+recipe=qwen3_0p6b_dapo', 'model.path={tmp_path}', 'model.dtype=float32',\n"
+        f"    'rollout.engine=hf', 'data.train_files=[{tmp_path}/t.parquet]', '++data.eval_files.gpqa_diamond=[x.csv]'])\n"
+        "assert len(input_problems(cfg)) == 3\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
