@@ -60,7 +60,7 @@ def test_every_problem_in_config_order_and_one_config_error(tmp_path, monkeypatc
     assert "cannot tell the data layout" in problems[2]  # a MATH-500 file given as training data
     with pytest.raises(ConfigError) as info:
         check_inputs(cfg)
-    assert str(info.value).startswith("4 input file problems: model.path=absent_model") and "\n" not in str(info.value)
+    assert str(info.value).startswith(f"4 input file problems: model.path={tmp_path}/absent_model") and "\n" not in str(info.value)
     assert input_problems(load()) == []  # the arithmetic task reads no files
 
 
