@@ -28,6 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from nemo_gdro.models.hf_preflight import check_hf_inputs
 from nemo_gdro.trainer.checkpoint import CheckpointError, CheckpointManager
 from nemo_gdro.trainer.components import Components, Stateful, build_components
 from nemo_gdro.trainer.config import validate
@@ -68,6 +69,7 @@ class Trainer:
         self.output_dir = Path(self.cfg.run.output_dir).resolve()
         launch = detect_launch_env()
         check_world_size(self.cfg.parallel, launch.world_size)
+        check_hf_inputs(self.cfg)  # a damaged checkpoint is one line before the data or the model is built
         # One writer per directory: rank 0 locks it before anything reads or writes there.
         self.lock: RunLock | None = RunLock(self.output_dir) if launch.rank == 0 else None
         self.components: Components | None = None

@@ -31,10 +31,12 @@ def check_world_size(parallel: Any, world_size: int) -> None:
 
 def check_launch(cfg: Any) -> None:
     """What the command line can check about this launch before importing torch: the
-    world size against the parallel layout and an explicit ``run.resume`` path.
+    world size against the parallel layout, an explicit ``run.resume`` path, and the HF
+    checkpoint / tokenizer directories (config, index, safetensors headers, tokenizer files).
 
-    The trainer repeats both (library callers do not come through the CLI).
+    The trainer repeats the layout and HF checks (library callers do not come through the CLI).
     """
+    from nemo_gdro.models.hf_preflight import check_hf_inputs
     from nemo_gdro.parallel.launch import detect_launch_env
 
     check_world_size(cfg.parallel, detect_launch_env().world_size)
@@ -45,6 +47,7 @@ def check_launch(cfg: Any) -> None:
                 f"run.resume={resume!r}: no such checkpoint directory (allowed: auto, null, or a "
                 "checkpoints/step_XXXXXXXX directory)"
             )
+    check_hf_inputs(cfg)
 
 
 def check_model_layout(spec: Any, parallel: Any) -> None:
