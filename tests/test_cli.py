@@ -82,7 +82,7 @@ def test_validate_only_names_every_input_problem_in_one_line(tmp_path, capsys, m
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("nemo-gdro train: configuration error: 4 input file problems: ")
     # Relative paths are resolved against the launch directory when the config is loaded.
-    for text in (f"model.path={tmp_path}/model: no weights",
+    for text in (f"{tmp_path}/model/config.json: no key 'architectures'",
                  f"data.train_files[0]={tmp_path}/train.txt: unknown data file type '.txt'",
                  f"data.train_files[1]={tmp_path}/absent.parquet: does not exist",
                  f"data.eval_files.gpqa_diamond[0]={tmp_path}/gpqa.csv: not a gpqa_diamond file"):

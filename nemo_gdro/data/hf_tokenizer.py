@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_gdro._optional import import_optional
+from nemo_gdro.models.hf_preflight import tokenizer_files_problem
 
 ENDOFTEXT = "<|endoftext|>"
 _SENTINEL = "nemo-gdro-end-of-turn-probe"
@@ -79,6 +80,9 @@ class HFTokenizer:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"HFTokenizer: tokenizer directory {self.path} does not exist")
+        missing = tokenizer_files_problem(self.path)
+        if missing is not None:  # transformers would build an empty tokenizer (vocabulary [0, 1)) without a word
+            raise ValueError(f"HFTokenizer: {missing}")
         gen_eos = _read_generation_eos(self.path)  # before the (slow) tokenizer load: fail fast
         transformers = import_optional("transformers", "hf", "HFTokenizer")
         try:

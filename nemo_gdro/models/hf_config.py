@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from nemo_gdro.models.gpt import GPTSpec
+from nemo_gdro.models.spec import GPTSpec
 
 __all__ = ["CONFIG_NAME", "HFConfigError", "SUPPORTED_ARCHITECTURES", "read_hf_config", "spec_from_hf_config"]
 

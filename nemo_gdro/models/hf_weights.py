@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
 
@@ -38,6 +37,7 @@ from nemo_gdro.models.hf_mapping import (
     shard_bounds,
     tensor_maps,
 )
+from nemo_gdro.models.hf_preflight import IGNORED_TENSORS, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from nemo_gdro.models.model_layout import (
     ModelLayout,
     check_partition,
@@ -57,11 +57,8 @@ __all__ = [
     "load_hf_weights",
 ]
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
 LM_HEAD = "lm_head.weight"
-# Derived RoPE buffers some older transformers versions saved; never weights.
-_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_IGNORED = IGNORED_TENSORS
 
 Bounds = tuple[int, int, int] | None  # (dim, start, stop) of a slice read, None = whole tensor
 

@@ -58,12 +58,11 @@ class HFSource:
 
     @staticmethod
     def build(section: Any, tokenizer: Any) -> ModelInit:
-        from nemo_gdro.models.hf_config import spec_from_hf_config
+        from nemo_gdro.models.hf_preflight import check_hf_checkpoint
 
         path = Path(section.path)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model.path={path}: no config.json there (expected a Hugging Face checkpoint directory)")
-        spec = spec_from_hf_config(path)
+        # config.json, the index and every shard's header (names, shapes, dtypes, sizes): milliseconds.
+        spec = check_hf_checkpoint(path)
         check_vocab(spec, tokenizer, f"model.path={path}")
         # A checkpoint's copy of the model's files (export / eval once the folder is gone) has no
         # weights: the checkpoint's actor state replaces the initial weights.

@@ -24,7 +24,7 @@ from nemo_gdro.rollout.engines import EngineRequest
 from nemo_gdro.rollout.sampling import SamplingConfig
 from nemo_gdro.stages import StageContext, Stages, build_stages
 from nemo_gdro.tasks.base import Task
-from nemo_gdro.trainer.preflight import check_model_layout
+from nemo_gdro.trainer.preflight import check_model_layout, check_token_budget
 from nemo_gdro.trainer.replay import GroupReplay, NoReplay, ReplayBuffer
 from nemo_gdro.trainer.resume_check import check_same_config_across_ranks
 from nemo_gdro.trainer.run_config import RunConfig
@@ -185,6 +185,7 @@ def _build(cfg: RunConfig, tokenizer: Any, verifiers: VerifierSet) -> Components
         )
     if cfg.sft.steps > 0 and task.sft is None:
         raise ConfigError(f"sft.steps={cfg.sft.steps} but data.task={cfg.data.task} has no worked examples; set sft.steps=0")
+    check_token_budget(cfg, task, tokenizer)  # the data is known: the longest row must fit a micro-batch
     # Heavy imports after the cheap checks, so that those fail in seconds.
     from megatron.core import parallel_state
 

@@ -9,9 +9,9 @@ working directory, the one the training processes run in):
   CSV header) is readable in a known layout;
 * every ``data.eval_files`` benchmark is a known name and each of its files
   passes the same checks in that benchmark's layout;
-* ``model.path`` (``model.source=hf``) is a directory with ``config.json`` and
-  safetensors weights (:func:`model_weights_problem`; the full header check of
-  the weights is the model loader's).
+* ``model.path`` (``model.source=hf``) and the HF tokenizer's directory pass the
+  model's own header-level check (:func:`hf_problem`: config, index, safetensors
+  headers against the architecture, tokenizer files).
 
 Rows are not read here: a bad row further down is named, with its file and
 line, when the data is loaded (before the model is built).
@@ -26,12 +26,7 @@ from typing import Any
 
 from nemo_gdro.typed_config import ConfigError
 
-__all__ = ["check_inputs", "input_problems", "data_file_problem", "model_weights_problem", "describe_inputs"]
-
-# Names as in nemo_gdro.models.hf_weights (which imports torch).
-_SAFETENSORS_SINGLE = "model.safetensors"
-_SAFETENSORS_INDEX = "model.safetensors.index.json"
-
+__all__ = ["check_inputs", "input_problems", "data_file_problem", "hf_problem", "describe_inputs"]
 
 def _shown(value: str) -> str:
     """``value``, with the absolute path it resolves to when it is relative."""
@@ -70,38 +65,27 @@ def data_file_problem(key: str, value: str, benchmark: str | None = None, layout
     return f"{key}={_shown(value)}: {problem}"
 
 
-def model_weights_problem(key: str, value: str | None) -> str | None:
-    """Why ``value`` (``model.path``) is not an HF checkpoint directory with weights, or ``None``.
+def hf_problem(cfg: Any) -> str | None:
+    """Why the HF checkpoint / tokenizer directories of ``cfg`` cannot be used, or ``None``: the
+    model's own header-level check (:func:`~nemo_gdro.models.hf_preflight.check_hf_inputs`),
+    its first problem as one line."""
+    from nemo_gdro.models.hf_preflight import check_hf_inputs
 
-    Only the presence of ``config.json`` and of safetensors weights: the shards'
-    headers, names, shapes and dtypes are checked against the architecture by the
-    model's own check.
-    """
-    if not value:
-        return f"{key} is not set (a Hugging Face checkpoint directory)"
-    path = Path(value).expanduser()
-    where = f"{key}={_shown(value)}"
-    if not path.exists():
-        return f"{where}: the directory does not exist"
-    if not path.is_dir():
-        return f"{where}: not a directory (give the HF checkpoint directory, not a file in it)"
-    if not (path / "config.json").is_file():
-        return f"{where}: no config.json (not a Hugging Face checkpoint directory)"
-    if (path / _SAFETENSORS_INDEX).is_file() or any(path.glob("*.safetensors")):
-        return None
-    others = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in path.glob(pattern))
-    hint = f"; found {others[:4]}: only safetensors checkpoints are supported" if others else ""
-    return f"{where}: no weights ({_SAFETENSORS_SINGLE}, {_SAFETENSORS_INDEX} or *.safetensors){hint}"
+    if cfg.model.source == "hf" and not cfg.model.path:
+        return "model.path is not set (a Hugging Face checkpoint directory)"
+    try:
+        check_hf_inputs(cfg)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def input_problems(cfg: Any) -> list[str]:
     """Every problem with the input files of ``cfg`` (a typed ``RunConfig``), in config order."""
     problems: list[str] = []
-    model = cfg.model
-    if model.source == "hf":
-        problem = model_weights_problem("model.path", model.path)
-        if problem:
-            problems.append(problem)
+    problem = hf_problem(cfg)
+    if problem:
+        problems.append(problem)
     data = cfg.data
     train_files: Sequence[str] = getattr(data, "train_files", ()) or ()
     for k, value in enumerate(train_files):

@@ -28,12 +28,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from nemo_gdro.models.hf_preflight import check_hf_inputs
 from nemo_gdro.trainer.checkpoint import CheckpointError, CheckpointManager
 from nemo_gdro.trainer.components import Components, Stateful, build_components
 from nemo_gdro.trainer.config import validate
 from nemo_gdro.trainer.errors import CollectiveTimeout, NonFiniteError, RunError, RunInterrupted
 from nemo_gdro.trainer.guards import UpdateGuard, any_rank, sampling_failure
-from nemo_gdro.trainer.phases import evaluate, run_sft
+from nemo_gdro.trainer.phases import evaluate, no_eval_suites, run_sft
 from nemo_gdro.trainer.preflight import check_world_size
 from nemo_gdro.trainer.resume_check import check_resume_config
 from nemo_gdro.trainer.run_config import RunConfig
@@ -68,6 +69,7 @@ class Trainer:
         self.output_dir = Path(self.cfg.run.output_dir).resolve()
         launch = detect_launch_env()
         check_world_size(self.cfg.parallel, launch.world_size)
+        check_hf_inputs(self.cfg)  # a damaged checkpoint is one line before the data or the model is built
         # One writer per directory: rank 0 locks it before anything reads or writes there.
         self.lock: RunLock | None = RunLock(self.output_dir) if launch.rank == 0 else None
         self.components: Components | None = None
@@ -85,6 +87,8 @@ class Trainer:
             raise
         self.is_main = self.components.dist.rank == 0
         self.resumed = False
+        # data=math without data.eval_files: evaluation is optional (run() says so once).
+        self.evaluates = bool(self.components.task.eval_suites)
 
     @property
     def step(self) -> int:
@@ -102,6 +106,9 @@ class Trainer:
         self.components.engine.load_weights(self.components.actor.export_hf_state_dict(), version=self.progress.step)
 
     def _evaluate(self, step: int) -> dict[str, float]:
+        """Held-out metrics at ``step``; ``{}`` (nothing logged) when the task has no eval suites."""
+        if not self.evaluates:
+            return {}
         try:
             return evaluate(self.components, step, self.cfg.eval.k, self.cfg.seed)
         except RuntimeError as err:
@@ -113,7 +120,8 @@ class Trainer:
         sft = self.cfg.sft
         if sft.steps > 0:
             before = self._evaluate(-1)
-            logger.log_eval(0, {f"{k}/before_sft": v for k, v in before.items()})
+            if before:
+                logger.log_eval(0, {f"{k}/before_sft": v for k, v in before.items()})
             sft_metrics = run_sft(self.components, sft.steps, sft.batch_size, self.cfg.seed)
             logger.log(0, sft_metrics)
             if not (math.isfinite(sft_metrics["sft/loss"]) and self.components.actor.weights_finite()):
@@ -126,7 +134,8 @@ class Trainer:
         self._enter_rl_phase()
         self._push_weights()
         self.progress.sft_eval = self.progress.last_eval = self._evaluate(0)
-        logger.log_eval(0, self.progress.sft_eval)
+        if self.evaluates:
+            logger.log_eval(0, self.progress.sft_eval)
         if self.is_main:
             label = "after SFT" if sft.steps > 0 else "at start"
             print(f"[nemo-gdro] {label}: {_fmt(self.progress.sft_eval)}", flush=True)
@@ -221,6 +230,8 @@ class Trainer:
         from nemo_gdro.trainer.metrics import open_logger
 
         cfg, c = self.cfg, self.components
+        if not self.evaluates and self.is_main:
+            warnings.warn(f"training without evaluation: {no_eval_suites(cfg)}", stacklevel=2)
         self._resume()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         logger = open_logger(
@@ -265,7 +276,7 @@ class Trainer:
                     step_time=metrics["time/step_s"],
                 )
             last = step == t.max_steps
-            if last or (t.eval_every and step % t.eval_every == 0):
+            if self.evaluates and (last or (t.eval_every and step % t.eval_every == 0)):
                 self.progress.last_eval = self._evaluate(step)
                 logger.log_eval(step, self.progress.last_eval)
             saved = None
@@ -327,6 +338,8 @@ class Trainer:
 
 
 def _fmt(metrics: dict[str, float]) -> str:
+    if not metrics:
+        return "none (no eval suites)"
     keys = [k for k in metrics if "/band_" not in k]
     return ", ".join(f"{k.split('/', 1)[1]} {metrics[k]:.3f}" for k in keys)
 

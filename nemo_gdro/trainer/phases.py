@@ -11,6 +11,7 @@ from nemo_gdro.algorithms.advantages import pass_at_k
 from nemo_gdro.algorithms.segments import segment_sum
 from nemo_gdro.data.dataset import PromptRecord
 from nemo_gdro.rollout.seeds import prompt_seeds
+from nemo_gdro.typed_config import ConfigError
 
 #: Eval draws use their own (seed, step) stream, far from the training steps'.
 EVAL_STEP_OFFSET = 1_000_000_000
@@ -61,10 +62,23 @@ def sft_batch(records: Sequence[PromptRecord], tokenizer) -> tuple[torch.Tensor,
     return tokens, mask
 
 
+def no_eval_suites(cfg) -> str:
+    """Why a run has no held-out evaluation, and the key that gives it one."""
+    if hasattr(cfg.data, "eval_files"):
+        return (f"data.task={cfg.data.task} has no eval suites (data.eval_files is empty); add one with "
+                "+data.eval_files.<benchmark>=[FILE] (e.g. +data.eval_files.math500=[/data/math500.jsonl])")
+    return f"data.task={cfg.data.task} has no eval suites"
+
+
 def evaluate(components, step: int, k: int, seed: int) -> dict[str, float]:
     """Held-out mean@k, unbiased pass@1 / pass@k: pooled over the task's suites, per suite
-    when there are several, and per difficulty band where records carry ``meta["difficulty"]``."""
+    when there are several, and per difficulty band where records carry ``meta["difficulty"]``.
+
+    Raises :class:`ConfigError` when the task has no eval suites (``nemo-gdro eval`` of such a
+    run; training skips evaluation instead, see :class:`~nemo_gdro.trainer.loop.Trainer`)."""
     c = components
+    if not c.task.eval_suites:
+        raise ConfigError(f"nothing to evaluate: {no_eval_suites(c.cfg)}")
     seed = seed + 1  # eval samples use their own seed stream
     # Always evaluate the policy as it is now, never a stale copy.
     c.eval_engine.load_weights(c.actor.export_hf_state_dict(), version=max(step, 0))

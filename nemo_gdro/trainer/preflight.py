@@ -11,7 +11,7 @@ from typing import Any
 
 from nemo_gdro.typed_config import ConfigError
 
-__all__ = ["check_launch", "check_world_size", "check_model_layout"]
+__all__ = ["check_launch", "check_world_size", "check_model_layout", "check_token_budget"]
 
 
 def _divisors(n: int) -> list[int]:
@@ -31,12 +31,13 @@ def check_world_size(parallel: Any, world_size: int) -> None:
 
 def check_launch(cfg: Any, world_size: int | None = None) -> None:
     """What the command line can check about this launch before importing torch: the
-    world size against the parallel layout, an explicit ``run.resume`` path and the
-    input files (:func:`~nemo_gdro.trainer.input_check.check_inputs`).
+    world size against the parallel layout, an explicit ``run.resume`` path and the input
+    files (:func:`~nemo_gdro.trainer.input_check.check_inputs`: the data files and the HF
+    checkpoint / tokenizer directories, every problem in one line).
 
     ``world_size``: the number of processes the job will start (a batch script checking
     before ``srun`` passes the job's task count); default: this process's launcher's.
-    The trainer repeats the first two (library callers do not come through the CLI).
+    The trainer repeats the layout and HF checks (library callers do not come through the CLI).
     """
     from nemo_gdro.parallel.launch import detect_launch_env
     from nemo_gdro.trainer.input_check import check_inputs
@@ -65,3 +66,42 @@ def check_model_layout(spec: Any, parallel: Any) -> None:
             f"parallel.pipeline_parallel={pp} must divide model num_layers={spec.num_layers} "
             f"(allowed: {_divisors(spec.num_layers)})"
         )
+
+
+def _budget_error(budget: int, what: str, need: int) -> ConfigError:
+    return ConfigError(
+        f"trainer.max_tokens_per_microbatch={budget} is below the longest possible row: {what} = {need} tokens "
+        f"(no micro-batch could hold it); set trainer.max_tokens_per_microbatch >= {need}, or null"
+    )
+
+
+def check_token_budget(cfg: Any, task: Any, tokenizer: Any) -> None:
+    """``trainer.max_tokens_per_microbatch`` holds the longest row a step can make, checked once the
+    data is tokenizable (before any step; the config-only bound, 1 + ``rollout.max_new_tokens``,
+    is checked when the config is loaded).
+
+    RL rows are a training prompt + up to ``rollout.max_new_tokens`` response tokens; SFT rows
+    (``sft.steps > 0``) a prompt + its worked answer. With ``data.max_prompt_tokens`` bounding
+    the prompts below the budget, nothing is tokenized here.
+    """
+    budget = cfg.trainer.max_tokens_per_microbatch
+    if budget is None:
+        return
+    from nemo_gdro.data.prompt_files import token_lengths
+
+    new = cfg.rollout.max_new_tokens
+    bound = getattr(cfg.data, "max_prompt_tokens", None)
+    if bound is None or bound + new > budget:
+        records = list(task.train)
+        lengths = token_lengths(tokenizer, [r.prompt for r in records])
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[longest] + new > budget:
+            raise _budget_error(
+                budget, f"the longest training prompt (id {records[longest].prompt_id}, {lengths[longest]} tokens) + "
+                f"rollout.max_new_tokens={new}", lengths[longest] + new,
+            )
+    if cfg.sft.steps > 0 and task.sft is not None:
+        rows = [len(tokenizer.encode_prompt(r.prompt)) + len(tokenizer.encode_target(r.meta["sft_target"]))
+                for r in task.sft]
+        if rows and max(rows) > budget:
+            raise _budget_error(budget, "the longest SFT row (prompt + worked answer, sft.steps > 0)", max(rows))

@@ -470,6 +470,14 @@ def _check_cross_section(cfg: RunConfig, task_cls: Any) -> None:
         f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} exceeds the {pool} training prompts of "
         f"data.task={cfg.data.task}",
     )
+    budget, new = cfg.trainer.max_tokens_per_microbatch, cfg.rollout.max_new_tokens
+    # A row is a prompt (>= 1 token) + up to max_new_tokens; the longest prompt is checked once the data is built.
+    _require(
+        budget is None or budget >= new + 1,
+        f"trainer.max_tokens_per_microbatch={budget} is below the longest possible row: a prompt (at least 1 token) "
+        f"+ rollout.max_new_tokens={new} needs at least {new + 1} tokens; set trainer.max_tokens_per_microbatch >= "
+        f"the longest prompt's tokens + {new}, or null",
+    )
     try:
         cfg.reward.overlong_config.validate(cfg.rollout.max_new_tokens)
     except ValueError as err:

@@ -49,6 +49,9 @@ BAD_VALUES = [
     ("++trainer.checkpoint_evry=3", "unknown key(s) trainer.checkpoint_evry"),
     ("+run.extra=1", "unknown key(s) run.extra"),
     ("algorithm.dynamo.allocation.warmup_compete=1", "warmup_compete must be true or false"),
+    # issue 21 item 3: accepted before, and the run crashed after its first checkpoint
+    ("trainer.max_tokens_per_microbatch=8", "trainer.max_tokens_per_microbatch=8 is below the longest possible row: a "
+     "prompt (at least 1 token) + rollout.max_new_tokens=8 needs at least 9 tokens"),
 ]
 
 

@@ -128,7 +128,7 @@ def test_model_folder_without_weights_is_named(tmp_path, assets):
     shutil.copytree(assets / "qwen3", model, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     r = _run(tmp_path, **_good(assets, MODEL_PATH=str(model)))
     assert r.returncode == 2
-    assert f"model.path={model}: no weights (model.safetensors, model.safetensors.index.json or *.safetensors)" in r.stderr
+    assert f"model.path={model}: no weights: no model.safetensors and no model.safetensors.index.json" in r.stderr
 
 
 @pytest.mark.parametrize("name, why", [("train.txt", "unknown data file type '.txt'"), ("train.parquet", "cannot read as Parquet")])
@@ -150,7 +150,7 @@ def test_every_problem_is_listed_before_exiting(tmp_path, assets):
                                EVAL_FILES=f"math500={assets / 'math500.jsonl'},/nonexistent/m.jsonl"))
     assert r.returncode == 2
     for text in ("TRAIN_FILES entry /nonexistent/b.parquet does not exist", "EVAL_FILES math500: /nonexistent/m.jsonl does not exist",
-                 f"model.path={model}: no weights", f"data.train_files[0]={bad}: unknown data file type",
+                 f"{model}/config.json: no key 'architectures'", f"data.train_files[0]={bad}: unknown data file type",
                  "data.train_files[1]=/nonexistent/b.parquet: does not exist",
                  "data.eval_files.math500[1]=/nonexistent/m.jsonl: does not exist"):
         assert text in r.stderr, text
@@ -234,4 +234,4 @@ def test_a_relative_model_path_is_shown_where_it_points(tmp_path, assets):
     r = _run(tmp_path, **_good(assets, MODEL_PATH="ckpt/qwen3", NEMO_GDRO_WORKDIR=str(tmp_path)))
     assert r.returncode == 2
     assert f"MODEL_PATH=ckpt/qwen3 (= {tmp_path}/ckpt/qwen3) has no config.json" in r.stderr
-    assert f"model.path={tmp_path}/ckpt/qwen3: the directory does not exist" in r.stderr
+    assert f"model.path={tmp_path}/ckpt/qwen3: no such directory" in r.stderr

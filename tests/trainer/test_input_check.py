@@ -5,31 +5,30 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from nemo_gdro.trainer.config import load
-from nemo_gdro.trainer.input_check import check_inputs, data_file_problem, input_problems, model_weights_problem
+from nemo_gdro.trainer.input_check import check_inputs, data_file_problem, hf_problem, input_problems
 from nemo_gdro.typed_config import ConfigError
 from tests.data.fixtures import write_benchmark, write_plain
 
 
+def _hf_cfg(path):
+    return SimpleNamespace(model=SimpleNamespace(source="hf", path=path), tokenizer=SimpleNamespace(name="hf", path=None))
+
+
 def test_model_folder_problems(tmp_path):
-    assert model_weights_problem("model.path", None) == "model.path is not set (a Hugging Face checkpoint directory)"
-    assert model_weights_problem("model.path", str(tmp_path / "x")).endswith(": the directory does not exist")
+    assert hf_problem(_hf_cfg(None)) == "model.path is not set (a Hugging Face checkpoint directory)"
+    assert "no such directory" in hf_problem(_hf_cfg(str(tmp_path / "x")))
     (tmp_path / "config.json").write_text("{}")
-    assert "not a directory" in model_weights_problem("model.path", str(tmp_path / "config.json"))
-    (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    assert model_weights_problem("model.path", str(tmp_path)) == (
-        f"model.path={tmp_path}: no weights (model.safetensors, model.safetensors.index.json or *.safetensors); "
-        "found ['pytorch_model.bin']: only safetensors checkpoints are supported"
-    )
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
-    assert model_weights_problem("model.path", str(tmp_path)) is None
+    assert "is a file" in hf_problem(_hf_cfg(str(tmp_path / "config.json")))
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "model-00001-of-00002.safetensors").write_bytes(b"")
-    assert model_weights_problem("model.path", str(bare)).endswith(": no config.json (not a Hugging Face checkpoint directory)")
+    assert "no config.json" in hf_problem(_hf_cfg(str(bare)))
+    assert hf_problem(SimpleNamespace(model=SimpleNamespace(source="preset"), tokenizer=SimpleNamespace(name="char"))) is None
 
 
 def test_data_file_problems_name_the_key_and_where_a_relative_path_points(tmp_path, monkeypatch):

@@ -146,3 +146,38 @@ def test_math_rl_under_dp2_and_tp2_then_export(files, tmp_path, layout):
     got = _hf_logits(exported, ids)
     assert torch.isfinite(got).all()
     assert torch.equal(got, _hf_logits(out / "hf" / "step_00000003", ids))  # offline export == the live save
+
+
+@pytest.mark.slow
+def test_math_without_eval_suites_trains_without_evaluation(files, tmp_path, capsys):
+    """The default data.eval_files: {} (issue 21 item 3): the run trains, says once that it does not
+    evaluate, and writes its checkpoints, metrics, plots and summary (it died at the first evaluation
+    with a torch.cat traceback); `nemo-gdro eval` of that run refuses in one line naming data.eval_files."""
+    import warnings
+
+    from nemo_gdro.cli import main
+    from nemo_gdro.trainer.loop import Trainer
+    from tests.trainer.test_loop import read_metrics
+
+    run = tmp_path / "run"
+    args = [a for a in math_args(files, run, "trainer.max_steps=2", "trainer.eval_every=1",
+                                 "trainer.checkpoint_every=1") if not a.startswith("+data.eval_files")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Trainer(compose(overrides=args)) as trainer:
+            result = trainer.run()
+    notes = [str(w.message) for w in caught if "without evaluation" in str(w.message)]
+    assert notes == ["training without evaluation: data.task=math has no eval suites (data.eval_files is empty); "
+                     "add one with +data.eval_files.<benchmark>=[FILE] (e.g. +data.eval_files.math500=[/data/math500.jsonl])"]
+    assert result.steps_done == 2 and result.final_eval == {} and result.sft_eval == {}
+    assert len(read_metrics(run / "metrics.jsonl")) == 2
+    assert not (run / "eval.jsonl").exists() or (run / "eval.jsonl").read_text().strip() == ""
+    assert (run / "plots" / "reward.png").is_file()
+    assert "eval: none logged" in (run / "summary.txt").read_text()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_00000002"
+    assert "eval at step 2: none (no eval suites)" in capsys.readouterr().out
+
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nemo-gdro eval: nothing to evaluate: data.task=math has no eval suites (data.eval_files is empty); "
+                   "add one with +data.eval_files.<benchmark>=[FILE] (e.g. +data.eval_files.math500=[/data/math500.jsonl])"]
