@@ -6,6 +6,10 @@ An export (``nemo-gdro export``, ``checkpoint.save_hf``) carries
 ``nemo-gdro eval`` picks them and ``nemo-gdro export --overwrite`` knows it
 replaces an export. A directory is *replaceable* when it is an HF checkpoint
 and nothing else: only the files an HF checkpoint holds, ``config.json`` among them.
+
+A training checkpoint's ``hf_assets/`` copy of the model's tokenizer and config
+files (:mod:`nemo_gdro.trainer.hf_assets`) carries ``nemo_gdro_assets.json``
+instead: an HF directory *without weights* (the checkpoint's actor state has them).
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXPORT_MARKER", "TOKENIZER_FILES", "HF_CHECKPOINT_FILES", "read_marker", "replaceable_hf_dir", "foreign_entries"]
+__all__ = ["EXPORT_MARKER", "ASSETS_MARKER", "is_assets_dir", "TOKENIZER_FILES", "HF_CHECKPOINT_FILES", "read_marker", "replaceable_hf_dir", "foreign_entries"]
 
 EXPORT_MARKER = "nemo_gdro_export.json"
+#: Written into a checkpoint's ``hf_assets/``: what the copy is, and that the weights are not here.
+ASSETS_MARKER = "nemo_gdro_assets.json"
 #: Tokenizer files copied when present (fast and slow BPE, sentencepiece, chat templates).
 TOKENIZER_FILES: tuple[str, ...] = (
     "tokenizer.json",
@@ -33,6 +39,11 @@ TOKENIZER_FILES: tuple[str, ...] = (
 HF_CHECKPOINT_FILES = frozenset(
     ("config.json", "generation_config.json", "model.safetensors.index.json", EXPORT_MARKER, *TOKENIZER_FILES)
 )
+
+
+def is_assets_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint's ``hf_assets`` copy (tokenizer and config files, no weights)."""
+    return (Path(path) / ASSETS_MARKER).is_file()
 
 
 def read_marker(directory: str | Path) -> dict[str, Any] | None:

@@ -281,12 +281,13 @@ def _check_tensors(spec: GPTSpec, directory: Path, names_file: Path,
             )
 
 
-def check_hf_checkpoint(path: str | os.PathLike, key: str = "model.path") -> GPTSpec:
+def check_hf_checkpoint(path: str | os.PathLike, key: str = "model.path", *, weights: bool = True) -> GPTSpec:
     """Check an HF checkpoint directory's config and weights (headers only); returns its spec.
 
     Args:
         path: the directory.
         key: the config key that named it (for the messages about the directory itself).
+        weights: also check the weights (``False``: a checkpoint's ``hf_assets`` copy, config only).
     Raises:
         ConfigError: one line naming the file and, where there is one, the tensor.
     """
@@ -304,6 +305,8 @@ def check_hf_checkpoint(path: str | os.PathLike, key: str = "model.path") -> GPT
         spec = spec_from_hf_config(directory)
     except HFConfigError as err:
         raise ConfigError(str(err)) from None
+    if not weights:
+        return spec
     index, files = _weight_files(directory, f"{key}={path}")
     tensors: dict[str, tuple[str, TensorHeader]] = {}
     unlisted: dict[str, str] = {}

@@ -58,14 +58,14 @@ class HFSource:
 
     @staticmethod
     def build(section: Any, tokenizer: Any) -> ModelInit:
+        from nemo_gdro.models.hf_export_marker import is_assets_dir
         from nemo_gdro.models.hf_preflight import check_hf_checkpoint
 
         path = Path(section.path)
-        # config.json, the index and every shard's header (names, shapes, dtypes, sizes): milliseconds.
-        spec = check_hf_checkpoint(path)
-        check_vocab(spec, tokenizer, f"model.path={path}")
         # A checkpoint's copy of the model's files (export / eval once the folder is gone) has no
         # weights: the checkpoint's actor state replaces the initial weights.
-        from nemo_gdro.trainer.hf_assets import is_assets_dir
-
-        return ModelInit(spec, weights_dir=None if is_assets_dir(path) else path)
+        weights = not is_assets_dir(path)
+        # config.json, the index and every shard's header (names, shapes, dtypes, sizes): milliseconds.
+        spec = check_hf_checkpoint(path, weights=weights)
+        check_vocab(spec, tokenizer, f"model.path={path}")
+        return ModelInit(spec, weights_dir=path if weights else None)

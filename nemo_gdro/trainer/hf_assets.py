@@ -28,17 +28,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_gdro.models.hf_export_marker import ASSETS_MARKER, is_assets_dir
+
 __all__ = ["ASSETS_DIR", "MARKER", "asset_files", "with_assets", "is_assets_dir", "stands_for"]
 
 ASSETS_DIR = "hf_assets"
-#: Written into ``hf_assets/``: what the copy is (and that it holds no weights).
-MARKER = "nemo_gdro_assets.json"
+MARKER = ASSETS_MARKER
 _MODEL_FILES = ("config.json", "generation_config.json")
-
-
-def is_assets_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a checkpoint's ``hf_assets`` copy (no weights)."""
-    return (Path(path) / MARKER).is_file()
 
 
 def stands_for(copy: Any, original: Any) -> bool:
