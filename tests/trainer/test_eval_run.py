@@ -46,8 +46,10 @@ def test_an_hf_dir_without_tokenizer_files_names_the_keys(qwen, tmp_path):
 def test_math_task_keys_evaluate_an_hf_dir(qwen, tmp_path):
     train = write_dapo_math(tmp_path / "dapo.parquet", num_prompts=6, repeats=1, cjk_prompts=0).path
     math500 = write_benchmark("math500", tmp_path / "math500.jsonl", num=2).path
+    # No trainer.prompts_per_step: evaluation draws no training prompts, so a pool of 6 (< the 32 a
+    # training step draws) is no reason to refuse.
     task = ["data=math", f"data.train_files=[{train}]", "reward.verifier=dapo_math", "reward.num_workers=1",
-            "trainer.prompts_per_step=4", "eval.k=1", "rollout.max_new_tokens=3"]
+            "eval.k=1", "rollout.max_new_tokens=3"]
     with pytest.raises(ConfigError, match=r"data.eval_files is empty .*\+data.eval_files.<benchmark>=\[FILE\]"):
         _config_for(qwen, task, "train")
     metrics = evaluate_target(qwen, [*task, f"+data.eval_files.math500=[{math500}]"])
