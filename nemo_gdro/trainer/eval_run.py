@@ -64,7 +64,8 @@ def _hf_config(target: Path, overrides: list[str], config_name: str) -> Any:
     from nemo_gdro.typed_config import ConfigError
 
     # Evaluation draws no training prompts: a training pool smaller than a step's prompts is fine.
-    base = ["model=hf", f"model.path={target}", "sft.steps=0", "trainer.prompts_per_step=1"]
+    base = ["model=hf", f"model.path={target}", "sft.steps=0", "trainer.prompts_per_step=1",
+            "trainer.minibatches_per_step=1"]
     keys = {_key(item) for item in overrides}
     marker = read_marker(target) or {}
     extra: list[str] = []
