@@ -486,4 +486,6 @@ def _check_cross_section(cfg: RunConfig, task_cls: Any) -> None:
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"the training loop needs {module}: pip install 'nemo_gdro[{extra}]'")
     # FP8 / TE requests fail here, before anything is built (Megatron would fall back to bf16 silently).
-    check_environment(cfg.megatron, params_dtype=cfg.model.resolved_dtype, tensor_parallel=cfg.parallel.tensor_parallel)
+    # Only the FP8 rule reads the dtype; resolving `auto` asks torch for CUDA, which a plain config need not import.
+    dtype = cfg.model.resolved_dtype if cfg.megatron.fp8 is not None else cfg.model.dtype
+    check_environment(cfg.megatron, params_dtype=dtype, tensor_parallel=cfg.parallel.tensor_parallel)
