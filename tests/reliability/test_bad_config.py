@@ -49,6 +49,13 @@ BAD_VALUES = [
     ("++trainer.checkpoint_evry=3", "unknown key(s) trainer.checkpoint_evry"),
     ("+run.extra=1", "unknown key(s) run.extra"),
     ("algorithm.dynamo.allocation.warmup_compete=1", "warmup_compete must be true or false"),
+    # the switches that turn the start / end evaluations and checkpoints off (issue 24, item 6)
+    ("eval.at_start=maybe", "eval.at_start must be true or false"),
+    ("eval.at_end=0", "eval.at_end must be true or false"),
+    ("checkpoint.at_start=no_thanks", "checkpoint.at_start must be true or false"),
+    ("checkpoint.at_end=null", "checkpoint.at_end must be true or false"),
+    ("trainer.eval_every=-1", "trainer.eval_every must be an integer >= 0 (0 disables)"),
+    ("trainer.checkpoint_every=never", "trainer.checkpoint_every must be an integer"),
 ]
 
 
