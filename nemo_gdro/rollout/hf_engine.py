@@ -185,8 +185,10 @@ class HFRolloutEngine:
         row_prompt = torch.repeat_interleave(torch.arange(len(prompts)), n)
         row_seeds = [int(s[i]) + j for i in range(len(prompts)) for j in range(int(n[i]))]
         toks, lps, lengths, trunc = self._sample_rows([prompts[i] for i in row_prompt.tolist()], row_seeds, greedy)
-        responses = [toks[r, : int(lengths[r])].tolist() for r in range(toks.shape[0])]
-        logps = [lps[r, : int(lengths[r])].tolist() for r in range(toks.shape[0])]
+        # One conversion per tensor, then list slices (a .tolist() per row cost more than the sampling).
+        tok_rows, lp_rows, ends = toks.tolist(), lps.tolist(), lengths.tolist()
+        responses = [row[:end] for row, end in zip(tok_rows, ends)]
+        logps = [row[:end] for row, end in zip(lp_rows, ends)]
         truncated = trunc.tolist()
         return build_batch(records, prompts, n, responses, logps, truncated, self.tokenizer, self.policy_version)
 
