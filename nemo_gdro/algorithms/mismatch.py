@@ -26,7 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MismatchStats", "MismatchSums", "logprob_mismatch", "mismatch_sums", "truncated_is_weights"]
+__all__ = [
+    "MISMATCH_ROWS", "MismatchStats", "MismatchSums", "logprob_mismatch", "mismatch_row_sums", "mismatch_sums",
+    "truncated_is_weights",
+]
+
+#: Per-row partial sums of :func:`mismatch_row_sums`, in ``MismatchSums.sums`` order, then the row's max ``|d|``.
+MISMATCH_ROWS = ("mismatch_n", "mismatch_exp_abs", "mismatch_abs", "mismatch_diff", "mismatch_max_abs")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,13 @@ class MismatchSums:
             return MismatchStats(0, 1.0, 0.0, 0.0, 0.0)
         return MismatchStats(int(round(n)), s_exp / n, s_abs / n, float(self.max_abs), s_d / n)
 
+    @classmethod
+    def from_rows(cls, rows: dict[str, torch.Tensor]) -> MismatchSums:
+        """Sum the per-row values of :func:`mismatch_row_sums` (``MISMATCH_ROWS`` keys, each ``[R]``)."""
+        sums = torch.stack([rows[k].double().sum() for k in MISMATCH_ROWS[:4]])
+        max_abs = rows[MISMATCH_ROWS[4]].double()
+        return cls(sums.cpu(), (max_abs.max() if max_abs.numel() else torch.zeros((), dtype=torch.float64)).cpu())
+
 
 def _check(actor_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if actor_logp.shape != engine_logp.shape:
@@ -92,6 +105,20 @@ def mismatch_sums(
     sums = torch.stack([torch.tensor(float(d.numel()), dtype=torch.float64), a.exp().sum(), a.sum(), d.sum()])
     max_abs = a.max() if a.numel() else torch.zeros((), dtype=torch.float64)
     return MismatchSums(sums.cpu(), max_abs.cpu())
+
+
+@torch.no_grad()
+def mismatch_row_sums(
+    actor_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The partial sums of :func:`mismatch_sums` per row: ``MISMATCH_ROWS`` -> float64 ``[R]``
+    (for a pass that reports one value per row; :meth:`MismatchSums.from_rows` adds them up)."""
+    m = _check(actor_logp, engine_logp, mask)
+    d = actor_logp.detach().double() - engine_logp.detach().double()
+    a = torch.where(m, d.abs(), torch.zeros_like(d))
+    values = (m.double().sum(-1), torch.where(m, a.exp(), torch.zeros_like(a)).sum(-1), a.sum(-1),
+              torch.where(m, d, torch.zeros_like(d)).sum(-1), a.amax(-1) if a.shape[-1] else a.sum(-1))
+    return dict(zip(MISMATCH_ROWS, values))
 
 
 def logprob_mismatch(

@@ -5,12 +5,16 @@ The actor's weights arrive after every update in the Hugging Face layout
 seed ``seeds[i]`` and returns a ``RolloutBatch`` with an explicit ``group_index``.
 
 Layout invariance: a prompt's rows depend only on (its prompt, its ``n``, its
-seed, the weights). Each prompt group runs its own KV-cached decoding loop on
-an ``[n_i, L_i]`` batch -- all rows of a group share the prompt, so there is no
-padding and no other prompt enters the computation -- and row ``j`` samples
-with its own ``torch.Generator`` seeded ``seeds[i] + j`` (vLLM's rule for the
-children of an ``n > 1`` request). So the same prompt gives the same rows
-whether it is generated alone, in another batch or on another DP rank.
+seed, the weights). All rows of a call decode together in one KV-cached loop
+over the model's forward (one forward per new token for the whole call, not
+per prompt): prompts are left-padded to the longest, with an attention mask
+and per-row positions, so no row attends to another prompt or to padding; row
+``j`` of prompt ``i`` samples with its own ``torch.Generator`` seeded
+``seeds[i] + j`` (vLLM's rule for the children of an ``n > 1`` request). So
+the same prompt samples the same tokens whether it is generated alone, in
+another batch or on another DP rank; its log-probs agree up to the float
+rounding of the other batch shapes (the padding changes the shapes the
+kernels reduce over, not what they reduce).
 
 Behaviour log-probs are recomputed by the actor; the engine's own log-probs of
 the sampled tokens are stored as ``engine_logp`` for the mismatch metrics.
@@ -177,35 +181,47 @@ class HFRolloutEngine:
             seeds = prompt_seeds(self.seed, int(step or 0), [r.prompt_id for r in records])
         n, s = check_generate_args(records, n_per_prompt, seeds)
         prompts = encode_prompts(records, self.tokenizer)
-        responses: list[list[int]] = []
-        logps: list[list[float]] = []
-        truncated: list[bool] = []
-        for i, prompt in enumerate(prompts):
-            toks, lps, lengths, trunc = self._sample_group(prompt, int(n[i]), int(s[i]), greedy)
-            for j in range(int(n[i])):
-                L = int(lengths[j])
-                responses.append(toks[j, :L].tolist())
-                logps.append(lps[j, :L].tolist())
-                truncated.append(bool(trunc[j]))
+        # Row r = rollout j of prompt i, grouped by prompt in order; it samples with seed s[i] + j.
+        row_prompt = torch.repeat_interleave(torch.arange(len(prompts)), n)
+        row_seeds = [int(s[i]) + j for i in range(len(prompts)) for j in range(int(n[i]))]
+        toks, lps, lengths, trunc = self._sample_rows([prompts[i] for i in row_prompt.tolist()], row_seeds, greedy)
+        # One conversion per tensor, then list slices (a .tolist() per row cost more than the sampling).
+        tok_rows, lp_rows, ends = toks.tolist(), lps.tolist(), lengths.tolist()
+        responses = [row[:end] for row, end in zip(tok_rows, ends)]
+        logps = [row[:end] for row, end in zip(lp_rows, ends)]
+        truncated = trunc.tolist()
         return build_batch(records, prompts, n, responses, logps, truncated, self.tokenizer, self.policy_version)
 
-    def _sample_group(
-        self, prompt: list[int], n: int, seed: int, greedy: bool
+    def _sample_rows(
+        self, prompts: list[list[int]], seeds: list[int], greedy: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` rows of one prompt: tokens ``[n, G]``, log-probs ``[n, G]``, lengths ``[n]``, truncated ``[n]``.
+        """One response per row (``R = len(prompts)``), all rows in one decoding loop: tokens ``[R, G]``,
+        log-probs ``[R, G]``, lengths ``[R]``, truncated ``[R]``.
 
-        A row's length includes its first stop token; afterwards it is fed the
-        pad token, which only its own (discarded) positions see.
+        Prompts are left-padded to the longest with an attention mask and positions that start at
+        0 at each row's first real token. A row's length includes its first stop token; afterwards
+        it is fed the pad token, which only its own (discarded) positions see.
         """
         G = self.sampling.max_new_tokens
         pad = self.tokenizer.pad_id
-        gens = None if greedy else [torch.Generator().manual_seed(seed + j) for j in range(n)]
-        x = torch.tensor(prompt, dtype=torch.int64).unsqueeze(0).expand(n, -1).contiguous()
-        out = self.model(input_ids=x, use_cache=True, **self._last_only)
-        tokens = torch.full((n, G), pad, dtype=torch.int64)
-        logp = torch.zeros(n, G, dtype=torch.float32)
-        lengths = torch.zeros(n, dtype=torch.int64)
-        done = torch.zeros(n, dtype=torch.bool)
+        R = len(prompts)
+        gens = None if greedy else [torch.Generator().manual_seed(seed) for seed in seeds]
+        prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        width = int(prompt_lengths.max())
+        x = torch.full((R, width), pad, dtype=torch.int64)
+        mask = torch.zeros(R, width + G, dtype=torch.int64)  # grows by one column per decoded token
+        for r, prompt in enumerate(prompts):
+            x[r, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.int64)
+            mask[r, width - len(prompt) : width] = 1
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+        padded = bool((prompt_lengths < width).any())
+        # Without padding the mask is all ones: leave it out (the model's causal mask alone, as before batching).
+        masked = (lambda w: {"attention_mask": mask[:, :w]}) if padded else (lambda w: {})
+        out = self.model(input_ids=x, position_ids=positions, use_cache=True, **masked(width), **self._last_only)
+        tokens = torch.full((R, G), pad, dtype=torch.int64)
+        logp = torch.zeros(R, G, dtype=torch.float32)
+        lengths = torch.zeros(R, dtype=torch.int64)
+        done = torch.zeros(R, dtype=torch.bool)
         for t in range(G):
             tok, lp = sample_rows(out.logits[:, -1, :], self.sampling, gens)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
@@ -215,6 +231,10 @@ class HFRolloutEngine:
             done |= torch.isin(tok, self._stop)
             if bool(done.all()) or t == G - 1:
                 break
+            mask[:, width + t] = 1
             cache = {self._cache_kw: getattr(out, self._cache_kw)}
-            out = self.model(input_ids=tok.unsqueeze(1), use_cache=True, **cache, **self._last_only)
+            out = self.model(
+                input_ids=tok.unsqueeze(1), position_ids=(prompt_lengths + t).unsqueeze(1), use_cache=True,
+                **masked(width + t + 1), **cache, **self._last_only,
+            )
         return tokens, logp, lengths, ~done

@@ -103,7 +103,9 @@ class MinibatchView:
     """One optimizer mini-batch of this rank, before its update.
 
     advantages: float ``[b]`` weighted advantages of the rows.
-    behaviour_logp: float ``[b, L]`` log-probs of the policy that generated them.
+    behaviour_logp: float ``[b, L]`` log-probs of the policy that generated them; ``None``
+        when the training forward supplies them (one on-policy mini-batch and no stage
+        asked for ``current``: :mod:`nemo_gdro.trainer.behaviour`).
     mask: bool ``[b, L]`` response tokens.
     current: the current policy's no-grad token statistics (``logp``,
         ``entropy``, ``ebar``, each ``[b, L]``) when a stage asked for them
@@ -111,7 +113,7 @@ class MinibatchView:
     """
 
     advantages: torch.Tensor
-    behaviour_logp: torch.Tensor
+    behaviour_logp: torch.Tensor | None
     mask: torch.Tensor
     current: Mapping[str, torch.Tensor] | None
 

@@ -117,11 +117,12 @@ class Trainer:
     def _warm_start(self, logger) -> None:
         """SFT (when configured) with evaluations before and after; ends in a checkpoint at step 0."""
         self._push_weights()
-        sft = self.cfg.sft
+        sft, at_start = self.cfg.sft, self.cfg.eval.at_start
         if sft.steps > 0:
-            before = self._evaluate(-1)
-            if before:
-                logger.log_eval(0, {f"{k}/before_sft": v for k, v in before.items()})
+            if at_start:
+                before = self._evaluate(-1)
+                if before:
+                    logger.log_eval(0, {f"{k}/before_sft": v for k, v in before.items()})
             sft_metrics = run_sft(self.components, sft.steps, sft.batch_size, self.cfg.seed)
             logger.log(0, sft_metrics)
             if not (math.isfinite(sft_metrics["sft/loss"]) and self.components.actor.weights_finite()):
@@ -133,13 +134,14 @@ class Trainer:
         self.progress.sft_done = True
         self._enter_rl_phase()
         self._push_weights()
-        self.progress.sft_eval = self.progress.last_eval = self._evaluate(0)
-        if self.evaluates:
+        if at_start and self.evaluates:
+            self.progress.sft_eval = self.progress.last_eval = self._evaluate(0)
             logger.log_eval(0, self.progress.sft_eval)
-        if self.is_main:
-            label = "after SFT" if sft.steps > 0 else "at start"
-            print(f"[nemo-gdro] {label}: {_fmt(self.progress.sft_eval)}", flush=True)
-        self._save(logger)
+            if self.is_main:
+                label = "after SFT" if sft.steps > 0 else "at start"
+                print(f"[nemo-gdro] {label}: {_fmt(self.progress.sft_eval)}", flush=True)
+        if self.cfg.checkpoint.at_start:
+            self._save(logger)
 
     def _save(self, logger) -> Path:
         """A checkpoint of the current step holding the records logged since the previous one."""
@@ -276,11 +278,11 @@ class Trainer:
                     step_time=metrics["time/step_s"],
                 )
             last = step == t.max_steps
-            if self.evaluates and (last or (t.eval_every and step % t.eval_every == 0)):
+            if self.evaluates and ((last and self.cfg.eval.at_end) or (t.eval_every and step % t.eval_every == 0)):
                 self.progress.last_eval = self._evaluate(step)
                 logger.log_eval(step, self.progress.last_eval)
             saved = None
-            if last or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            if (last and self.cfg.checkpoint.at_end) or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 saved = self._save(logger)
             signum = stop.agreed()
             if signum is not None and not last:
@@ -305,7 +307,8 @@ class Trainer:
         summary = write_summary(self.output_dir)
         out = self.output_dir
         print(f"[nemo-gdro] done: {self.step} RL steps. eval at start of RL: {_fmt(self.progress.sft_eval)}", flush=True)
-        print(f"[nemo-gdro] eval at step {self.step}: {_fmt(self.progress.last_eval)}", flush=True)
+        label = f"eval at step {self.step}" if self.cfg.eval.at_end else "last eval"
+        print(f"[nemo-gdro] {label}: {_fmt(self.progress.last_eval)}", flush=True)
         print(f"[nemo-gdro] metrics: {out / 'metrics.jsonl'} (TensorBoard: {out})", flush=True)
         print(f"[nemo-gdro] plots:   {out / 'plots'} ({len(plots)} PNG); summary: {summary}", flush=True)
         return result
@@ -339,7 +342,7 @@ class Trainer:
 
 def _fmt(metrics: dict[str, float]) -> str:
     if not metrics:
-        return "none (no eval suites)"
+        return "none (no eval suites, or eval.at_start / eval.at_end / trainer.eval_every turned it off)"
     keys = [k for k in metrics if "/band_" not in k]
     return ", ".join(f"{k.split('/', 1)[1]} {metrics[k]:.3f}" for k in keys)
 

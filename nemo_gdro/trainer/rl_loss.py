@@ -33,6 +33,7 @@ from nemo_gdro.algorithms.losses import (
     clipped_policy_loss,
     k3_kl,
 )
+from nemo_gdro.algorithms.mismatch import mismatch_row_sums
 from nemo_gdro.algorithms.prompt_gdro import surrogate_signal
 from nemo_gdro.stages.base import PolicyLoss, TokenModulation
 
@@ -49,6 +50,10 @@ class MinibatchLoss:
         modulation: the token-modulation stage and ``modulation_context`` likewise.
         global_num_tokens / global_num_seqs: the mini-batch's counts over all DP ranks.
         signal_include_kl: add ``kl_coef * KL`` to the controllers' surrogate signal.
+        behaviour_from_forward: the behaviour log-probs are this forward's own ``logp`` (detached;
+            :mod:`nemo_gdro.trainer.behaviour`), so ``extras`` carry no ``behaviour_logp``; with
+            ``engine_logp`` / ``engine_mask`` in ``extras`` the engine-vs-actor mismatch sums are
+            returned as row outputs (``MISMATCH_ROWS``).
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class MinibatchLoss:
         global_num_tokens: float,
         global_num_seqs: float,
         signal_include_kl: bool = False,
+        behaviour_from_forward: bool = False,
     ) -> None:
         self.policy = policy
         self.loss = loss
@@ -71,16 +77,19 @@ class MinibatchLoss:
         self.global_num_tokens = float(global_num_tokens)
         self.global_num_seqs = float(global_num_seqs)
         self.signal_include_kl = signal_include_kl
+        self.behaviour_from_forward = behaviour_from_forward
+        self.required = tuple(k for k in REQUIRED_EXTRAS if not (behaviour_from_forward and k == "behaviour_logp"))
 
     def __call__(
         self, stats: Mapping[str, torch.Tensor], extras: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        missing = [k for k in REQUIRED_EXTRAS if k not in extras]
+        missing = [k for k in self.required if k not in extras]
         if missing:
             raise KeyError(f"micro-batch is missing per-row fields {missing}")
         logp = stats["logp"]
         mask = extras["response_mask"]
-        logp_old = extras["behaviour_logp"].to(logp.dtype)
+        # On-policy with unchanged weights the behaviour log-probs are this forward's: ratio 1, same gradient.
+        logp_old = logp.detach() if self.behaviour_from_forward else extras["behaviour_logp"].to(logp.dtype)
         adv = extras["advantages"].to(logp.dtype)[:, None].expand_as(logp)
         raw_adv = extras["raw_advantages"].to(logp.dtype)[:, None].expand_as(logp)
         entropy = stats["entropy"].detach()
@@ -118,7 +127,10 @@ class MinibatchLoss:
             signal = surrogate_signal(surrogate, mask, kl_term, self.policy.kl_coef)
         sums["tokens"] = torch.tensor(valid, dtype=torch.float64)
         sums["entropy_sum"] = (entropy * mask).sum().double()
-        return loss, sums, {"signal": signal}
+        rows = {"signal": signal}
+        if self.behaviour_from_forward and "engine_logp" in extras:
+            rows.update(mismatch_row_sums(logp, extras["engine_logp"].to(logp.dtype), extras["engine_mask"].bool()))
+        return loss, sums, rows
 
     @torch.no_grad()
     def _sums_by_kind(

@@ -175,7 +175,9 @@ class SFTSection:
 
 @dataclass(frozen=True)
 class TrainerSection:
-    """``trainer``: the RL schedule. ``eval_every`` / ``checkpoint_every`` 0 disable (the last step always does both).
+    """``trainer``: the RL schedule. ``eval_every`` / ``checkpoint_every`` 0 disable the periodic evaluations /
+    checkpoints; the ones at the start of RL and after the last step are ``eval.at_start`` / ``eval.at_end`` and
+    ``checkpoint.at_start`` / ``checkpoint.at_end`` (all on by default).
 
     max_tokens_per_microbatch: when set, rows are packed by length into micro-batches of at
     most this many tokens (rows x longest row) for the training and log-prob passes, instead
@@ -281,12 +283,19 @@ class RolloutSection:
 
 @dataclass(frozen=True)
 class EvalSection:
-    """``eval``: ``k`` samples per held-out problem (mean@k, unbiased pass@1 / pass@k) at these sampling settings."""
+    """``eval``: ``k`` samples per held-out problem (mean@k, unbiased pass@1 / pass@k) at these sampling settings.
+
+    at_start: evaluate when RL starts (and, with an SFT warm start, before it too).
+    at_end: evaluate after the last step (besides every ``trainer.eval_every`` steps).
+    With both false and ``trainer.eval_every: 0`` a run never evaluates.
+    """
 
     k: int = 4
     temperature: float = 0.6
     top_p: float = 1.0
     top_k: int = 0
+    at_start: bool = True
+    at_end: bool = True
 
     def __post_init__(self) -> None:
         _require(self.k >= 1, f"eval.k must be a positive integer, got {self.k}")
@@ -354,10 +363,16 @@ class CheckpointSection:
         ``<output_dir>/hf/step_XXXXXXXX`` (sharded safetensors, config,
         generation config, tokenizer files), rotated like the checkpoints.
     hf_dtype: stored dtype (``null``: the actor's parameter dtype).
+    at_start: write a checkpoint when RL starts (after the SFT warm start, so a resumed run skips it).
+    at_end: write one after the last step (besides every ``trainer.checkpoint_every`` steps).
+        With both false and ``trainer.checkpoint_every: 0`` a run writes no checkpoint, except
+        when SIGTERM / SIGINT stops it early (so that it can be resumed).
     """
 
     save_hf: bool = False
     hf_dtype: Literal["float32", "bfloat16"] | None = None
+    at_start: bool = True
+    at_end: bool = True
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
     draw prompts -> classify (history up to t-1) -> allocate n_i -> generate
     -> verify (correctness) -> shape rewards (overlong) -> GRPO advantages
     x stage weights -> behaviour log-probs
-    (recomputed by the actor) -> [+ replayed groups] -> mini-batches:
+    (recomputed by the actor where the training forward cannot supply them,
+    :mod:`~nemo_gdro.trainer.behaviour`) -> [+ replayed groups] -> mini-batches:
     optimizer steps (policy-loss stage, token-modulation stage)
     -> weights to the rollout engine -> store + controllers observe -> metrics.
 
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from nemo_gdro.algorithms.advantages import grpo_advantages, zero_variance_group_fraction
-from nemo_gdro.algorithms.mismatch import MismatchSums, mismatch_sums, truncated_is_weights
+from nemo_gdro.algorithms.mismatch import MISMATCH_ROWS, MismatchSums, mismatch_sums, truncated_is_weights
 from nemo_gdro.algorithms.stats import group_outcomes
 from nemo_gdro.parallel.rows import StepRows
 from nemo_gdro.rewards.result import VerifyResult
@@ -39,6 +40,7 @@ from nemo_gdro.rollout.batch import RolloutBatch
 from nemo_gdro.rollout.seeds import prompt_seeds
 from nemo_gdro.stages import MinibatchView, PromptDraw, StepFeedback
 from nemo_gdro.stages.signal import controller_signal
+from nemo_gdro.trainer.behaviour import behaviour_plan
 from nemo_gdro.trainer.diagnostics import modulation_extremes
 from nemo_gdro.trainer.guards import UpdateGuard, sampling_failure
 from nemo_gdro.trainer.rl_loss import MinibatchLoss
@@ -99,6 +101,11 @@ class RLStep:
         self.max_new_tokens = cfg.rollout.max_new_tokens
         self.overlong = cfg.reward.overlong_config
         self.mask_truncated = cfg.reward.mask_truncated
+        #: Where the behaviour log-probs come from (a separate pass only where they would differ).
+        self.behaviour = behaviour_plan(
+            minibatches_per_step=self.num_minibatches, replays=cfg.algorithm.replays, tis=self.tis_cap is not None,
+            needs_current_policy=components.stages.needs_current_policy,
+        )
 
     def __call__(self, step: int) -> dict[str, float]:
         c, stages = self.c, self.c.stages
@@ -112,16 +119,26 @@ class RLStep:
         t_plan = time.perf_counter()
 
         gen = self._generate(draw, allocation.counts, step)
-        t_gen = time.perf_counter()
 
         raw_adv, bin_weights = self._advantages(gen, draw, bins)
-        gen.batch.behaviour_logp = c.actor.compute_token_stats(gen.batch.tokens, lengths=gen.batch.sequence_lengths)["logp"].detach()
-        train_batch, raw_all = c.replay.mix(gen.batch, raw_adv, step)
-        actor_metrics, signal = self._optimize(train_batch, raw_all, gen.rows, step)
-        actor_metrics.update(self._engine_mismatch(gen.batch))
+        t_behaviour = time.perf_counter()
+        batch = gen.batch
+        if self.behaviour.separate_pass:
+            batch.behaviour_logp = c.actor.compute_token_stats(batch.tokens, lengths=batch.sequence_lengths)["logp"].detach()
+        elif self.behaviour.source == "current":  # filled row by row from the mini-batch's current-policy pass
+            batch.behaviour_logp = torch.zeros(batch.num_rows, batch.seq_len - 1, dtype=torch.float32)
+        # The engine-vs-actor mismatch of the training forward, per row (behaviour source "forward").
+        self._mismatch_rows: dict[str, torch.Tensor] | None = None
+        self._forward_ran = False
         t_train = time.perf_counter()
+        train_batch, raw_all = c.replay.mix(batch, raw_adv, step)
+        actor_metrics, signal = self._optimize(train_batch, raw_all, gen.rows, step)
+        actor_metrics.update(self._engine_mismatch(batch))
+        actor_metrics["actor/behaviour_pass"] = 1.0 if self.behaviour.separate_pass else 0.0
+        t_push = time.perf_counter()
 
         c.engine.load_weights(c.actor.export_hf_state_dict(), version=step + 1)
+        t_pushed = time.perf_counter()
         with clock():
             feedback = self._observe(gen, draw, bins, allocation, signal, bin_weights)
         c.verify_replicated(step, {"bins": bins, "counts": allocation.counts})
@@ -132,8 +149,12 @@ class RLStep:
             metrics.update(observer.diagnostics(feedback))
         metrics.update(
             {
-                "time/generate_s": t_gen - t_plan,
-                "time/train_s": t_train - t_gen,
+                # time/verify_s (the verifier's own wall time) comes with the reward metrics.
+                "time/plan_s": t_plan - t0,
+                "time/generate_s": self._generate_s,
+                "time/behaviour_s": t_train - t_behaviour,
+                "time/train_s": t_push - t_train,
+                "time/weight_push_s": t_pushed - t_push,
                 "time/controllers_ms": 1e3 * clock.seconds,
                 "time/step_s": time.perf_counter() - t0,
             }
@@ -150,10 +171,12 @@ class RLStep:
         records = c.task.train.get_many(draw.ids[mine])
         # Seeds of the whole step's prompt list, then this rank's slice: rollouts do not depend on the layout.
         seeds = prompt_seeds(self.seed, step, draw.ids)
+        start = time.perf_counter()
         try:
             batch = c.engine.generate(records, counts[mine], seeds[mine])
         except RuntimeError as err:
             raise (sampling_failure(err, step + 1, "generation") or err) from err
+        self._generate_s = time.perf_counter() - start  # the engine alone (verification: time/verify_s)
         verifier = c.task.verifier
         result = verifier.verify_batch(batch.responses, batch.answers)
         rewards = verifier.rewards(result).to(torch.float32)
@@ -248,29 +271,41 @@ class RLStep:
         mask = batch.response_mask[take] & (not placeholder)
         if self.mask_truncated and batch.truncated is not None:
             mask = mask & ~batch.truncated[take].unsqueeze(1)  # DAPO overlong filtering: no loss for truncated rows
+        source = self.behaviour.source
         extras = {
             "response_mask": mask,
-            "behaviour_logp": batch.behaviour_logp[take],
             "advantages": batch.advantages[take],
             "raw_advantages": raw_adv[take],
         }
         if self.setup.replays:
             # Fresh rows come first in the batch: the loss reports its sums for both kinds separately.
             extras["replayed"] = take >= self._fresh_rows
-        extras.update(c.reference.extras(tokens, lengths))
-        if self.tis_cap is not None:
-            # Truncated importance sampling against the engine that sampled the rows (FP8 / mismatch).
-            extras["token_weights"] = truncated_is_weights(
-                batch.behaviour_logp[take], batch.engine_logp[take], mask, cap=self.tis_cap
-            )
         num_tokens, num_seqs = c.dp.total(float(mask.sum()), float((mask.sum(-1) > 0).sum()))
         if num_tokens == 0:
             return None
+        extras.update(c.reference.extras(tokens, lengths))
+        current = c.actor.compute_token_stats(tokens, lengths=lengths) if stages.needs_current_policy else None
+        if source == "current":
+            # Same weights, same rows: the current policy's log-probs are the behaviour log-probs.
+            assert current is not None
+            if not placeholder:
+                batch.behaviour_logp[rows] = current["logp"]
+            extras["behaviour_logp"] = current["logp"]
+        elif source == "separate":
+            extras["behaviour_logp"] = batch.behaviour_logp[take]
+        elif batch.engine_logp is not None:  # "forward": the mismatch metrics come out of the training forward
+            extras["engine_logp"] = batch.engine_logp[take]
+            extras["engine_mask"] = batch.response_mask[take] & (not placeholder)
+        if self.tis_cap is not None:
+            # Truncated importance sampling against the engine that sampled the rows (FP8 / mismatch).
+            extras["token_weights"] = truncated_is_weights(
+                extras["behaviour_logp"], batch.engine_logp[take], mask, cap=self.tis_cap
+            )
         view = MinibatchView(
             advantages=extras["advantages"],
-            behaviour_logp=extras["behaviour_logp"],
+            behaviour_logp=extras.get("behaviour_logp"),
             mask=mask,
-            current=c.actor.compute_token_stats(tokens, lengths=lengths) if stages.needs_current_policy else None,
+            current=current,
         )
         with self._clock():
             loss_context, modulation_context = stages.loss.prepare(view), stages.modulation.prepare(view)
@@ -283,9 +318,11 @@ class RLStep:
             global_num_tokens=num_tokens,
             global_num_seqs=num_seqs,
             signal_include_kl=self.setup.prompt_gdro.signal_include_kl,
+            behaviour_from_forward=source == "forward",
         )
         extremes = modulation_extremes(stages.modulation, view, loss_fn.modulation_context, c.dp)
         report = c.actor.forward_backward(tokens, extras, loss_fn, lengths=lengths)
+        self._forward_ran = True
         step = self._step + 1  # as logged
         applied = self.guard.allow(step, float(report["loss"]), c.actor.grads_finite())
         if applied:
@@ -297,6 +334,11 @@ class RLStep:
                 # A skipped update: a non-finite surrogate becomes its value at ratio 1 (-A, token mean).
                 row_signal = torch.where(torch.isfinite(row_signal), row_signal, -raw_adv[rows].double())
             signal[rows] = row_signal
+            if MISMATCH_ROWS[0] in report.rows:
+                if self._mismatch_rows is None:
+                    self._mismatch_rows = {k: torch.zeros(batch.num_rows, dtype=torch.float64) for k in MISMATCH_ROWS}
+                for key in MISMATCH_ROWS:
+                    self._mismatch_rows[key][rows] = report.rows[key]
         metrics = loss_fn.metrics(report)
         metrics.update(extremes)
         metrics["guard/skipped_updates"] = 0.0 if applied else 1.0
@@ -329,10 +371,19 @@ class RLStep:
         return feedback
 
     def _engine_mismatch(self, batch: RolloutBatch) -> dict[str, float]:
-        """The engine's sampled-token log-probs against the actor's recomputed ones, over all DP ranks."""
+        """The engine's sampled-token log-probs against the actor's (recomputed, or of the training
+        forward), over all DP ranks."""
         if batch.engine_logp is None:
             return {}
-        sums = mismatch_sums(batch.behaviour_logp, batch.engine_logp, batch.response_mask)
+        if self.behaviour.source == "forward":
+            local = self._mismatch_rows
+            if not self._forward_ran:  # the same on every rank: the token count that decides it is global
+                return {}  # no forward ran this step (no response tokens to train on anywhere)
+            if local is None:  # this rank trained only a placeholder row
+                local = {k: torch.zeros(0, dtype=torch.float64) for k in MISMATCH_ROWS}
+            sums = MismatchSums.from_rows(local)
+        else:
+            sums = mismatch_sums(batch.behaviour_logp, batch.engine_logp, batch.response_mask)
         total = MismatchSums(self.c.dp.sum(sums.sums), self.c.dp.max(sums.max_abs.reshape(1)).reshape(()))
         return total.finalize().as_metrics()
 

@@ -69,3 +69,18 @@ def test_bad_inputs():
         logprob_mismatch(ACTOR, ENGINE, MASK.float())
     with pytest.raises(ValueError, match="cap"):
         truncated_is_weights(ACTOR, ENGINE, MASK, cap=0.0)
+
+
+def test_row_sums_add_up_to_the_batch_sums():
+    """Per-row partial sums (what a training forward reports per row) give the same statistics."""
+    from nemo_gdro.algorithms.mismatch import MismatchSums, mismatch_row_sums, mismatch_sums
+
+    g = torch.Generator().manual_seed(3)
+    actor, engine = -torch.rand(5, 7, generator=g), -torch.rand(5, 7, generator=g)
+    mask = torch.rand(5, 7, generator=g) > 0.4
+    mask[2] = False  # a row without response tokens
+    whole = mismatch_sums(actor, engine, mask)
+    rows = MismatchSums.from_rows(mismatch_row_sums(actor, engine, mask))
+    torch.testing.assert_close(rows.sums, whole.sums)
+    torch.testing.assert_close(rows.max_abs, whole.max_abs)
+    assert rows.finalize().as_metrics() == pytest.approx(whole.finalize().as_metrics())

@@ -52,6 +52,13 @@ BAD_VALUES = [
     # issue 21 item 3: accepted before, and the run crashed after its first checkpoint
     ("trainer.max_tokens_per_microbatch=8", "trainer.max_tokens_per_microbatch=8 is below the longest possible row: a "
      "prompt (at least 1 token) + rollout.max_new_tokens=8 needs at least 9 tokens"),
+    # the switches that turn the start / end evaluations and checkpoints off (issue 24, item 6)
+    ("eval.at_start=maybe", "eval.at_start must be true or false"),
+    ("eval.at_end=0", "eval.at_end must be true or false"),
+    ("checkpoint.at_start=no_thanks", "checkpoint.at_start must be true or false"),
+    ("checkpoint.at_end=null", "checkpoint.at_end must be true or false"),
+    ("trainer.eval_every=-1", "trainer.eval_every must be an integer >= 0 (0 disables)"),
+    ("trainer.checkpoint_every=never", "trainer.checkpoint_every must be an integer"),
 ]
 
 

@@ -269,9 +269,17 @@ def test_rows_do_not_depend_on_the_dp_layout(engine, data):
                 by_pos[i] = [got[r] for r in range(b.num_rows) if int(b.group_index[r]) == k]
         return [row for i in range(len(ids)) for row in by_pos[i]]
 
-    assert split([[0, 2, 4, 6], [1, 3, 5, 7]]) == whole  # DP=2, strided (the loop's split)
-    assert split([[0, 1, 2], [3, 4, 5, 6, 7]]) == whole  # uneven contiguous split
-    assert split([[7, 3, 0], [5, 1, 2, 6, 4]]) == whole  # any order, any rank
+    def same(got: list[tuple]) -> bool:
+        """Identical rows (tokens, responses, truncation); engine log-probs up to the float rounding of the
+        other batch shape (all prompts of a call decode together, left-padded to the longest)."""
+        return [r[:5] for r in got] == [r[:5] for r in whole] and all(
+            torch.allclose(torch.tensor(a[5]), torch.tensor(b[5]), atol=1e-5, rtol=0) for a, b in zip(got, whole)
+        )
+
+    assert same(split([[0, 2, 4, 6], [1, 3, 5, 7]]))  # DP=2, strided (the loop's split)
+    assert same(split([[0, 1, 2], [3, 4, 5, 6, 7]]))  # uneven contiguous split
+    assert same(split([[7, 3, 0], [5, 1, 2, 6, 4]]))  # any order, any rank
+    assert same(split([[i] for i in range(len(ids))]))  # every prompt alone
 
 
 def test_more_rollouts_keep_the_first_ones(engine, data):
@@ -296,3 +304,18 @@ def test_engine_logp_is_the_sampling_distribution(data):
     ref = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, b.tokens[:, 1:, None])[..., 0]
     m = b.response_mask
     assert torch.allclose(b.engine_logp[m], ref[m], atol=1e-5, rtol=0)
+
+
+def test_one_forward_per_token_for_all_prompts(data):
+    """All prompts of a call decode together: the model runs once for the prefill and once per further
+    token, whatever the number of prompts (one loop per prompt ran P times as many forwards)."""
+    eng = HFRolloutEngine(tiny_config(), TOK, SamplingConfig(max_new_tokens=5), seed=11)
+    records = data.get_many([17, 3, 42, 8, 25])  # prompts of different lengths
+    calls = []
+    hook = eng.model.register_forward_hook(lambda module, args, kwargs_out: calls.append(1))
+    try:
+        b = eng.generate(records, [3, 1, 2, 2, 4], seeds_for(records))
+    finally:
+        hook.remove()
+    assert len({len(TOK.encode(r.prompt)) for r in records}) > 1
+    assert len(calls) == int(b.response_lengths.max())  # <= max_new_tokens, not 5x that

@@ -219,3 +219,61 @@ def test_token_budget_micro_batches_give_the_same_run(tmp_path):
             if key.startswith("time/") or not isinstance(value, float) or math.isnan(value):
                 continue
             assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+OFF = ["eval.at_start=false", "eval.at_end=false", "checkpoint.at_start=false", "checkpoint.at_end=false"]
+
+
+def _checkpoints(run):
+    return sorted(p.name for p in (run / "checkpoints").glob("step_*")) if (run / "checkpoints").exists() else []
+
+
+def _eval_rows(run):
+    path = run / "eval.jsonl"
+    return read_metrics(path) if path.exists() else []
+
+
+@pytest.mark.parametrize(
+    "switches, evals, checkpoints",
+    [
+        (OFF, [], []),  # never evaluates, never checkpoints
+        (["eval.at_start=false", "checkpoint.at_start=false"], [2], ["step_00000002"]),
+        (["eval.at_end=false", "checkpoint.at_end=false"], [0], ["step_00000000"]),
+        ([], [0, 2], ["step_00000000", "step_00000002"]),  # the defaults: start and end
+    ],
+    ids=["all_off", "end_only", "start_only", "defaults"],
+)
+def test_start_and_end_evaluations_and_checkpoints_can_be_turned_off(tmp_path, switches, evals, checkpoints):
+    overrides = [*TINY, "sft.steps=0", *switches, f"run.output_dir={tmp_path}"]
+    with Trainer(compose(overrides=overrides)) as trainer:
+        result = trainer.run()
+    assert result.steps_done == 2
+    assert sorted({row["step"] for row in _eval_rows(tmp_path)}) == evals
+    assert _checkpoints(tmp_path) == checkpoints
+    assert (result.final_eval == {}) == (evals == [])
+
+
+def test_a_signal_still_writes_a_checkpoint_with_checkpoints_off(tmp_path):
+    """SIGTERM after step 1 of a run that writes no checkpoints: step 1 is saved, and run.resume=auto continues."""
+    import os
+    import signal
+
+    from nemo_gdro.trainer.errors import RunInterrupted
+
+    overrides = [*TINY, "sft.steps=0", *OFF, f"run.output_dir={tmp_path}"]
+    with Trainer(compose(overrides=overrides)) as trainer:
+        step = trainer.rl_step
+
+        def step_then_sigterm(n):
+            metrics = step(n)
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only records it; the loop acts after the step
+            return metrics
+
+        trainer.rl_step = step_then_sigterm
+        with pytest.raises(RunInterrupted, match="stopped by SIGTERM after step 1"):
+            trainer.run()
+    assert _checkpoints(tmp_path) == ["step_00000001"]
+    with Trainer(compose(overrides=overrides)) as trainer:
+        result = trainer.run()
+    assert trainer.resumed and result.steps_done == 2
+    assert _checkpoints(tmp_path) == ["step_00000001"] and _eval_rows(tmp_path) == []

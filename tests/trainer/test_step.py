@@ -56,3 +56,21 @@ def test_controller_time_counts_the_stages_and_not_the_engine(tmp_path, monkeypa
     assert 300 <= controllers_ms < 700, controllers_ms
     assert metrics["time/generate_s"] >= 0.4
     assert metrics["time/step_s"] * 1e3 > controllers_ms + 800
+
+
+def test_time_metrics_split_the_step(tmp_path, monkeypatch):
+    """Slow verification (0.6 s), the behaviour pass (0.5 s) and the weight push (0.4 s): each lands in its own
+    ``time/*`` metric, generation no longer includes verification, and the parts add up to at most the step."""
+    with Trainer(compose(overrides=[*TINY, f"run.output_dir={tmp_path}"])) as trainer:
+        c = trainer.components
+        assert trainer.rl_step.behaviour.separate_pass  # two mini-batches (the default)
+        monkeypatch.setattr(c.task.verifier, "verify_batch", _slow(c.task.verifier.verify_batch, 0.6))
+        monkeypatch.setattr(c.actor, "compute_token_stats", _slow(c.actor.compute_token_stats, 0.5))
+        monkeypatch.setattr(c.engine, "load_weights", _slow(c.engine.load_weights, 0.4))
+        metrics = trainer.rl_step(0)
+    assert metrics["time/generate_s"] < 0.6
+    assert metrics["time/behaviour_s"] >= 0.5
+    assert metrics["time/weight_push_s"] >= 0.4
+    assert metrics["actor/behaviour_pass"] == 1.0
+    parts = ("time/plan_s", "time/generate_s", "time/behaviour_s", "time/train_s", "time/weight_push_s")
+    assert sum(metrics[k] for k in parts) + 0.6 <= metrics["time/step_s"]

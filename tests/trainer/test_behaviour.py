@@ -1,0 +1,111 @@
+"""The behaviour log-probs: a separate pass only where the training forward cannot supply them."""
+
+import pytest
+import torch
+
+from nemo_gdro.trainer.behaviour import BehaviourPlan, behaviour_plan
+from nemo_gdro.trainer.config import compose
+from nemo_gdro.trainer.loop import Trainer
+
+TINY = [
+    "sft.steps=0",
+    "trainer.max_steps=1",
+    "data.num_train=48",
+    "data.num_eval=6",
+    "trainer.prompts_per_step=4",
+    "trainer.minibatches_per_step=1",
+    "rollout.n=4",
+    "rollout.max_new_tokens=8",
+    # Random weights solve nothing: the overlong penalty's length-dependent rewards give the groups advantages.
+    "reward.overlong.enabled=true",
+    "reward.overlong.buffer_tokens=8",
+    "optim.lr=1e-2",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=0",
+    "logging.tensorboard=false",
+    "logging.progress=false",
+]
+
+
+@pytest.mark.parametrize(
+    "minibatches, replays, tis, current, source",
+    [
+        (1, False, False, False, "forward"),
+        (2, False, False, False, "separate"),  # mini-batch 2 is trained on updated weights
+        (1, True, False, False, "separate"),  # replayed rows come from older weights
+        (2, False, False, True, "separate"),
+        (1, False, False, True, "current"),  # the stages' current-policy pass has them
+        (1, False, True, False, "separate"),  # TIS needs them before the forward
+        (1, False, True, True, "current"),
+        (1, True, True, True, "separate"),
+    ],
+)
+def test_the_rule(minibatches, replays, tis, current, source):
+    plan = behaviour_plan(minibatches_per_step=minibatches, replays=replays, tis=tis, needs_current_policy=current)
+    assert plan.source == source and plan.separate_pass == (source == "separate") and plan.reason
+
+
+def _one_step(out, overrides, plan: BehaviourPlan | None = None):
+    """One RL step from the same initial state; returns (metrics, updated HF weights, token-stats passes)."""
+    with Trainer(compose(overrides=[*TINY, *overrides, f"run.output_dir={out}"])) as trainer:
+        c = trainer.components
+        if plan is not None:
+            trainer.rl_step.behaviour = plan
+        calls = []
+        compute = c.actor.compute_token_stats
+
+        def counted(*args, **kwargs):
+            calls.append(args[0].shape[0])
+            return compute(*args, **kwargs)
+
+        trainer._enter_rl_phase()  # the RL optimizer; the KL reference frozen from the initial weights
+        c.actor.compute_token_stats = counted
+        trainer._push_weights()
+        metrics = trainer.rl_step(0)
+        weights = {k: v.clone() for k, v in c.actor.export_hf_state_dict().items()}
+        source = trainer.rl_step.behaviour.source
+    return metrics, weights, calls, source
+
+
+@pytest.mark.parametrize(
+    "overrides, source",
+    [
+        ([], "forward"),
+        (["algorithm.loss=r2vpo", "algorithm.policy_loss.kl_coef=0.1"], "forward"),
+        (["algorithm.token_modulation=dynamo", "rollout.tis_cap=1.5"], "current"),
+    ],
+    ids=["clipped", "r2vpo+kl", "dynamo+tis"],
+)
+def test_skipping_the_pass_changes_nothing(tmp_path, overrides, source):
+    """Loss, gradient norm, updated weights and the engine-vs-actor mismatch equal the separate pass's."""
+    skip, w_skip, calls_skip, got = _one_step(tmp_path / "skip", overrides)
+    assert got == source
+    ref, w_ref, calls_ref, _ = _one_step(tmp_path / "ref", overrides, BehaviourPlan("separate", "test"))
+    assert skip["actor/behaviour_pass"] == 0.0 and ref["actor/behaviour_pass"] == 1.0
+    # The separate pass is one forward over the step's 16 rows; the skip saves exactly that one.
+    assert calls_ref[0] == 16 and len(calls_skip) == len(calls_ref) - 1
+    for key in ("actor/loss", "actor/grad_norm", "actor/entropy", "actor/kl", "rollout/engine_token_mult_prob_error",
+                "rollout/engine_mean_abs_logp_diff", "rollout/engine_max_abs_logp_diff",
+                "rollout/engine_mean_logp_diff", *[k for k in ref if k.startswith(("r2vpo/", "dynamo/"))]):
+        assert skip[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+    assert w_skip.keys() == w_ref.keys()
+    moved = 0
+    for name in w_ref:
+        torch.testing.assert_close(w_skip[name], w_ref[name], rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(w_ref[name], _initial(tmp_path, name)))
+    assert moved > 0  # the step did update the weights
+
+
+_INITIAL: dict[str, torch.Tensor] = {}
+
+
+def _initial(tmp_path, name):
+    if not _INITIAL:
+        with Trainer(compose(overrides=[*TINY, f"run.output_dir={tmp_path / 'init'}"])) as trainer:
+            _INITIAL.update({k: v.clone() for k, v in trainer.components.actor.export_hf_state_dict().items()})
+    return _INITIAL[name]
+
+
+def test_two_minibatches_keep_the_separate_pass(tmp_path):
+    metrics, _, calls, source = _one_step(tmp_path, ["trainer.minibatches_per_step=2"])
+    assert source == "separate" and metrics["actor/behaviour_pass"] == 1.0 and calls == [16]
