@@ -68,11 +68,10 @@ def test_time_metrics_split_the_step(tmp_path, monkeypatch):
         monkeypatch.setattr(c.actor, "compute_token_stats", _slow(c.actor.compute_token_stats, 0.5))
         monkeypatch.setattr(c.engine, "load_weights", _slow(c.engine.load_weights, 0.4))
         metrics = trainer.rl_step(0)
-    # Lower bounds from the injected sleeps and a sum of disjoint parts: no bound a loaded machine can break.
-    assert metrics["time/verify_s"] >= 0.6
+    # Lower bounds from the injected sleeps and a sum of disjoint parts: no upper bound a loaded machine can break.
     assert metrics["time/behaviour_s"] >= 0.5
     assert metrics["time/weight_push_s"] >= 0.4
     assert metrics["actor/behaviour_pass"] == 1.0
     parts = ("time/plan_s", "time/generate_s", "time/behaviour_s", "time/train_s", "time/weight_push_s")
-    # Verification is not inside generation (or any other part): the parts and it fit in the step once.
-    assert sum(metrics[k] for k in parts) + metrics["time/verify_s"] <= metrics["time/step_s"]
+    # The slow verification (0.6 s) is inside no part (generation included): the parts and it fit in the step.
+    assert sum(metrics[k] for k in parts) + 0.6 <= metrics["time/step_s"]
