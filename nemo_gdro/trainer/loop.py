@@ -306,9 +306,11 @@ class Trainer:
         plots = make_plots(self.output_dir)
         summary = write_summary(self.output_dir)
         out = self.output_dir
-        print(f"[nemo-gdro] done: {self.step} RL steps. eval at start of RL: {_fmt(self.progress.sft_eval)}", flush=True)
+        why = {} if self.evaluates else {"none": "no eval suites"}
+        print(f"[nemo-gdro] done: {self.step} RL steps. eval at start of RL: {_fmt(self.progress.sft_eval, **why)}",
+              flush=True)
         label = f"eval at step {self.step}" if self.cfg.eval.at_end else "last eval"
-        print(f"[nemo-gdro] {label}: {_fmt(self.progress.last_eval)}", flush=True)
+        print(f"[nemo-gdro] {label}: {_fmt(self.progress.last_eval, **why)}", flush=True)
         print(f"[nemo-gdro] metrics: {out / 'metrics.jsonl'} (TensorBoard: {out})", flush=True)
         print(f"[nemo-gdro] plots:   {out / 'plots'} ({len(plots)} PNG); summary: {summary}", flush=True)
         return result
@@ -340,9 +342,10 @@ class Trainer:
         self.close()
 
 
-def _fmt(metrics: dict[str, float]) -> str:
+def _fmt(metrics: dict[str, float], none: str = "turned off: eval.at_start / eval.at_end / trainer.eval_every") -> str:
+    """One line of held-out metrics; ``none``: why there are none."""
     if not metrics:
-        return "none (no eval suites, or eval.at_start / eval.at_end / trainer.eval_every turned it off)"
+        return f"none ({none})"
     keys = [k for k in metrics if "/band_" not in k]
     return ", ".join(f"{k.split('/', 1)[1]} {metrics[k]:.3f}" for k in keys)
 
