@@ -106,8 +106,8 @@ class MinibatchView:
     behaviour_logp: float ``[b, L]`` log-probs of the policy that generated them.
     mask: bool ``[b, L]`` response tokens.
     current: the current policy's no-grad token statistics (``logp``,
-        ``entropy``, ``ebar``, each ``[b, L]``) when a stage asked for them
-        (``needs_current_policy``), else ``None``.
+        ``entropy``, and ``ebar`` when a stage ``needs_ebar``, each ``[b, L]``)
+        when a stage asked for them (``needs_current_policy``), else ``None``.
     """
 
     advantages: torch.Tensor
@@ -154,9 +154,14 @@ class AdvantageWeighting(Observer, Protocol):
 
 
 class TokenModulation(Protocol):
-    """Rescales per-token advantages inside the loss (DynaMO's token level)."""
+    """Rescales per-token advantages inside the loss (DynaMO's token level).
+
+    ``needs_ebar``: the stage reads ``ebar`` from the token statistics (the
+    actor skips that statistic otherwise; optional, default ``False``).
+    """
 
     needs_current_policy: bool
+    needs_ebar: bool
 
     def prepare(self, view: MinibatchView) -> Any:
         """Mini-batch-scope statistics (reduced over DP) the loss needs, from the pre-update policy."""
