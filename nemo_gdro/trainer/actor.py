@@ -501,11 +501,11 @@ class MegatronActor:
         """
         targets = tokens[:, 1:seq_len]
         if self.fused_token_stats:
-            v_local = self.spec.vocab_size // self._tp_size
+            weight = output_weight(self.module)  # [V_local, h]; shards are equal (Megatron's layout)
             # [S-1, b] statistics of [S-1, b, h] hidden states; the transposes are views.
             logp, entropy, ebar = fused_linear_token_stats(
-                output[: seq_len - 1], output_weight(self.module), targets.t(),
-                vocab_start=self._tp_rank * v_local, temperature=self.temperature, group=self._tp_group,
+                output[: seq_len - 1], weight, targets.t(),
+                vocab_start=self._tp_rank * weight.shape[0], temperature=self.temperature, group=self._tp_group,
                 ebar=self.ebar,
             )
             logp, entropy, ebar = logp.t(), entropy.t(), ebar.t()
