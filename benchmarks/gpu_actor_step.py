@@ -24,7 +24,7 @@ Reported (JSON with ``--json``, and printed):
 Usage::
 
     python benchmarks/gpu_actor_step.py --preset qwen3_0p6b --rows 16 --seq 1024 --micro-batch 4 \\
-        [--steps 4] [--dtype bfloat16] [--stats full|vocab_parallel] [--distributed-optimizer] \\
+        [--steps 4] [--dtype bfloat16] [--stats fused|vocab_parallel|full] [--distributed-optimizer] \\
         [--recompute none|selective|full] [--offload-check] [--json out.json]
 """
 
@@ -109,7 +109,7 @@ def run(
     micro_batch: int = 4,
     steps: int = 4,
     dtype: str = "bfloat16",
-    stats: str = "full",
+    stats: str = "fused",
     distributed_optimizer: bool = False,
     recompute: str = "none",
     offload_check: bool = False,
@@ -119,6 +119,7 @@ def run(
     from nemo_gdro.models.gpt import PRESETS
     from nemo_gdro.models.megatron_options import MegatronOptions
     from nemo_gdro.parallel.distributed import destroy_distributed, init_distributed
+    from nemo_gdro.algorithms.token_stats import full_vocab_token_stats
     from nemo_gdro.parallel.vocab_parallel import make_token_stats_fn
     from nemo_gdro.trainer.actor import MegatronActor, OptimConfig
 
@@ -143,7 +144,10 @@ def run(
             OptimConfig(lr=1e-6, weight_decay=0.01, micro_batch_size=micro_batch),
             seed=seed,
             params_dtype=getattr(torch, dtype),
-            token_stats_fn=make_token_stats_fn() if stats == "vocab_parallel" else None,
+            # fused: the actor's default (hidden states, chunked output layer); vocab_parallel: chunked
+            # statistics over Megatron's logits; full: the full-vocabulary reference over the logits.
+            token_stats_fn={"fused": None, "vocab_parallel": make_token_stats_fn(),
+                            "full": full_vocab_token_stats}[stats],
             megatron=megatron,
         )
         _sync()
@@ -209,7 +213,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--stats", default="full", choices=["full", "vocab_parallel"])
+    parser.add_argument("--stats", default="fused", choices=["fused", "vocab_parallel", "full"])
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--offload-check", action="store_true")

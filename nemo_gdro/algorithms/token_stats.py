@@ -1,9 +1,9 @@
 """Full-vocabulary reference of the per-token statistics the actor computes.
 
-The training path computes the same three numbers from vocabulary-parallel
-logits without materialising ``[tokens, vocab]`` probabilities
-(:mod:`nemo_gdro.parallel.vocab_parallel`); this module is the reference it is
-tested against and the TP = 1 default of the actor.
+The training path computes the same three numbers without materialising
+``[tokens, vocab]`` probabilities, at every TP size
+(:mod:`nemo_gdro.parallel.vocab_parallel`, :mod:`nemo_gdro.parallel.fused_linear_stats`);
+this module is the reference (test oracle) they are checked against.
 """
 
 from __future__ import annotations

@@ -80,6 +80,12 @@ class MegatronOptions:
     offload_optimizer_during_generation: move Adam state and fp32 master weights
         to host memory and free the gradient buffers while the rollout engine
         generates (a no-op on CPU hosts).
+    fused_linear_token_stats: compute the loss pass's per-token log-prob, entropy
+        and Ebar from the final hidden states and the output weight chunk by chunk
+        (:mod:`nemo_gdro.parallel.fused_linear_stats`), never holding a micro-batch's
+        ``[tokens, vocab]`` logits; ``false``: Megatron's output layer makes the
+        logits and the chunked statistics read them. Sequence parallelism always
+        takes the logits path.
     """
 
     transformer_impl: Literal["local", "transformer_engine"] = "local"
@@ -102,6 +108,7 @@ class MegatronOptions:
     recompute_modules: tuple[str, ...] | None = None
     sequence_parallel: bool = False
     offload_optimizer_during_generation: bool = False
+    fused_linear_token_stats: bool = True
 
     def __post_init__(self) -> None:
         te = self.transformer_impl == "transformer_engine"

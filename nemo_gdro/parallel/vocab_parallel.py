@@ -90,7 +90,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["vocab_parallel_token_stats", "make_token_stats_fn"]
+__all__ = ["vocab_parallel_token_stats", "make_token_stats_fn", "chunk_stats", "tile_grad", "grad_coefficients"]
 
 # Default size (bytes) of each of the two compute-dtype tile workspaces. On CPU a
 # few MiB keeps a tile's successive passes (subtract, exp, products, sums) in the
@@ -169,6 +169,130 @@ def _target_index(tokens: torch.Tensor, vocab_start: int, v_local: int) -> tuple
     return local.clamp(0, v_local - 1), owned
 
 
+# ---------------------------------------------------------------------------- shared kernels
+def chunk_stats(
+    tiles: list[tuple[int, torch.Tensor]],
+    tokens: torch.Tensor,
+    *,
+    vocab_start: int,
+    temperature: float,
+    group: Any,
+    work_w: torch.Tensor,
+    work_e: torch.Tensor,
+    ebar: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Statistics of the ``n = tokens.numel()`` token rows of one chunk (module doc's notation).
+
+    Args:
+        tiles: ``(row offset within the chunk, [k, V_local] logits view)`` covering rows ``[0, n)``.
+        tokens: int64 ``[n]`` global target ids of the chunk's rows.
+        group: TP group (``None``: this shard is the whole vocabulary, no communication).
+        work_w, work_e: compute-dtype workspaces of at least ``max k`` rows (overwritten).
+        ebar: compute ``Ebar`` (one more product and row sum per element).
+    Returns:
+        ``(logp, entropy, ebar or None, lse, found)``, each ``[n]`` compute dtype; ``lse`` is
+        ``log sum_a exp(z_a)`` and ``found > 0`` where some shard owns the target id. Costs
+        two all-reduces of ``O(n)`` elements with a group, none without.
+    """
+    n = tokens.numel()
+    ct, dev = work_w.dtype, work_w.device
+    v_local = work_w.shape[-1]
+    distributed = _group_size(group) > 1
+    scaled = temperature != 1.0
+    m_raw = torch.empty(n, dtype=ct, device=dev)  # max of the raw (unscaled) logits
+    if distributed:
+        for t0, tile in tiles:
+            m_raw[t0 : t0 + tile.shape[0]] = tile.amax(dim=-1)
+        dist.all_reduce(m_raw, op=dist.ReduceOp.MAX, group=group)
+    # rows: s, q1, q2, r, w_t, owned -- one all-reduce for all of them
+    sums = torch.zeros(6, n, dtype=ct, device=dev)
+    for t0, tile in tiles:
+        k = tile.shape[0]
+        sl = slice(t0, t0 + k)
+        if not distributed:
+            # Without communication each tile's max is taken while the tile is in cache.
+            m_raw[sl] = tile.amax(dim=-1)
+        w, e = work_w[:k], work_e[:k]
+        # w = (x - max x) / T = z - m; a tensor-tensor op upcasts bf16 exactly.
+        torch.sub(tile, m_raw[sl].unsqueeze(-1), out=w)
+        if scaled:
+            w.div_(temperature)
+        torch.exp(w, out=e)
+        idx, owned = _target_index(tokens[sl], vocab_start, v_local)
+        sums[4, sl] = torch.where(owned, w.gather(1, idx.unsqueeze(-1)).squeeze(-1), 0.0)  # w_t
+        sums[5, sl] = owned.to(ct)
+        # In-place products and row sums on the cache-resident tile (no BLAS, no
+        # temporaries): w -> e w -> e^2 w, e -> e^2.
+        torch.sum(e, dim=-1, out=sums[0, sl])  # s
+        torch.sum(w.mul_(e), dim=-1, out=sums[1, sl])  # q1 = sum e w
+        if ebar:
+            torch.sum(w.mul_(e), dim=-1, out=sums[3, sl])  # r  = sum e^2 w
+            torch.sum(e.mul_(e), dim=-1, out=sums[2, sl])  # q2 = sum e^2
+    if distributed:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+
+    s, q1, q2, r, w_t, hit = sums.unbind(0)
+    log_s = torch.log(s)
+    mean_w = q1 / s  # E_pi[w] <= 0
+    logp = w_t - log_s
+    entropy = log_s - mean_w
+    ebar_out = (r / s - (q2 / s) * mean_w) / s if ebar else None
+    lse = (m_raw / temperature if scaled else m_raw) + log_s
+    return logp, entropy, ebar_out, lse, hit
+
+
+def check_found(flat_tokens: torch.Tensor, found: torch.Tensor) -> None:
+    """Raise ``ValueError`` for non-negative target ids no shard owns (one host sync; the
+    same decision on every rank, as ``found`` is all-reduced: no rank hangs)."""
+    if flat_tokens.numel():
+        missing = (found == 0) & (flat_tokens >= 0)
+        if bool(missing.any()):
+            bad = flat_tokens[missing][:5].tolist()
+            raise ValueError(f"token ids {bad} lie outside the vocabulary covered by the shards")
+
+
+def grad_coefficients(
+    grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, flat_tokens: torch.Tensor,
+    entropy: torch.Tensor, temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``(coef, const, target)``, each ``[N, 1]``, of
+    ``dL/dlogit_a = pi_a (coef log pi_a + const) + delta_at target`` (module doc)."""
+    ct = entropy.dtype
+    inv_t = 1.0 / temperature
+    zeros = torch.zeros_like(entropy)
+    g_l = zeros if grad_logp is None else grad_logp.reshape(-1).to(ct)
+    g_h = zeros if grad_entropy is None else grad_entropy.reshape(-1).to(ct)
+    g_l = torch.where(flat_tokens < 0, 0.0, g_l)  # ignored targets: logp is a constant 0
+    # dL/dlogit_a = (g_l delta_at - pi_a (g_l + g_H (log pi_a + H))) / T
+    #             = pi_a (a_neg * log pi_a + c) + delta_at g_l / T  with per-token
+    # a_neg = -g_H / T and c = -(g_l + g_H H) / T: one addcmul and one multiply per element.
+    coef = (-g_h * inv_t).unsqueeze(-1)
+    const = (-(g_l + g_h * entropy) * inv_t).unsqueeze(-1)
+    target = (g_l * inv_t).unsqueeze(-1)
+    return coef, const, target
+
+
+def tile_grad(
+    tile: torch.Tensor, out: torch.Tensor, work_p: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor,
+    coef: torch.Tensor, const: torch.Tensor, target: torch.Tensor, *, vocab_start: int, temperature: float,
+) -> None:
+    """Write ``dL/dlogits`` of the ``k`` rows of ``tile [k, V_local]`` into ``out`` (compute dtype;
+    may be ``tile`` itself when that has the compute dtype); ``work_p`` is a ``[>= k, V_local]``
+    workspace; the per-token tensors are the tile's rows of :func:`grad_coefficients` and ``lse``."""
+    k, v_local = tile.shape
+    pi = work_p[:k]
+    if temperature == 1.0:
+        torch.sub(tile, lse.unsqueeze(-1), out=out)  # log pi
+    else:
+        out.copy_(tile)  # upcast first: bf16 / T would round in bf16
+        out.div_(temperature).sub_(lse.unsqueeze(-1))
+    torch.exp(out, out=pi)
+    torch.addcmul(const, out, coef, out=out)
+    out.mul_(pi)
+    idx, owned = _target_index(tokens, vocab_start, v_local)
+    out.scatter_add_(1, idx.unsqueeze(-1), torch.where(owned.unsqueeze(-1), target, 0.0))
+
+
 # ---------------------------------------------------------------------------- autograd function
 class _VocabParallelTokenStats(torch.autograd.Function):
     """``(logits shard [..., V_local], tokens [...]) -> (logp, H, Ebar)``, each ``[...]``.
@@ -176,7 +300,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
     Forward: chunks of ``chunk_rows`` tokens, each with two all-reduces (MAX of
     the row maxima, SUM of the stacked per-token partial sums), the local work
     done in tiles of ``tile_rows`` through two reused workspaces. Backward:
-    tiles, no communication.
+    tiles, no communication. Without ``want_ebar`` the returned Ebar is NaN.
     """
 
     @staticmethod
@@ -189,6 +313,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         group: Any,
         chunk_rows: int,
         tile_rows: int,
+        want_ebar: bool,
     ) -> TokenStats:
         v_local = logits.shape[-1]
         lead = logits.shape[:-1]
@@ -197,11 +322,10 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         dev = logits.device
         distributed = _group_size(group) > 1
         flat_tokens = tokens.reshape(-1).long()
-        scaled = temperature != 1.0
 
         logp = torch.empty(n_tok, dtype=ct, device=dev)
         entropy = torch.empty_like(logp)
-        ebar = torch.empty_like(logp)
+        ebar = torch.full_like(logp, float("nan"))
         lse = torch.empty_like(logp)
         found = torch.empty_like(logp)  # > 0 where some shard owns the target id
 
@@ -210,8 +334,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         ws_rows = max(1, min(tile_rows, n_tok))
         work_w = torch.empty(ws_rows, v_local, dtype=ct, device=dev)  # w = z - m, then e w, e^2 w
         work_e = torch.empty_like(work_w)  # e = exp(w), then e^2
-        # Without communication there is one chunk: each tile's max is then taken
-        # while the tile is in cache, right before the tile is used.
+        # Without communication there is one chunk (each tile's max is taken in cache).
         chunk_rows = chunk_rows if distributed else max(n_tok, 1)
         blocks = _row_blocks(logits)
 
@@ -222,54 +345,18 @@ class _VocabParallelTokenStats(torch.autograd.Function):
                 for p0, piece in _pieces(blocks, c0, c0 + n)
                 for t0 in range(0, piece.shape[0], tile_rows)
             ]  # (row offset within the chunk, [k, V_local] view)
-            m_raw = torch.empty(n, dtype=ct, device=dev)  # max of the raw (unscaled) logits
-            if distributed:
-                for t0, tile in tiles:
-                    m_raw[t0 : t0 + tile.shape[0]] = tile.amax(dim=-1)
-                dist.all_reduce(m_raw, op=dist.ReduceOp.MAX, group=group)
-            # rows: s, q1, q2, r, w_t, owned -- one all-reduce for all of them
-            sums = torch.empty(6, n, dtype=ct, device=dev)
-            for t0, tile in tiles:
-                k = tile.shape[0]
-                sl = slice(t0, t0 + k)
-                if not distributed:
-                    m_raw[sl] = tile.amax(dim=-1)
-                w, e = work_w[:k], work_e[:k]
-                # w = (x - max x) / T = z - m; a tensor-tensor op upcasts bf16 exactly.
-                torch.sub(tile, m_raw[sl].unsqueeze(-1), out=w)
-                if scaled:
-                    w.div_(temperature)
-                torch.exp(w, out=e)
-                idx, owned = _target_index(flat_tokens[c0 + t0 : c0 + t0 + k], vocab_start, v_local)
-                sums[4, sl] = torch.where(owned, w.gather(1, idx.unsqueeze(-1)).squeeze(-1), 0.0)  # w_t
-                sums[5, sl] = owned.to(ct)
-                # In-place products and row sums on the cache-resident tile (no BLAS, no
-                # temporaries): w -> e w -> e^2 w, e -> e^2.
-                torch.sum(e, dim=-1, out=sums[0, sl])  # s
-                torch.sum(w.mul_(e), dim=-1, out=sums[1, sl])  # q1 = sum e w
-                torch.sum(w.mul_(e), dim=-1, out=sums[3, sl])  # r  = sum e^2 w
-                torch.sum(e.mul_(e), dim=-1, out=sums[2, sl])  # q2 = sum e^2
-            if distributed:
-                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-
-            s, q1, q2, r, w_t, hit = sums.unbind(0)
             rows = slice(c0, c0 + n)
-            log_s = torch.log(s)
-            mean_w = q1 / s  # E_pi[w] <= 0
-            logp[rows] = w_t - log_s
-            entropy[rows] = log_s - mean_w
-            ebar[rows] = (r / s - (q2 / s) * mean_w) / s
-            lse[rows] = (m_raw / temperature if scaled else m_raw) + log_s
-            found[rows] = hit
+            lp, h, eb, ls, hit = chunk_stats(
+                tiles, flat_tokens[rows], vocab_start=vocab_start, temperature=temperature, group=group,
+                work_w=work_w, work_e=work_e, ebar=want_ebar,
+            )
+            logp[rows], entropy[rows], lse[rows], found[rows] = lp, h, ls, hit
+            if eb is not None:
+                ebar[rows] = eb
 
         del work_w, work_e
-        ignored = flat_tokens < 0
-        if n_tok:
-            missing = (found == 0) & ~ignored
-            if bool(missing.any()):  # the same on every rank (found is all-reduced): no rank hangs
-                bad = flat_tokens[missing][:5].tolist()
-                raise ValueError(f"token ids {bad} lie outside the vocabulary covered by the shards")
-        logp.masked_fill_(ignored, 0.0)
+        check_found(flat_tokens, found)
+        logp.masked_fill_(flat_tokens < 0, 0.0)
 
         ctx.save_for_backward(logits, flat_tokens, lse, entropy)
         ctx.vocab_start = vocab_start
@@ -284,25 +371,15 @@ class _VocabParallelTokenStats(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, _grad_ebar: Any
-    ) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
-        none6 = (None,) * 6
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None, None, None]:
+        none7 = (None,) * 7
         logits, flat_tokens, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
-            return (None, *none6)
+            return (None, *none7)
         v_local = logits.shape[-1]
         ct = lse.dtype
-        inv_t = 1.0 / ctx.temperature
         tile_rows = ctx.tile_rows
-        zeros = torch.zeros_like(lse)
-        g_l = zeros if grad_logp is None else grad_logp.reshape(-1).to(ct)
-        g_h = zeros if grad_entropy is None else grad_entropy.reshape(-1).to(ct)
-        g_l = torch.where(flat_tokens < 0, 0.0, g_l)  # ignored targets: logp is a constant 0
-        # dL/dlogit_a = (g_l delta_at - pi_a (g_l + g_H (log pi_a + H))) / T
-        #             = pi_a (a_neg * log pi_a + c) + delta_at g_l / T  with per-token
-        # a_neg = -g_H / T and c = -(g_l + g_H H) / T: one addcmul and one multiply per element.
-        coef = (-g_h * inv_t).unsqueeze(-1)
-        const = (-(g_l + g_h * entropy) * inv_t).unsqueeze(-1)
-        target = (g_l * inv_t).unsqueeze(-1)
+        coef, const, target = grad_coefficients(grad_logp, grad_entropy, flat_tokens, entropy, ctx.temperature)
 
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # contiguous
         grad_flat = grad.view(-1, v_local)
@@ -315,20 +392,13 @@ class _VocabParallelTokenStats(torch.autograd.Function):
             k = tile.shape[0]
             sl = slice(t0, t0 + k)
             a = grad_flat[sl] if in_place else work_a[:k]  # type: ignore[index]
-            pi = work_p[:k]
-            if ctx.temperature == 1.0:
-                torch.sub(tile, lse[sl].unsqueeze(-1), out=a)  # log pi
-            else:
-                a.copy_(tile)  # upcast first: bf16 / T would round in bf16
-                a.div_(ctx.temperature).sub_(lse[sl].unsqueeze(-1))
-            torch.exp(a, out=pi)
-            torch.addcmul(const[sl], a, coef[sl], out=a)
-            a.mul_(pi)
-            idx, owned = _target_index(flat_tokens[sl], ctx.vocab_start, v_local)
-            a.scatter_add_(1, idx.unsqueeze(-1), torch.where(owned.unsqueeze(-1), target[sl], 0.0))
+            tile_grad(
+                tile, a, work_p, flat_tokens[sl], lse[sl], coef[sl], const[sl], target[sl],
+                vocab_start=ctx.vocab_start, temperature=ctx.temperature,
+            )
             if not in_place:
                 grad_flat[sl].copy_(a)
-        return (grad, *none6)
+        return (grad, *none7)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -341,6 +411,7 @@ def vocab_parallel_token_stats(
     group: Any = None,
     chunk_tokens: int = 4096,
     workspace_bytes: int | None = None,
+    ebar: bool = True,
 ) -> TokenStats:
     """Per-token ``(logp, entropy, ebar)`` from this rank's vocabulary slice of the logits.
 
@@ -365,6 +436,8 @@ def vocab_parallel_token_stats(
             the local passes run in (``None``: 4 MiB on CPU, cache-sized; 64 MiB
             on GPU). A tile holds ``max(1, workspace_bytes // (4 V_local))``
             token rows.
+        ebar: compute ``Ebar`` (``False``: it is returned as NaN and its two
+            per-element passes are skipped).
     Returns:
         ``(logp, entropy, ebar)``, each ``[...]`` in the compute dtype (fp32, or
         fp64 for fp64 logits), in nats: ``logp = log pi(token)``,
@@ -404,18 +477,19 @@ def vocab_parallel_token_stats(
         group,
         int(chunk_tokens),
         tile_rows,
+        bool(ebar),
     )
 
 
 def make_token_stats_fn(
-    group: Any = None, *, chunk_tokens: int = 4096, workspace_bytes: int | None = None
+    group: Any = None, *, chunk_tokens: int = 4096, workspace_bytes: int | None = None, ebar: bool = True
 ) -> Callable[[torch.Tensor, torch.Tensor, float], TokenStats]:
     """A :data:`nemo_gdro.trainer.actor.TokenStatsFn` over Megatron's vocabulary-parallel logits.
 
     Args:
         group: the TP process group; ``None`` takes Megatron's tensor-model-
             parallel group and rank (the parallel state must then be initialised).
-        chunk_tokens, workspace_bytes: see :func:`vocab_parallel_token_stats`.
+        chunk_tokens, workspace_bytes, ebar: see :func:`vocab_parallel_token_stats`.
     Returns:
         ``fn(logits [..., V_local], tokens [...], temperature) -> (logp, entropy, ebar)``
         (the actor calls it with ``logits[:, :-1]`` of a micro-batch and
@@ -446,6 +520,7 @@ def make_token_stats_fn(
             group=tp_group if tp_size > 1 else None,
             chunk_tokens=chunk_tokens,
             workspace_bytes=workspace_bytes,
+            ebar=ebar,
         )
 
     return token_stats

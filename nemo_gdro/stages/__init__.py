@@ -98,6 +98,11 @@ class Stages:
         """A stage needs the pre-update policy's token statistics of each mini-batch."""
         return bool(self.modulation.needs_current_policy or self.loss.needs_current_policy)
 
+    @property
+    def needs_ebar(self) -> bool:
+        """A stage reads ``ebar`` from the token statistics (the actor computes it only then)."""
+        return bool(getattr(self.modulation, "needs_ebar", False) or getattr(self.loss, "needs_ebar", False))
+
     def stateful(self) -> dict[str, object]:
         """Checkpoint name -> component with ``state_dict``/``load_state_dict`` (replicated state)."""
         out: dict[str, object] = {}

@@ -108,8 +108,8 @@ class MinibatchView:
         asked for ``current``: :mod:`nemo_gdro.trainer.behaviour`).
     mask: bool ``[b, L]`` response tokens.
     current: the current policy's no-grad token statistics (``logp``,
-        ``entropy``, ``ebar``, each ``[b, L]``) when a stage asked for them
-        (``needs_current_policy``), else ``None``.
+        ``entropy``, and ``ebar`` when a stage ``needs_ebar``, each ``[b, L]``)
+        when a stage asked for them (``needs_current_policy``), else ``None``.
     """
 
     advantages: torch.Tensor
@@ -156,9 +156,14 @@ class AdvantageWeighting(Observer, Protocol):
 
 
 class TokenModulation(Protocol):
-    """Rescales per-token advantages inside the loss (DynaMO's token level)."""
+    """Rescales per-token advantages inside the loss (DynaMO's token level).
+
+    ``needs_ebar``: the stage reads ``ebar`` from the token statistics (the
+    actor skips that statistic otherwise; optional, default ``False``).
+    """
 
     needs_current_policy: bool
+    needs_ebar: bool
 
     def prepare(self, view: MinibatchView) -> Any:
         """Mini-batch-scope statistics (reduced over DP) the loss needs, from the pre-update policy."""

@@ -25,6 +25,7 @@ class NoModulation:
     """Every token keeps its response's advantage."""
 
     needs_current_policy = False
+    needs_ebar = False
 
     @classmethod
     def from_context(cls, ctx: StageContext) -> NoModulation:
@@ -59,6 +60,8 @@ class DynamoModulation:
         self.config = config
         self.dp = dp
         self.needs_current_policy = config.scope == "minibatch"
+        # ebar=sequence_mean derives its centre from logp and entropy alone.
+        self.needs_ebar = config.ebar == "exact"
 
     @classmethod
     def from_context(cls, ctx: StageContext) -> DynamoModulation:
@@ -71,7 +74,7 @@ class DynamoModulation:
         assert now is not None, "DynamoModulation(scope=minibatch) needs the current policy's token statistics"
         adv_tok = view.advantages[:, None].expand_as(now["logp"])
         stats = modulation_stats(
-            adv_tok, now["logp"], view.behaviour_logp, now["entropy"], view.mask, self.config, ebar_exact=now["ebar"]
+            adv_tok, now["logp"], view.behaviour_logp, now["entropy"], view.mask, self.config, ebar_exact=now.get("ebar")
         )
         return stats.reduce(group=self.dp.group) if self.dp.size > 1 else stats
 

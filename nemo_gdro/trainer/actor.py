@@ -35,10 +35,9 @@ Every rank of the job calls every method collectively.
   (DynaMO's ``ModulationStats``, R²VPO's centre) must likewise be reduced
   over DP before the step. DDP then sums the gradients (scale 1), so the
   update equals that of one rank holding all rows.
-* Tensor parallel: the output layer is vocabulary-parallel; with TP > 1 the
-  default token statistics are :func:`nemo_gdro.parallel.vocab_parallel.make_token_stats_fn`,
-  which reduces per-token scalars over the TP group and never gathers the
-  vocabulary.
+* Tensor parallel: the output layer is vocabulary-parallel; the token
+  statistics reduce per-token scalars over the TP group and never gather the
+  vocabulary (see "Token statistics" below).
 * Pipeline parallel: Megatron's 1F1B schedule with ``[S, b, h]`` activations
   (every micro-batch must have the same ``b``); logits, token statistics
   and the loss exist on the last stage only. :meth:`MegatronActor.compute_token_stats`
@@ -47,6 +46,22 @@ Every rank of the job calls every method collectively.
   every rank gets them; a ``loss_fn`` object's own side effects (e.g. its
   accumulators) happen on the last stage only: report what other ranks
   need through its metrics.
+
+Token statistics (the loss pass)
+--------------------------------
+At every TP size (TP = 1 included) the per-token ``logp``, ``entropy`` and
+``ebar`` come from the chunked kernels of :mod:`nemo_gdro.parallel.vocab_parallel`
+(the full-vocabulary reference :func:`nemo_gdro.algorithms.token_stats.full_vocab_token_stats`
+is their test oracle). With ``megatron.fused_linear_token_stats`` (default)
+the model stops at its final hidden states (:mod:`nemo_gdro.models.output_head`)
+and :func:`nemo_gdro.parallel.fused_linear_stats.fused_linear_token_stats`
+applies the output weight chunk by chunk, forward and backward, so a
+micro-batch's ``[tokens, vocab]`` logits never exist; otherwise (or with
+sequence parallelism, or a caller's ``token_stats_fn``) Megatron's output
+layer makes the logits and the statistics read them, and a micro-batch whose
+logits would not fit in memory is refused before the pass
+(:mod:`nemo_gdro.trainer.loss_memory`). ``ebar`` is computed only when the
+actor is built with ``ebar=True`` (a stage needs it).
 
 GPU paths (``megatron`` section, :class:`~nemo_gdro.models.megatron_options.MegatronOptions`)
 --------------------------------------------------------------------------------------
@@ -78,14 +93,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_gdro.algorithms.token_stats import full_vocab_token_stats
 from nemo_gdro.models.fp8 import padded_length
 from nemo_gdro.models.gpt import GPTSpec, build_gpt
 from nemo_gdro.models.hf_mapping import export_to_hf, import_from_hf
 from nemo_gdro.models.megatron_options import MegatronOptions, check_environment, check_model, host_info
+from nemo_gdro.models.output_head import final_hidden_states, output_weight, supports_hidden_output
 from nemo_gdro.parallel import comm
 from nemo_gdro.parallel.distributed import preserved_rng_state, seed_everything
+from nemo_gdro.parallel.fused_linear_stats import fused_linear_token_stats
 from nemo_gdro.parallel.vocab_parallel import make_token_stats_fn
+from nemo_gdro.trainer.errors import RunError
+from nemo_gdro.trainer.loss_memory import loss_pass_problem
 from nemo_gdro.trainer.microbatch import (
     MicroBatch,
     pipeline_micro_batch_size,
@@ -119,8 +137,8 @@ class StepReport(dict):
         self.rows = {}
 
 #: ``(logits [..., V_local], targets [...], temperature) -> (logp, entropy, ebar)``, each
-#: ``[...]`` fp32 nats. The TP=1 default is the full-vocabulary reference; a
-#: vocabulary-parallel implementation plugs in here for TP > 1.
+#: ``[...]`` fp32 nats, over this rank's vocabulary shard of the logits (the default is
+#: :func:`nemo_gdro.parallel.vocab_parallel.make_token_stats_fn` at every TP size).
 TokenStatsFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -239,8 +257,11 @@ class MegatronActor:
         temperature: sampling temperature applied to logits before all statistics.
         params_dtype: parameter dtype (fp32 on CPU, bf16 on GPU).
         token_stats_fn: logits -> per-token statistics (see :data:`TokenStatsFn`);
-            default: the full-vocabulary reference with TP = 1 and the
-            vocabulary-parallel one over the TP group with TP > 1.
+            default: the fused hidden-state path (``megatron.fused_linear_token_stats``)
+            or the chunked vocabulary-parallel one over the TP group, at every TP size.
+            A caller's function always reads the logits.
+        ebar: compute DynaMO's ``ebar`` in every pass (``False``: the stats dicts
+            have ``logp`` and ``entropy`` only; set it from the stages' ``needs_ebar``).
         megatron: layer implementation, FP8, recompute, sequence parallelism,
             distributed optimizer, offloading (default: local spec, none of them).
             Invalid for this host or model -> ``ConfigError`` naming the key.
@@ -260,6 +281,7 @@ class MegatronActor:
         token_stats_fn: TokenStatsFn | None = None,
         megatron: MegatronOptions | None = None,
         sequence_multiple: int | None = None,
+        ebar: bool = True,
     ) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import (
@@ -279,10 +301,14 @@ class MegatronActor:
             raise ValueError(
                 f"model.num_query_groups ({spec.num_query_groups}) must be divisible by tensor_parallel ({tp_size})"
             )
-        if token_stats_fn is None:
-            # With TP > 1 each rank holds a vocabulary slice of the logits.
-            token_stats_fn = full_vocab_token_stats if tp_size == 1 else make_token_stats_fn()
-        self.token_stats_fn = token_stats_fn
+        self.ebar = bool(ebar)
+        self._custom_stats = token_stats_fn is not None
+        # Each TP rank holds a vocabulary slice of the output layer; with TP = 1 the group is
+        # skipped and the chunked kernels run without communication.
+        self._tp_size = tp_size
+        self._tp_group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
+        self._tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.token_stats_fn = token_stats_fn if token_stats_fn is not None else make_token_stats_fn(ebar=self.ebar)
         self._pp_size = parallel_state.get_pipeline_model_parallel_world_size()
         if spec.num_layers % self._pp_size != 0:
             raise ValueError(
@@ -327,6 +353,14 @@ class MegatronActor:
         config.finalize_model_grads_func = _finalize_grads_globally_normalised
         config.no_sync_func = self.model.no_sync
         self._params_dtype = params_dtype
+        #: Why the loss pass reads Megatron's logits instead of the fused hidden-state path (``None``: fused).
+        self.logits_path_reason: str | None
+        if self._custom_stats:
+            self.logits_path_reason = "a caller's token_stats_fn"
+        elif not megatron.fused_linear_token_stats:
+            self.logits_path_reason = "megatron.fused_linear_token_stats=false"
+        else:
+            self.logits_path_reason = supports_hidden_output(module)
         self.optimizer = self._build_optimizer(optim)
         self.step_count = 0  # optimizer steps taken (drives the LR schedule)
 
@@ -373,6 +407,11 @@ class MegatronActor:
         self.step_count = 0
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def fused_token_stats(self) -> bool:
+        """The loss pass never materialises the logits (module doc, "Token statistics")."""
+        return self.logits_path_reason is None
+
     @property
     def module(self) -> torch.nn.Module:
         """The bare ``GPTModel`` (no DDP wrapper)."""
@@ -453,12 +492,29 @@ class MegatronActor:
             )
         return out
 
-    def _stats(
-        self, logits: torch.Tensor, tokens: torch.Tensor, seq_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``logits [b, S', V]`` of padded ``tokens [b, S']`` -> (logp, entropy, ebar), each ``[b, S-1]`` fp32
-        for the first ``seq_len = S`` (real) positions."""
-        return self.token_stats_fn(logits[:, : seq_len - 1], tokens[:, 1:seq_len], self.temperature)
+    def _stats(self, output: torch.Tensor, tokens: torch.Tensor, seq_len: int) -> dict[str, torch.Tensor]:
+        """The model's output for padded ``tokens [b, S']`` -> ``logp``, ``entropy`` (and ``ebar``
+        when :attr:`ebar`), each ``[b, S-1]`` fp32 for the first ``seq_len = S`` (real) positions.
+
+        ``output`` is the logits ``[b, S', V_local]``, or with the fused path the final
+        hidden states ``[S', b, h]`` (sequence first, as Megatron keeps them).
+        """
+        targets = tokens[:, 1:seq_len]
+        if self.fused_token_stats:
+            weight = output_weight(self.module)  # [V_local, h]; shards are equal (Megatron's layout)
+            # [S-1, b] statistics of [S-1, b, h] hidden states; the transposes are views.
+            logp, entropy, ebar = fused_linear_token_stats(
+                output[: seq_len - 1], weight, targets.t(),
+                vocab_start=self._tp_rank * weight.shape[0], temperature=self.temperature, group=self._tp_group,
+                ebar=self.ebar,
+            )
+            logp, entropy, ebar = logp.t(), entropy.t(), ebar.t()
+        else:
+            logp, entropy, ebar = self.token_stats_fn(output[:, : seq_len - 1], targets, self.temperature)
+        stats = {"logp": logp, "entropy": entropy}
+        if self.ebar:
+            stats["ebar"] = ebar.detach()
+        return stats
 
     def _forward_step(
         self, loss_fn: LossFn | None, data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module
@@ -468,17 +524,18 @@ class MegatronActor:
         tokens = batch["tokens"]
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
         # attention_mask None: the layer spec applies the causal mask itself.
-        logits = model(tokens, position_ids, None)
-        return logits, partial(self._loss_func, loss_fn, batch)
+        with final_hidden_states(self.module) if self.fused_token_stats else contextlib.nullcontext():
+            output = model(tokens, position_ids, None)
+        return output, partial(self._loss_func, loss_fn, batch)
 
     def _loss_func(
-        self, loss_fn: LossFn | None, batch: dict[str, Any], logits: torch.Tensor, non_loss_data: bool = False
+        self, loss_fn: LossFn | None, batch: dict[str, Any], output: torch.Tensor, non_loss_data: bool = False
     ):
-        logp, entropy, ebar = self._stats(logits, batch["tokens"], batch["seq_len"])
+        stats = self._stats(output, batch["tokens"], batch["seq_len"])
         if non_loss_data:  # compute_token_stats (forward only)
-            return {"logp": logp, "entropy": entropy, "ebar": ebar}
+            return stats
         assert loss_fn is not None
-        out = loss_fn({"logp": logp, "entropy": entropy, "ebar": ebar.detach()}, batch["extras"])
+        out = loss_fn(stats, batch["extras"])
         if not isinstance(out, tuple) or len(out) not in (2, 3):
             raise ValueError("loss_fn must return (loss, metrics) or (loss, metrics, row_outputs)")
         loss, metrics = out[0], out[1]
@@ -498,7 +555,7 @@ class MegatronActor:
             reported[ROW_PREFIX + key] = value.detach().to(torch.float64)
         # 3-tuple + calculate_per_token_loss: megatron does not rescale the loss. The count
         # is only accumulated for finalize_model_grads, which ignores it (module doc).
-        return loss, torch.ones((), dtype=torch.int, device=logits.device), reported
+        return loss, torch.ones((), dtype=torch.int, device=output.device), reported
 
     def _run_schedule(self, micro_batches: list[dict[str, Any]], loss_fn: LossFn | None, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -520,7 +577,7 @@ class MegatronActor:
     def compute_token_stats(
         self, tokens: torch.Tensor, *, micro_batch_size: int | None = None, lengths: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Per-token ``logp``, ``entropy``, ``ebar``, each ``[B, S-1]`` fp32 nats, without grad.
+        """Per-token ``logp``, ``entropy`` (and ``ebar`` when :attr:`ebar`), each ``[B, S-1]`` fp32 nats, without grad.
 
         Runs in micro-batches of ``micro_batch_size`` (default: the optimizer
         config's) through Megatron's schedule (forward only). ``tokens`` are
@@ -532,13 +589,14 @@ class MegatronActor:
         (values at padding positions carry no meaning in either plan).
         """
         plan = self._plan(tokens, {}, micro_batch_size, lengths)
+        self._check_memory(plan)
         micro_batches = self._micro_batches(tokens, {}, plan)
         self.model.eval()
         try:
             outputs = self._run_schedule(micro_batches, None, forward_only=True)
         finally:
             self.model.train()
-        keys = ("logp", "entropy", "ebar")
+        keys = ("logp", "entropy", "ebar") if self.ebar else ("logp", "entropy")
         b, s = tokens.shape
         if self._is_last_stage:
             stacked = torch.zeros(len(keys), b, s - 1, dtype=torch.float32, device=self.device)
@@ -573,10 +631,26 @@ class MegatronActor:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         plan = self._plan(tokens, extras, micro_batch_size, lengths)
+        self._check_memory(plan)
         reported = self._run_schedule(self._micro_batches(tokens, extras, plan), loss_fn, forward_only=False)
         report = self._reduce_reported(reported, torch.cat([mb.index for mb in plan]))
         report["num_microbatches"] = float(len(plan))
         return report
+
+    def _check_memory(self, plan: list[MicroBatch]) -> None:
+        """Refuse, before any allocation and on every rank alike, a plan whose largest micro-batch's
+        loss pass would not fit in the last stage's free memory (:mod:`~nemo_gdro.trainer.loss_memory`)."""
+        problem = None
+        if self._is_last_stage:
+            tokens = max(len(mb.index) * padded_length(mb.width, self.sequence_multiple) for mb in plan)
+            problem = loss_pass_problem(
+                tokens, vocab_local=self.spec.vocab_size // self._tp_size, hidden=self.spec.hidden_size,
+                param_bytes=torch.empty((), dtype=self._params_dtype).element_size(),
+                fused=self.fused_token_stats, device=self.device,
+            )
+        if not _all_ranks(problem is None):  # every rank stops, none waits in a collective
+            raise RunError(problem or "a micro-batch's loss pass does not fit in memory on another rank: lower "
+                           "trainer.micro_batch_size or set trainer.max_tokens_per_microbatch")
 
     def _reduce_reported(self, reported: list[dict[str, torch.Tensor]], row_order: torch.Tensor) -> StepReport:
         """The one channel out of the loss: scalars summed over micro-batches and DP ranks,

@@ -235,17 +235,6 @@ def _build(cfg: RunConfig, tokenizer: Any, verifiers: VerifierSet) -> Components
         max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
     )
     temperature = cfg.rollout.temperature
-
-    def new_actor(optim: OptimConfig) -> MegatronActor:
-        return MegatronActor(
-            init.spec, optim, seed=cfg.seed, temperature=temperature, params_dtype=cfg.model.torch_dtype,
-            megatron=cfg.megatron,
-        )
-
-    actor = new_actor(sft_optim)
-    init.initialize(actor)
-    reference = KLReference(lambda: new_actor(rl_optim)) if cfg.algorithm.policy_loss.kl_coef > 0 else NoReference()
-
     store = ShardedPromptStats(
         len(task.train), cfg.algorithm.stats, group=dp.group, gather_capacity=-(-cfg.trainer.prompts_per_step // dp.size)
     )
@@ -255,6 +244,21 @@ def _build(cfg: RunConfig, tokenizer: Any, verifiers: VerifierSet) -> Components
         reward_range=task.verifier.reward_range, dp=dp,
     )
     stages = build_stages(ctx)
+
+    def new_actor(optim: OptimConfig, ebar: bool) -> MegatronActor:
+        return MegatronActor(
+            init.spec, optim, seed=cfg.seed, temperature=temperature, params_dtype=cfg.model.torch_dtype,
+            megatron=cfg.megatron, ebar=ebar,
+        )
+
+    # The stages decide which token statistics the loss passes compute (DynaMO's exact Ebar only
+    # when a stage reads it); the KL reference needs log-probs only.
+    actor = new_actor(sft_optim, stages.needs_ebar)
+    init.initialize(actor)
+    reference = (
+        KLReference(lambda: new_actor(rl_optim, False)) if cfg.algorithm.policy_loss.kl_coef > 0 else NoReference()
+    )
+
     r2vpo = cfg.algorithm.r2vpo
     replay = (
         GroupReplay(ReplayBuffer(r2vpo.staleness, cfg.seed), r2vpo.replay_ratio, dp.rank, dp.size)

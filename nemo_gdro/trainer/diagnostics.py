@@ -34,7 +34,7 @@ def modulation_extremes(modulation: Any, view: Any, context: Any, dp: Any) -> di
     adv = view.advantages[:, None].expand_as(now["logp"])
     _, m = modulate_advantages(
         adv, now["logp"], view.behaviour_logp, now["entropy"], view.mask, modulation.config,
-        ebar_exact=now["ebar"], stats=context,
+        ebar_exact=now.get("ebar"), stats=context,
     )
     names = ("beta_comp", "beta_stab")
     if int(m["num_tokens"]) > 0:

@@ -318,6 +318,20 @@ def test_only_requested_gradients():
         assert not vocab_parallel_token_stats(x, tokens, vocab_start=0)[0].requires_grad
 
 
+def test_ebar_skipped_when_not_asked():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 5, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 40, (3, 5), generator=g)
+    full = vocab_parallel_token_stats(x, tokens, vocab_start=0)
+    lean = vocab_parallel_token_stats(x, tokens, vocab_start=0, ebar=False)
+    assert torch.isnan(lean[2]).all() and not torch.isnan(full[2]).any()
+    for a, b in zip(lean[:2], full[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (g_lean,) = torch.autograd.grad(lean[0].sum() + lean[1].sum(), x)
+    (g_full,) = torch.autograd.grad(full[0].sum() + full[1].sum(), x)
+    torch.testing.assert_close(g_lean, g_full, rtol=0, atol=0)
+
+
 def test_low_precision_input_computes_in_fp32():
     g = torch.Generator().manual_seed(6)
     x = (torch.randn(3, 200, generator=g) * 3).to(torch.bfloat16)

@@ -145,6 +145,36 @@ def test_loss_stages_prepare_their_contexts():
     assert mod.needs_current_policy and not mod.prepare(view).empty
 
 
+@pytest.mark.parametrize(
+    "choices, ebar_mode, needs",
+    [({}, "exact", False), ({"loss": "r2vpo"}, "exact", False), ({"token_modulation": "dynamo"}, "exact", True),
+     ({"token_modulation": "dynamo"}, "sequence_mean", False)],
+)
+def test_ebar_is_needed_only_by_exact_dynamo_modulation(choices, ebar_mode, needs):
+    section = algorithm(**choices)
+    section["dynamo"]["modulation"]["ebar"] = ebar_mode
+    setup = AlgorithmSetup.from_dict(section, n_bar=N_BAR)
+    store = PromptStatsStore(N, setup.stats)
+    stages = build_stages(StageContext(setup, store, DifficultyClassifier(setup.difficulty, store), N, seed=3))
+    assert stages.needs_ebar is needs
+
+
+def test_sequence_mean_modulation_runs_without_ebar():
+    """ebar=sequence_mean: prepare and modulate work from statistics that have no ``ebar``."""
+    section = algorithm(token_modulation="dynamo")
+    section["dynamo"]["modulation"]["ebar"] = "sequence_mean"
+    setup = AlgorithmSetup.from_dict(section, n_bar=N_BAR)
+    mod = DynamoModulation(setup.dynamo_modulation, ctx_dp())
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(2, 3, generator=g)
+    stats = {"logp": logp, "entropy": torch.rand(2, 3, generator=g) + 0.5}
+    view = MinibatchView(advantages=torch.tensor([1.0, -1.0]), behaviour_logp=logp - 0.1,
+                         mask=torch.ones(2, 3, dtype=torch.bool), current=stats)
+    context = mod.prepare(view)
+    adv, _ = mod.modulate(view.advantages[:, None].expand(2, 3), stats, view.behaviour_logp, view.mask, context)
+    assert torch.isfinite(adv).all()
+
+
 def ctx_dp():
     from nemo_gdro.parallel.rows import DataParallel
 

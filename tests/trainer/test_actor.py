@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 import os
 
 import pytest
@@ -12,8 +14,12 @@ pytest.importorskip("megatron.core")
 
 from nemo_gdro.algorithms.token_stats import full_vocab_token_stats  # noqa: E402
 from nemo_gdro.models.gpt import PRESETS, build_gpt  # noqa: E402
+from nemo_gdro.models.megatron_options import MegatronOptions  # noqa: E402
+from nemo_gdro.parallel.fused_linear_stats import chunk_rows_for  # noqa: E402
 from nemo_gdro.parallel.distributed import destroy_distributed, init_distributed  # noqa: E402
 from nemo_gdro.trainer.actor import MegatronActor, OptimConfig  # noqa: E402
+from nemo_gdro.trainer.errors import RunError  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 SPEC = PRESETS["tiny"]
 B, S = 6, 20
@@ -228,6 +234,122 @@ def test_input_validation(actor):
         actor.forward_backward(tokens, {"mask": extras["mask"][:3]}, _sft_loss(1.0))
     with pytest.raises(ValueError, match="optim.lr"):
         OptimConfig(lr=0.0)
+
+
+# ---------------------------------------------------------------------------- loss-pass paths
+def test_loss_pass_paths_agree_on_a_training_step(dist_env):
+    """Fused hidden-state path (default), chunked statistics over Megatron's logits, and the
+    full-vocabulary reference: the same token statistics, loss, gradient norm and updated weights."""
+    tokens, extras = _batch(1)
+    loss_fn = _pg_loss(float(extras["mask"].sum()))
+    optim = OptimConfig(lr=1e-2, micro_batch_size=4)
+    actors = {
+        "fused": MegatronActor(SPEC, optim, seed=7, temperature=0.8),
+        "logits": MegatronActor(SPEC, optim, seed=7, temperature=0.8,
+                                megatron=MegatronOptions(fused_linear_token_stats=False)),
+        "reference": MegatronActor(SPEC, optim, seed=7, temperature=0.8, token_stats_fn=full_vocab_token_stats),
+    }
+    assert actors["fused"].fused_token_stats and actors["fused"].logits_path_reason is None
+    assert actors["logits"].logits_path_reason == "megatron.fused_linear_token_stats=false"
+    assert actors["reference"].logits_path_reason == "a caller's token_stats_fn"
+    results = {}
+    for name, a in actors.items():
+        stats = a.compute_token_stats(tokens)
+        out = a.forward_backward(tokens, extras, loss_fn)
+        grads = a.gradients()
+        out.update(a.optimizer_step())
+        results[name] = (stats, out, grads)
+    ref_stats, ref_out, ref_grads = results["reference"]
+    for name in ("fused", "logits"):
+        stats, out, grads = results[name]
+        for key in ("logp", "entropy", "ebar"):
+            torch.testing.assert_close(stats[key], ref_stats[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+        assert out["loss"] == pytest.approx(ref_out["loss"], rel=1e-5, abs=1e-7)
+        assert out["grad_norm"] == pytest.approx(ref_out["grad_norm"], rel=1e-5)
+        for key, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+class _LargestVocabTensor(TorchDispatchMode):
+    """The most rows of any ``[..., V]`` tensor an op produces (leading dims flattened)."""
+
+    def __init__(self, v: int) -> None:
+        super().__init__()
+        self.v, self.rows = v, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.v:
+                self.rows = max(self.rows, t.numel() // self.v)
+        return out
+
+
+def test_loss_pass_never_holds_a_micro_batchs_logits(dist_env):
+    """At the real Qwen3 vocabulary the training pass only ever holds one chunk's logits
+    (55 token rows of 151,936 in 32 MiB), not the micro-batch's 4 x 40. (Hidden size 32 < 55:
+    the transposed ``[h, V]`` weight view is not mistaken for a logits chunk.)"""
+    spec = dataclasses.replace(SPEC, vocab_size=151_936, hidden_size=32)
+    actor = MegatronActor(spec, OptimConfig(lr=1e-3, micro_batch_size=4), seed=1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, spec.vocab_size, (4, 40), generator=g)
+    extras = {"mask": torch.ones(4, 39), "advantages": torch.randn(4, generator=g)}
+    with _LargestVocabTensor(spec.vocab_size) as seen:
+        out = actor.forward_backward(tokens, extras, _pg_loss(4 * 39.0))
+    assert math.isfinite(out["loss"])
+    assert 0 < seen.rows <= chunk_rows_for(None, spec.vocab_size, torch.float32, torch.device("cpu")) == 55
+    actor.model.zero_grad_buffer()
+
+
+def test_ebar_only_when_asked(dist_env):
+    """Built with ebar=False (no stage reads it) the passes skip it; nothing else changes."""
+    tokens, extras = _batch(2)
+    optim = OptimConfig(lr=1e-2, micro_batch_size=3)
+    seen: list[set[str]] = []
+    base = _sft_loss(float(extras["mask"].sum()))
+
+    def loss_fn(stats, extras):
+        seen.append(set(stats))
+        return base(stats, extras)
+
+    results = []
+    for ebar in (True, False):
+        a = MegatronActor(SPEC, optim, seed=3, ebar=ebar)
+        stats = a.compute_token_stats(tokens)
+        assert set(stats) == ({"logp", "entropy", "ebar"} if ebar else {"logp", "entropy"})
+        out = a.forward_backward(tokens, extras, loss_fn)
+        results.append((stats, out["loss"], a.gradients()))
+        a.model.zero_grad_buffer()
+    assert seen == [{"logp", "entropy", "ebar"}] * 2 + [{"logp", "entropy"}] * 2
+    (s1, l1, g1), (s2, l2, g2) = results
+    assert l1 == l2
+    for key in ("logp", "entropy"):
+        torch.testing.assert_close(s1[key], s2[key], rtol=0, atol=0)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_micro_batch_too_large_for_memory_is_refused_before_the_pass(dist_env, monkeypatch, fused):
+    from nemo_gdro.trainer import loss_memory
+
+    a = MegatronActor(SPEC, OptimConfig(lr=1e-2, micro_batch_size=6), seed=4,
+                      megatron=MegatronOptions(fused_linear_token_stats=fused))
+    before = {k: v.clone() for k, v in a.module.state_dict().items() if "extra" not in k}
+    monkeypatch.setattr(loss_memory, "free_memory_bytes", lambda device: 2**20)  # a host with 1 MiB free
+    tokens, extras = _batch()
+    for call in (lambda: a.compute_token_stats(tokens), lambda: a.train_step(tokens, extras, _sft_loss(1.0))):
+        with pytest.raises(RunError) as err:
+            call()
+        msg = str(err.value)
+        assert "\n" not in msg and "120 tokens" in msg and "1.00 MiB" not in msg
+        assert "trainer.micro_batch_size" in msg and "trainer.max_tokens_per_microbatch" in msg
+        assert ("megatron.fused_linear_token_stats=true" in msg) is not fused
+    for k, v in a.module.state_dict().items():
+        if k in before:
+            assert torch.equal(v, before[k]), k
+    monkeypatch.undo()
+    assert a.compute_token_stats(tokens)["logp"].shape == (B, S - 1)
 
 
 # ---------------------------------------------------------------------------- DP = 2 (gloo, 2 processes)
