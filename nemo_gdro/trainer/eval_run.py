@@ -124,10 +124,9 @@ def _config_for(target: Path, overrides: list[str], config_name: str) -> tuple[A
             "nor a Hugging Face checkpoint (config.json)"
         )
     if getattr(cfg.data, "eval_files", None) == {}:
-        raise ConfigError(
-            f"nothing to evaluate: data.eval_files is empty for data.task={cfg.data.task}; give "
-            "+data.eval_files.<benchmark>=[FILE] (e.g. math500, aime24, gpqa_diamond)"
-        )
+        from nemo_gdro.trainer.phases import no_eval_suites
+
+        raise ConfigError(f"nothing to evaluate: {no_eval_suites(cfg)}")
     return cfg, ckpt
 
 

@@ -50,7 +50,7 @@ def test_math_task_keys_evaluate_an_hf_dir(qwen, tmp_path):
     # training step draws) is no reason to refuse.
     task = ["data=math", f"data.train_files=[{train}]", "reward.verifier=dapo_math", "reward.num_workers=1",
             "eval.k=1", "rollout.max_new_tokens=3"]
-    with pytest.raises(ConfigError, match=r"data.eval_files is empty .*\+data.eval_files.<benchmark>=\[FILE\]"):
+    with pytest.raises(ConfigError, match=r"nothing to evaluate: .*data.eval_files is empty.*\+data.eval_files.<benchmark>=\[FILE\]"):
         _config_for(qwen, task, "train")
     metrics = evaluate_target(qwen, [*task, f"+data.eval_files.math500=[{math500}]"])
     assert 0.0 <= metrics["eval/pass@1"] <= 1.0
