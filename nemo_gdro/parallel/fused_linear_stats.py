@@ -39,8 +39,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from nemo_gdro.parallel import comm
 from nemo_gdro.parallel.vocab_parallel import (
     TokenStats,
     _compute_dtype,
@@ -178,8 +178,8 @@ class _FusedLinearTokenStats(torch.autograd.Function):
                     torch.mm(g.t(), x[rows], out=w_tmp)
                     grad_w.add_(w_tmp)
         if grad_x is not None and _group_size(group) > 1:
-            # Every shard contributes its vocabulary slice's part of dL/dhidden.
-            dist.all_reduce(grad_x, op=dist.ReduceOp.SUM, group=group)
+            # Every shard contributes its vocabulary slice's part of dL/dhidden ([N, h]: small next to logits).
+            grad_x = comm.all_reduce(grad_x, group=group)
         gx = None if grad_x is None else grad_x.view(hidden.shape)
         gw = None if grad_w is None else grad_w.to(weight.dtype)
         return (gx, gw, *none7)
