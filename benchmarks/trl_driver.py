@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         bf16=False,
         fp16=False,
         model_init_kwargs={"dtype": torch.float32},
-        gradient_checkpointing=False,
         logging_steps=1,
         report_to="none",
         save_strategy="no",
