@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-vllm run test test-slurm test-vllm bench gpu-wheels gpu-check-dry clean
+.PHONY: setup setup-vllm setup-trl run test test-slurm test-vllm bench bench-trl gpu-wheels gpu-check-dry clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,27 @@ test-vllm: $(VLLM_STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/controllers.py
 
+# A separate venv with TRL for benchmarks/vs_trl.py (the side-by-side with TRL's
+# GRPOTrainer); TRL is never a dependency of the package. The same CPU torch first,
+# so pip keeps it; the driver imports our verifier from the source tree (not an install),
+# so the venv gets math-verify, the verifier's one dependency.
+TRL_VENV  ?= .venv-trl
+TRL_PY    := $(TRL_VENV)/bin/python
+TRL_SPEC  ?= trl==1.16.0
+TRL_STAMP := $(TRL_VENV)/.installed-stamp
+
+$(TRL_STAMP): Makefile
+	test -x $(TRL_PY) || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(TRL_PY) -m pip install -q "$(TORCH_SPEC)" "$(TRL_SPEC)" "math-verify==0.9.0"
+	touch $(TRL_STAMP)
+
+setup-trl: $(TRL_STAMP)
+
+# The full side-by-side (both sizes, 3 pairs); writes benchmarks/results/vs_trl.{json,md}.
+bench-trl: $(STAMP) $(TRL_STAMP)
+	$(PY) benchmarks/vs_trl.py
+
 # Wheels for scripts/gpu_check.sh on a GPU host without network (Python 3.12, x86-64):
 # megatron-core and the pure-python packages of ours that such a host lacks. antlr4 4.9.3
 # (hydra-core's parser runtime) is published as an sdist only, so it is built into a wheel here.
@@ -77,4 +98,4 @@ gpu-check-dry: $(STAMP)
 	PYTHON=$(PY) bash scripts/gpu_check.sh --cpu-dry-run --out outputs/gpu_check_dry/gpu_check.json
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) .pytest_cache .hypothesis

@@ -1,6 +1,6 @@
 """Tiny random Hugging Face checkpoints in the real formats, with the real Qwen3 tokenizer files.
 
-``python -m nemo_gdro.testing.tiny_hf OUT_DIR [--arch qwen3|qwen2|llama] [--untied] ...`` writes
+``python -m nemo_gdro.testing.tiny_hf OUT_DIR [--arch qwen3|qwen2|llama] [--untied] [--layers L] [--hidden H] ...`` writes
 
 * a randomly initialised ``Qwen3ForCausalLM`` (or Qwen2 / Llama) with the real
   Qwen3 vocabulary size (151,936 rows: hidden 32, 2 layers, 4 query / 2 key-value
@@ -80,20 +80,29 @@ def tiny_hf_config(
     num_layers: int = 2,
     vocab_size: int = QWEN3_VOCAB_SIZE,
     dtype: torch.dtype = torch.float32,
+    hidden_size: int = 32,
 ) -> Any:
-    """The ``transformers`` config of the tiny model (Qwen3 ties embeddings by default, like Qwen3-0.6B)."""
+    """The ``transformers`` config of the tiny model (Qwen3 ties embeddings by default, like Qwen3-0.6B).
+
+    ``hidden_size`` (a multiple of 16) scales the width: MLP ``2 x hidden``,
+    ``hidden / 8`` query and ``hidden / 16`` key-value heads of 16 dims (Qwen3; 8 dims
+    for Qwen2 / Llama), so the default 32 is the 4 / 2-head model above and 512 with
+    8 layers is about 103M parameters (78M of them the tied embedding).
+    """
     transformers = import_optional("transformers", "hf", "building a tiny HF checkpoint")
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {list(_ARCHS)}, got {arch!r}")
+    if not isinstance(hidden_size, int) or hidden_size < 16 or hidden_size % 16:
+        raise ValueError(f"hidden_size must be a positive multiple of 16, got {hidden_size!r}")
     if tie_word_embeddings is None:
         tie_word_embeddings = arch == "qwen3"
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=hidden_size // 8,
+        num_key_value_heads=hidden_size // 16,
         max_position_embeddings=40_960,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tie_word_embeddings,
@@ -133,6 +142,7 @@ def build_tiny_hf(
     arch: str = "qwen3",
     tie_word_embeddings: bool | None = None,
     num_layers: int = 2,
+    hidden_size: int = 32,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -144,12 +154,15 @@ def build_tiny_hf(
         arch: ``qwen3`` (q/k norm), ``qwen2`` (qkv bias) or ``llama``.
         tie_word_embeddings: default ``True`` for Qwen3, ``False`` otherwise.
         num_layers: decoder layers (keep it divisible by the pipeline size you test).
+        hidden_size: model width, a multiple of 16 (see :func:`tiny_hf_config`).
         seed: weight seed (the caller's RNG state is left untouched).
         dtype: stored dtype (``torch.float32`` or ``torch.bfloat16``).
         max_shard_bytes: ``save_pretrained``'s ``max_shard_size`` in bytes.
         tokenizer: copy the real Qwen3 tokenizer files.
     """
-    config = tiny_hf_config(arch, tie_word_embeddings=tie_word_embeddings, num_layers=num_layers, dtype=dtype)
+    config = tiny_hf_config(
+        arch, tie_word_embeddings=tie_word_embeddings, num_layers=num_layers, dtype=dtype, hidden_size=hidden_size
+    )
     model = _random_model(config, seed).to(dtype)
     tok_dir = qwen3_tokenizer_dir() if tokenizer else None
     with atomic_directory(out_dir) as tmp:
@@ -176,16 +189,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     tie.add_argument("--tied", dest="tied", action="store_true", default=None, help="tie lm_head to the embedding")
     tie.add_argument("--untied", dest="tied", action="store_false", help="separate lm_head")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=32, help="hidden size, a multiple of 16 (512: ~103M with 8 layers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
     parser.add_argument("--no-tokenizer", action="store_true", help="do not copy the Qwen3 tokenizer files")
     args = parser.parse_args(argv)
+    if args.hidden < 16 or args.hidden % 16:
+        parser.error(f"--hidden must be a positive multiple of 16, got {args.hidden}")
     out = build_tiny_hf(
         args.out_dir,
         arch=args.arch,
         tie_word_embeddings=args.tied,
         num_layers=args.layers,
+        hidden_size=args.hidden,
         seed=args.seed,
         dtype=getattr(torch, args.dtype),
         max_shard_bytes=args.max_shard_bytes,
