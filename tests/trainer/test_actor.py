@@ -19,7 +19,7 @@ from nemo_gdro.parallel.fused_linear_stats import chunk_rows_for  # noqa: E402
 from nemo_gdro.parallel.distributed import destroy_distributed, init_distributed  # noqa: E402
 from nemo_gdro.trainer.actor import MegatronActor, OptimConfig  # noqa: E402
 from nemo_gdro.trainer.errors import RunError  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from tests.parallel.test_fused_linear_stats import _LargestVocabTensor  # noqa: E402  (the same probe)
 
 SPEC = PRESETS["tiny"]
 B, S = 6, 20
@@ -268,21 +268,6 @@ def test_loss_pass_paths_agree_on_a_training_step(dist_env):
         assert out["grad_norm"] == pytest.approx(ref_out["grad_norm"], rel=1e-5)
         for key, g in grads.items():
             torch.testing.assert_close(g, ref_grads[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
-
-
-class _LargestVocabTensor(TorchDispatchMode):
-    """The most rows of any ``[..., V]`` tensor an op produces (leading dims flattened)."""
-
-    def __init__(self, v: int) -> None:
-        super().__init__()
-        self.v, self.rows = v, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.v:
-                self.rows = max(self.rows, t.numel() // self.v)
-        return out
 
 
 def test_loss_pass_never_holds_a_micro_batchs_logits(dist_env):
