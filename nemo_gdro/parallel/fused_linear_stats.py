@@ -42,11 +42,11 @@ import torch
 
 from nemo_gdro.parallel import comm
 from nemo_gdro.parallel.vocab_parallel import (
+    StatBuffers,
     TokenStats,
     _compute_dtype,
     _group_size,
     _tile_rows,
-    check_found,
     chunk_stats,
     grad_coefficients,
     tile_grad,
@@ -93,11 +93,7 @@ class _FusedLinearTokenStats(torch.autograd.Function):
         dev = hidden.device
         flat_tokens = tokens.reshape(-1).long()
 
-        logp = torch.empty(n_tok, dtype=ct, device=dev)
-        entropy = torch.empty_like(logp)
-        ebar = torch.full_like(logp, float("nan"))
-        lse = torch.empty_like(logp)
-        found = torch.empty_like(logp)
+        out = StatBuffers(n_tok, ct, dev)
 
         rows_buf = torch.empty(max(1, min(chunk_rows, n_tok)), v_local, dtype=weight.dtype, device=dev)
         ws_rows = max(1, min(tile_rows, rows_buf.shape[0]))
@@ -110,23 +106,19 @@ class _FusedLinearTokenStats(torch.autograd.Function):
             logits = rows_buf[:n]
             torch.mm(x[rows], w_t, out=logits)
             tiles = [(t0, logits[t0 : t0 + tile_rows]) for t0 in range(0, n, tile_rows)]
-            lp, h, eb, ls, hit = chunk_stats(
+            out.store(rows, chunk_stats(
                 tiles, flat_tokens[rows], vocab_start=vocab_start, temperature=temperature, group=group,
                 work_w=work_w, work_e=work_e, ebar=want_ebar,
-            )
-            logp[rows], entropy[rows], lse[rows], found[rows] = lp, h, ls, hit
-            if eb is not None:
-                ebar[rows] = eb
+            ))
         del rows_buf, work_w, work_e
-        check_found(flat_tokens, found)
-        logp.masked_fill_(flat_tokens < 0, 0.0)
+        out.finish(flat_tokens)
 
-        ctx.save_for_backward(hidden, weight, flat_tokens, lse, entropy)
+        ctx.save_for_backward(hidden, weight, flat_tokens, out.lse, out.entropy)
         ctx.cfg = (vocab_start, temperature, group, chunk_rows, tile_rows)
-        ebar = ebar.view(lead)
+        ebar = out.ebar.view(lead)
         ctx.mark_non_differentiable(ebar)
         ctx.set_materialize_grads(False)
-        return logp.view(lead), entropy.view(lead), ebar
+        return out.logp.view(lead), out.entropy.view(lead), ebar
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -251,6 +251,30 @@ def check_found(flat_tokens: torch.Tensor, found: torch.Tensor) -> None:
             raise ValueError(f"token ids {bad} lie outside the vocabulary covered by the shards")
 
 
+class StatBuffers:
+    """The per-token outputs of one statistics pass, filled chunk by chunk: ``logp``, ``entropy``,
+    ``ebar`` (NaN where not computed), ``lse`` and ``found``, each ``[n_tok]`` in the compute dtype."""
+
+    def __init__(self, n_tok: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.logp = torch.empty(n_tok, dtype=dtype, device=device)
+        self.entropy = torch.empty_like(self.logp)
+        self.ebar = torch.full_like(self.logp, float("nan"))
+        self.lse = torch.empty_like(self.logp)
+        self.found = torch.empty_like(self.logp)  # > 0 where some shard owns the target id
+
+    def store(self, rows: slice, stats: tuple[torch.Tensor, ...]) -> None:
+        """One chunk's :func:`chunk_stats` result at token positions ``rows``."""
+        lp, h, eb, ls, hit = stats
+        self.logp[rows], self.entropy[rows], self.lse[rows], self.found[rows] = lp, h, ls, hit
+        if eb is not None:
+            self.ebar[rows] = eb
+
+    def finish(self, flat_tokens: torch.Tensor) -> None:
+        """Every target id was found on some shard; ignored targets (< 0) get log-prob 0."""
+        check_found(flat_tokens, self.found)
+        self.logp.masked_fill_(flat_tokens < 0, 0.0)
+
+
 def grad_coefficients(
     grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, flat_tokens: torch.Tensor,
     entropy: torch.Tensor, temperature: float,
@@ -323,11 +347,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         distributed = _group_size(group) > 1
         flat_tokens = tokens.reshape(-1).long()
 
-        logp = torch.empty(n_tok, dtype=ct, device=dev)
-        entropy = torch.empty_like(logp)
-        ebar = torch.full_like(logp, float("nan"))
-        lse = torch.empty_like(logp)
-        found = torch.empty_like(logp)  # > 0 where some shard owns the target id
+        out = StatBuffers(n_tok, ct, dev)
 
         # Two tile workspaces reused by every tile: fresh allocations of this size
         # cost page faults on CPU (allocator churn on GPU), and small tiles stay in cache.
@@ -346,26 +366,22 @@ class _VocabParallelTokenStats(torch.autograd.Function):
                 for t0 in range(0, piece.shape[0], tile_rows)
             ]  # (row offset within the chunk, [k, V_local] view)
             rows = slice(c0, c0 + n)
-            lp, h, eb, ls, hit = chunk_stats(
+            out.store(rows, chunk_stats(
                 tiles, flat_tokens[rows], vocab_start=vocab_start, temperature=temperature, group=group,
                 work_w=work_w, work_e=work_e, ebar=want_ebar,
-            )
-            logp[rows], entropy[rows], lse[rows], found[rows] = lp, h, ls, hit
-            if eb is not None:
-                ebar[rows] = eb
+            ))
 
         del work_w, work_e
-        check_found(flat_tokens, found)
-        logp.masked_fill_(flat_tokens < 0, 0.0)
+        out.finish(flat_tokens)
 
-        ctx.save_for_backward(logits, flat_tokens, lse, entropy)
+        ctx.save_for_backward(logits, flat_tokens, out.lse, out.entropy)
         ctx.vocab_start = vocab_start
         ctx.temperature = temperature
         ctx.tile_rows = tile_rows
-        ebar = ebar.view(lead)
+        ebar = out.ebar.view(lead)
         ctx.mark_non_differentiable(ebar)  # the returned object itself must be marked
         ctx.set_materialize_grads(False)
-        return logp.view(lead), entropy.view(lead), ebar
+        return out.logp.view(lead), out.entropy.view(lead), ebar
 
     @staticmethod
     @torch.autograd.function.once_differentiable
