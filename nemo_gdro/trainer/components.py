@@ -136,6 +136,26 @@ class Components:
         """Stop the verifiers' worker processes (the process groups are the trainer's)."""
         self.verifiers.close()
 
+    def enter_rl_phase(self) -> None:
+        """Switch the actor's optimizer to the RL settings; freeze the KL reference (if any)."""
+        self.actor.reset_optimizer(self.rl_optim)
+        self.reference.freeze_from(self.actor)
+
+
+def tear_down(components: Components | None) -> None:
+    """Stop ``components``' workers and tear down the process groups (also after a failed build:
+    ``None``). Megatron is imported for it only when something was built."""
+    import torch.distributed
+
+    try:
+        if components is not None:
+            components.close()
+    finally:
+        if components is not None or torch.distributed.is_initialized():
+            from nemo_gdro.parallel.distributed import destroy_distributed
+
+            destroy_distributed()
+
 
 def _sampling(section: Any, max_new_tokens: int) -> SamplingConfig:
     return SamplingConfig(

@@ -134,10 +134,8 @@ def _config_for(target: Path, overrides: list[str], config_name: str) -> tuple[A
 def _components(cfg: Any) -> Iterator[Any]:
     """The run's components for ``cfg``, torn down on exit. No run directory is locked or written:
     evaluation only reads, so a run that is still training keeps its lock and its files."""
-    import torch.distributed
-
     from nemo_gdro.parallel.launch import detect_launch_env
-    from nemo_gdro.trainer.components import build_components
+    from nemo_gdro.trainer.components import build_components, tear_down
     from nemo_gdro.trainer.preflight import check_world_size
 
     check_world_size(cfg.parallel, detect_launch_env().world_size)
@@ -146,14 +144,7 @@ def _components(cfg: Any) -> Iterator[Any]:
         components = build_components(cfg)
         yield components
     finally:
-        try:
-            if components is not None:
-                components.close()
-        finally:
-            if components is not None or torch.distributed.is_initialized():
-                from nemo_gdro.parallel.distributed import destroy_distributed
-
-                destroy_distributed()
+        tear_down(components)
 
 
 def _load(components: Any, ckpt: Path) -> int:
@@ -161,15 +152,10 @@ def _load(components: Any, ckpt: Path) -> int:
     from nemo_gdro.trainer.errors import CheckpointError
     from nemo_gdro.trainer.run_state import RunState, TrainerState
 
-    c = components
-
-    def enter_rl() -> None:  # as Trainer._enter_rl_phase: the checkpoint's optimizer state is the RL one
-        c.actor.reset_optimizer(c.rl_optim)
-        c.reference.freeze_from(c.actor)
-
     progress = TrainerState()
     try:
-        RunState(c, progress, ckpt.parent.parent).load(ckpt, enter_rl)
+        # The checkpoint's optimizer state is the RL phase's.
+        RunState(components, progress, ckpt.parent.parent).load(ckpt, components.enter_rl_phase)
     except FileNotFoundError as err:  # a live run rotated it away while it was read
         raise CheckpointError(f"{ckpt}: a file disappeared while it was read ({err.filename}): run eval again") from None
     return progress.step

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from nemo_gdro.models.hf_preflight import check_hf_inputs
 from nemo_gdro.trainer.checkpoint import CheckpointError, CheckpointManager
-from nemo_gdro.trainer.components import Components, Stateful, build_components
+from nemo_gdro.trainer.components import Components, Stateful, build_components, tear_down
 from nemo_gdro.trainer.config import validate
 from nemo_gdro.trainer.errors import CollectiveTimeout, NonFiniteError, RunError, RunInterrupted
 from nemo_gdro.trainer.guards import UpdateGuard, any_rank, sampling_failure
@@ -98,9 +98,7 @@ class Trainer:
     # ------------------------------------------------------------------ phases
     def _enter_rl_phase(self) -> None:
         """Switch the actor's optimizer to the RL settings; freeze the KL reference (if any)."""
-        c = self.components
-        c.actor.reset_optimizer(c.rl_optim)
-        c.reference.freeze_from(c.actor)
+        self.components.enter_rl_phase()
 
     def _push_weights(self) -> None:
         self.components.engine.load_weights(self.components.actor.export_hf_state_dict(), version=self.progress.step)
@@ -319,18 +317,8 @@ class Trainer:
     def close(self) -> None:
         """Stop the verifiers' worker processes, tear down the process groups this trainer
         initialised, release the output directory."""
-        import torch.distributed
-
         try:
-            try:
-                if self.components is not None:
-                    self.components.close()
-            finally:
-                # Only import Megatron to tear it down when something was built (fast config errors).
-                if self.components is not None or torch.distributed.is_initialized():
-                    from nemo_gdro.parallel.distributed import destroy_distributed
-
-                    destroy_distributed()
+            tear_down(self.components)
         finally:
             if self.lock is not None:
                 self.lock.release()
