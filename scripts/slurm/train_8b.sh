@@ -168,8 +168,9 @@ fi
 # Rendezvous: nemo_gdro.parallel.launch derives the same values from the Slurm
 # variables; exporting them here makes the job log show them and lets a
 # container without scontrol skip the node-list parse.
+# An scontrol that cannot reach a controller (a login node, a stand-in job) leaves it to launch.py.
 if [[ -z "${MASTER_ADDR:-}" ]] && command -v scontrol >/dev/null; then
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1) || MASTER_ADDR=""
 fi
 export MASTER_ADDR=${MASTER_ADDR:-}
 [[ -n "$MASTER_ADDR" ]] || unset MASTER_ADDR
