@@ -135,6 +135,8 @@ class DifficultyConfig:
 # prompt_gdro.py
 WeightForm = Literal["normalized", "paper"]
 Signal = Literal["surrogate", "failure", "learnability"]
+NormalizeOver = Literal["all", "informative"]
+ResampleBase = Literal["data", "bins"]
 
 
 @dataclass(frozen=True)
@@ -146,10 +148,21 @@ class PromptGDROConfig:
     share_floor: floor of a bin's batch share in the frequency debias.
     weight_form: ``normalized`` (``q_b`` rescaled to mean 1 over the batch's
         responses, capped at ``w_max``) | ``paper`` (``min(omega_b, w_max)``).
+    normalize_over: responses the ``normalized`` weights are rescaled over to
+        mean 1: ``all`` (ref-code) | ``informative`` (non-zero GRPO advantage
+        only, so an upweighted bin of all-fail groups does not shrink the rest).
     signal: ``surrogate`` | ``failure`` | ``learnability``.
     signal_include_kl: add ``kl_coef * KL`` to the surrogate signal.
-    importance_correct: when resampling, scale advantages by
-        ``uniform_share_b / q_b`` (capped at ``importance_cap``).
+    resample_base: neutral point of ``prompt_gdro_resample``: ``data`` (a bin is
+        drawn with ``p_b`` proportional to pool share x omega, mixed with
+        ``gamma`` x pool share; prompts without replacement within a step, so a
+        flat adversary is uniform sampling over the pool) | ``bins`` (the first
+        form: a bin drawn from ``q``, uniform over bins, with replacement).
+    importance_correct: when resampling, scale advantages back to the data
+        distribution: ``data``: ``pool_share_b / p_b`` capped at ``w_max`` and
+        rescaled to mean 1 over the batch's responses (gdro.md §2); ``bins``:
+        ``pool_share_b / q_b`` capped at ``importance_cap`` (the first form).
+    importance_cap: cap of the ``bins`` form's importance factor.
     reward_range: ``(r_min, r_max)`` used to rescale rewards for ``failure``.
     """
 
@@ -160,8 +173,10 @@ class PromptGDROConfig:
     share_floor: float = 1e-3
     weight_form: WeightForm = "normalized"
     w_max: float = 15.0
+    normalize_over: NormalizeOver = "all"
     signal: Signal = "surrogate"
     signal_include_kl: bool = False
+    resample_base: ResampleBase = "data"
     importance_correct: bool = False
     importance_cap: float = 15.0
     reward_range: tuple[float, float] = (0.0, 1.0)
@@ -176,6 +191,8 @@ class PromptGDROConfig:
             (0.0 < self.share_floor <= 1.0, f"prompt_gdro.share_floor must be in (0, 1], got {self.share_floor}"),
             (self.weight_form in ("normalized", "paper"), f"prompt_gdro.weight_form must be 'normalized' or 'paper', got {self.weight_form!r}"),
             (self.w_max > 0, f"prompt_gdro.w_max must be > 0, got {self.w_max}"),
+            (self.normalize_over in ("all", "informative"), f"prompt_gdro.normalize_over must be 'all' or 'informative', got {self.normalize_over!r}"),
+            (self.resample_base in ("data", "bins"), f"prompt_gdro.resample_base must be 'data' or 'bins', got {self.resample_base!r}"),
             (self.signal in ("surrogate", "failure", "learnability"), f"prompt_gdro.signal must be 'surrogate', 'failure' or 'learnability', got {self.signal!r}"),
             (self.importance_cap > 0, f"prompt_gdro.importance_cap must be > 0, got {self.importance_cap}"),
             (len(self.reward_range) == 2 and self.reward_range[0] < self.reward_range[1], f"prompt_gdro.reward_range must be [r_min, r_max] with r_min < r_max, got {list(self.reward_range)}"),
