@@ -132,6 +132,65 @@ class DifficultyConfig:
 
 
 # ----------------------------------------------------------------------
+# zero_variance_skip.py
+#: Longest zero-variance streak the table counts (int16); longer streaks saturate.
+MAX_SKIP_STREAK = 32767
+
+
+@dataclass(frozen=True)
+class PromptSkipConfig:
+    """``prompt_skip``: GRESO-style skipping of prompts predicted zero-variance (arXiv 2506.02177).
+
+    A prompt whose last ``z >= min_streak`` visits all gave zero-variance groups
+    (every reward of its group equal) is a skip candidate; it is kept anyway
+    (explored) with probability ``p_e ** (z - min_streak + 1)`` and skipped
+    otherwise, so a longer streak is skipped more surely (the paper's skip
+    probability ``1 - p_e ** z`` at ``min_streak = 1``).
+
+    min_streak: zero-variance visits in a row that make a prompt a candidate
+        (>= 1; 1 as in the paper: one zero-variance epoch predicts the next).
+    explore: ``p_e`` in [0, 1]; with ``adapt`` the starting value of both the
+        easy and the hard ``p_e`` (0.5, the authors' release).
+    adapt: move ``p_e`` by ``adapt_step`` after every step from the second
+        epoch on, separately for easy (all rewards high) and hard (all low)
+        groups, towards ``target_zero_variance`` zero-variance groups among the
+        drawn prompts (1/3 of it easy, 2/3 hard, as the release): above the
+        target ``p_e`` falls (skip more), below it rises.
+    target_zero_variance: the target share of zero-variance groups per step.
+    adapt_step: the change of ``p_e`` per step.
+    explore_min, explore_max: bounds of the adapted ``p_e``.
+    """
+
+    min_streak: int = 1
+    explore: float = 0.5
+    adapt: bool = True
+    target_zero_variance: float = 0.25
+    adapt_step: float = 0.01
+    explore_min: float = 0.05
+    explore_max: float = 0.95
+
+    def __post_init__(self) -> None:
+        p = "prompt_skip"
+        if not (is_int(self.min_streak) and 1 <= self.min_streak <= MAX_SKIP_STREAK):
+            raise ValueError(f"{p}.min_streak must be an integer in [1, {MAX_SKIP_STREAK}], got {self.min_streak!r}")
+        for key in ("explore", "target_zero_variance", "explore_min", "explore_max"):
+            value = getattr(self, key)
+            if not (is_finite_real(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{p}.{key} must be in [0, 1], got {value!r}")
+        if not isinstance(self.adapt, bool):
+            raise ValueError(f"{p}.adapt must be true or false, got {self.adapt!r}")
+        if not (is_finite_real(self.adapt_step) and 0.0 <= self.adapt_step <= 1.0):
+            raise ValueError(f"{p}.adapt_step must be in [0, 1], got {self.adapt_step!r}")
+        if self.explore_min > self.explore_max:
+            raise ValueError(f"{p}.explore_min must be <= {p}.explore_max, got {self.explore_min} > {self.explore_max}")
+        if self.adapt and not self.explore_min <= self.explore <= self.explore_max:
+            raise ValueError(
+                f"{p}.explore must lie in [explore_min, explore_max] = [{self.explore_min}, {self.explore_max}] "
+                f"when {p}.adapt is true, got {self.explore}"
+            )
+
+
+# ----------------------------------------------------------------------
 # prompt_gdro.py
 WeightForm = Literal["normalized", "paper"]
 Signal = Literal["surrogate", "failure", "learnability"]

@@ -9,7 +9,7 @@ through its protocol, so a step never asks which algorithm is on:
 ==========================  ==========================================  ================================
 stage                       protocol                                    names
 ==========================  ==========================================  ================================
-prompt scheduler            :class:`PromptScheduler`                    ``uniform``, ``prompt_gdro_resample``
+prompt scheduler            :class:`PromptScheduler`                    ``uniform``, ``prompt_gdro_resample``, ``skip_zero_variance``
 rollout scheduler           :class:`RolloutScheduler`                   ``fixed``, ``rollout_gdro``, ``dynamo``
 advantage weighting         :class:`AdvantageWeighting`                 ``none``, ``prompt_gdro``
 token modulation            :class:`TokenModulation`                    ``none``, ``dynamo``
