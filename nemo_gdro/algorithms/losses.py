@@ -176,7 +176,9 @@ def clip_regions(
     return clip_fired, dual_fired
 
 
-def abs_advantage_share(advantages: torch.Tensor, where: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def abs_advantage_share(
+    advantages: torch.Tensor, where: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of |A| over valid tokens in where, sum of |A| over valid tokens)``, float64 0-d each.
 
     Their ratio is the |A|-weighted share of the tokens in ``where`` (e.g. the
@@ -224,7 +226,9 @@ def informative_token_count(mask: torch.Tensor, informative: torch.Tensor) -> to
     """Valid tokens of the rows whose raw advantage is non-zero (``informative`` bool ``[R]``), 0-d int."""
     _check_token_tensor("mask", mask)
     if informative.shape != mask.shape[:1]:
-        raise ValueError(f"informative must be a [R] row mask, got shape {tuple(informative.shape)} for mask {tuple(mask.shape)}")
+        raise ValueError(
+            f"informative must be a [R] row mask, got shape {tuple(informative.shape)} for mask {tuple(mask.shape)}"
+        )
     return (bool_mask(mask) & informative.bool()[:, None]).sum()
 
 
@@ -275,7 +279,8 @@ def aggregate_token_loss(
         if n is None:
             if informative is None:
                 raise ValueError(
-                    "loss_agg_mode 'informative-token-mean' needs global_num_informative_tokens or the informative row mask"
+                    "loss_agg_mode 'informative-token-mean' needs global_num_informative_tokens "
+                    "or the informative row mask"
                 )
             n = informative_token_count(valid, informative)
         if float(n) == 0:

@@ -4,8 +4,9 @@
 ``token_modulation`` and ``loss`` name the stages (:mod:`nemo_gdro.registries`);
 the per-algorithm sections (``prompt_gdro``, ``rollout_gdro``,
 ``dynamo.allocation``, ``dynamo.modulation``, ``r2vpo``) hold their
-parameters; ``replay`` (off-policy reuse of earlier groups) works with every loss. Every section's keys and value types are checked whether or not
-its stage is selected, so a typo never waits for the run that turns it on;
+parameters; ``replay`` (off-policy reuse of earlier groups) works with every
+loss. Every section's keys and value types are checked whether or not its stage
+is selected, so a typo never waits for the run that turns it on;
 range checks that depend on the rollout budget (``n_min <= rollout.n <=
 n_max``) apply only to the selected rollout scheduler.
 """

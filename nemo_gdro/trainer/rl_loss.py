@@ -201,6 +201,8 @@ class MinibatchLoss:
             "actor/entropy": report["entropy_sum"] / n,
             "actor/kl": report.get("kl_sum", 0.0) / n,
             "actor/tokens": report["tokens"],
+            # Tokens of rows with a non-zero raw advantage (the divisor of informative-token-mean), as a share.
+            "actor/informative_token_share": report["informative_tokens"] / n,
             "actor/ratio_var": report["ratio/sq_dev_sum"] / n,
             "actor/would_clip_grad_share": _share(report, "ratio/would_clip_abs_adv", "ratio/abs_adv"),
         }
