@@ -630,5 +630,6 @@ class DynamicSamplingConfig:
     def __post_init__(self) -> None:
         if not (is_int(self.max_generation_batches) and self.max_generation_batches >= 1):
             raise ValueError(
-                f"dynamic_sampling.max_generation_batches must be an integer >= 1, got {self.max_generation_batches!r}"
+                "algorithm.dynamic_sampling.max_generation_batches must be an integer >= 1, "
+                f"got {self.max_generation_batches!r}"
             )
