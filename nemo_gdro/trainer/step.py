@@ -36,8 +36,8 @@ not trained (a dropped group) is the surrogate at the behaviour policy
 truncated row under ``reward.mask_truncated``), the value the update guard
 also uses for a skipped update; the KL term of ``signal_include_kl`` is not
 added there. Trained rows carry their surrogate from the optimizer steps as
-before. Observer diagnostics describe the first round (the only one unless
-``dynamic_sampling``).
+before. Observer diagnostics describe the last round (the only one unless
+``dynamic_sampling``): the one the controllers observed last.
 
 Correctness and rewards are kept apart: the verifier's ``correct`` verdicts
 feed the pass-rate statistics, difficulty bins and the controllers' failure /
@@ -218,7 +218,7 @@ class RLStep:
         metrics = self._step_metrics(rounds, trained, feedbacks, train_batch, batch)
         metrics.update(actor_metrics)
         for observer in stages.observers:
-            metrics.update(observer.diagnostics(feedbacks[0]))
+            metrics.update(observer.diagnostics(feedbacks[-1]))  # the round each observed last
         metrics.update(
             {
                 # time/verify_s (the verifier's own wall time) comes with the reward metrics.
