@@ -540,7 +540,8 @@ def markdown_report(report: Mapping[str, Any], title: str) -> str:
     """The whole report as Markdown: main table, costs, bands, occupancy of every method, start check."""
     parts = [f"# {title}\n", f"Intervals: {report['interval']}; gains are paired by seed. "
              f"Baseline final pass@1: {report['baseline_final_pass@1']:.3f}. "
-             f"Equal total rollouts in every run: {report['equal_total_rollouts']}.\n",
+             f"Equal total rollouts in every run: {report['equal_total_rollouts']} (rollouts are generated ones, "
+             "every round of dynamic sampling included).\n",
              markdown_table(report), "\n## Costs\n", markdown_costs(report),
              "\n## Mechanism metrics (mean over steps, 95% interval over seeds)\n", markdown_mechanisms(report),
              "\n## Final pass@1 per difficulty band (mean over seeds)\n", markdown_bands(report)]

@@ -225,7 +225,10 @@ class GroupFilter(Protocol):
     generates ``P`` prompts like a step without rounds; the filter keeps some
     of the round's groups for training and says whether to draw another round
     (DAPO dynamic sampling). Its decisions are functions of global, replicated
-    inputs, so every data-parallel rank makes the same ones.
+    inputs, so every data-parallel rank makes the same ones. Only training
+    drops groups: the observers get one :class:`StepFeedback` per round, of
+    every generated group (see :mod:`nemo_gdro.trainer.step` for the loss
+    signal of rows that were not trained).
     """
 
     def select(self, informative: torch.Tensor, num_kept: int, target: int) -> torch.Tensor:
