@@ -198,7 +198,7 @@ class RLStep:
             actor_metrics.update(self._engine_mismatch(batch))
         else:
             train_batch, signal = batch, torch.zeros(0, dtype=torch.float64)
-            actor_metrics = {"guard/skipped_total": float(self.guard.skipped_total)}
+            actor_metrics = {"actor/optimizer_steps": 0.0, "guard/skipped_total": float(self.guard.skipped_total)}
         actor_metrics["actor/behaviour_pass"] = 1.0 if any_trained and self.behaviour.separate_pass else 0.0
         t_push = time.perf_counter()
 

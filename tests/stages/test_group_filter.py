@@ -111,9 +111,9 @@ def test_max_generation_batches_is_read_and_checked():
 def test_unknown_filter_and_replay_with_a_filter_are_refused_by_key():
     with pytest.raises(ConfigError, match="algorithm.group_filter='dapo'.*none, filter, dynamic_sampling"):
         AlgorithmSetup.from_dict(algorithm(group_filter="dapo"), n_bar=4)
-    section = algorithm(group_filter="filter", loss="r2vpo")
-    section["r2vpo"]["replay_ratio"] = 1.0
-    with pytest.raises(ConfigError, match="algorithm.group_filter=filter cannot be combined with algorithm.r2vpo.replay_ratio"):
+    section = algorithm(group_filter="filter")
+    section["replay"]["ratio"] = 1.0
+    with pytest.raises(ConfigError, match="algorithm.group_filter=filter cannot be combined with algorithm.replay.ratio"):
         AlgorithmSetup.from_dict(section, n_bar=4)
     missing = algorithm()
     del missing["group_filter"]

@@ -155,7 +155,7 @@ def test_dynamic_sampling_stops_at_the_cap_and_a_step_with_nothing_to_train_make
         assert r["train/generation_rounds"] == 2 and r["train/generated_rollouts"] == 32
         assert r["train/kept_rollouts"] == r["train/rollouts"] == 0 and r["train/distinct_prompts"] == 0
         assert r["train/reward_mean"] is None and "actor/loss" not in r  # nothing trained: no loss
-        assert r["guard/skipped_total"] == 0 and r["actor/behaviour_pass"] == 0
+        assert r["guard/skipped_total"] == 0 and r["actor/behaviour_pass"] == 0 and r["actor/optimizer_steps"] == 0
         assert r["reward/correct_frac"] == 0.0 and r["train/informative_rollout_share"] == 0.0
 
 
