@@ -111,7 +111,7 @@ class RunData:
     eval: dict[str, list[float]]  # eval key -> value at each eval step
     steps: list[int]
     train: dict[str, list[float]]  # metric key -> per-step value (NaN where absent)
-    cum_rollouts: list[float]  # cumulative generated rollouts at each step (0 at step 0)
+    cum_rollouts: list[float]  # cumulative GENERATED rollouts at each step (0 at step 0; see generated_rollouts)
     cum_tokens: list[float]
 
     def at_eval(self, cum: Sequence[float]) -> list[float]:
@@ -137,13 +137,23 @@ def load_run(run_dir: str | os.PathLike[str], method: str, seed: int) -> RunData
     steps = sorted(rows)
     tkeys = sorted({k for r in rows.values() for k in r if k != "step"})
     train = {k: [_num(rows[s].get(k)) for s in steps] for k in tkeys}
-    cum_r = np.cumsum(np.nan_to_num(np.asarray(train.get("train/rollouts", [0.0] * len(steps)))))
+    cum_r = np.cumsum(np.nan_to_num(np.asarray(generated_rollouts(train, len(steps)))))
     cum_t = np.cumsum(np.nan_to_num(np.asarray(train.get("train/response_tokens", [0.0] * len(steps)))))
     return RunData(method, seed, eval_steps, eval_cols, steps, train, cum_r.tolist(), cum_t.tolist())
 
 
 def _num(v: Any) -> float:
     return math.nan if v is None else float(v)
+
+
+def generated_rollouts(train: Mapping[str, Sequence[float]], num_steps: int) -> list[float]:
+    """Rollouts GENERATED at each step: ``train/generated_rollouts`` (every round of dynamic
+    sampling), else ``train/rollouts`` (logs written before that metric, where the two are equal)."""
+    trained = list(train.get("train/rollouts", [0.0] * num_steps))
+    generated = train.get("train/generated_rollouts")
+    if generated is None:
+        return trained
+    return [g if math.isfinite(g) else t for g, t in zip(generated, trained, strict=True)]
 
 
 # ------------------------------------------------------------------ report
@@ -164,6 +174,16 @@ def _nanmean(values: Sequence[float]) -> float:
 
 # Steps averaged for the figures of a run's start and end (train reward, zero-variance groups).
 EDGE_STEPS = 10
+
+#: The "Mechanism metrics" table: summary name -> per-step metric (mean over steps, then the interval over
+#: seeds). ``generated_rollouts`` (the run's total) is added beside them.
+MECHANISM_METRICS = {
+    "informative_rollout_share": "train/informative_rollout_share",
+    "distinct_prompts": "train/distinct_prompts",
+    "clip_frac": "actor/clip_frac",
+    "clipped_grad_share": "actor/clipped_grad_share",
+    "lambda_positive": "r2vpo/lambda_positive",
+}
 
 
 def method_summary(runs: Sequence[RunData], opts: ReportOptions) -> dict[str, Any]:
@@ -189,6 +209,11 @@ def method_summary(runs: Sequence[RunData], opts: ReportOptions) -> dict[str, An
         "rollouts": [r.cum_rollouts[-1] if r.cum_rollouts else 0.0 for r in runs],
         "response_tokens": [r.cum_tokens[-1] if r.cum_tokens else 0.0 for r in runs],
     }
+    # What each method does to the batch and the update (MECHANISM_METRICS): mean over steps per seed; NaN
+    # (shown "-") where a run does not log the metric.
+    for name, key in MECHANISM_METRICS.items():
+        per_seed[name] = [_nanmean(r.train.get(key, [])) for r in runs]
+    per_seed["generated_rollouts"] = [r.cum_rollouts[-1] if r.cum_rollouts else 0.0 for r in runs]
     bands = sorted({k.rsplit("_", 1)[1] for r in runs for k in r.eval if k.startswith(f"{p1}/band_")}, key=int)
     band_final = {b: ci([r.eval.get(f"{p1}/band_{b}", [math.nan])[-1] for r in runs]) for b in bands}
     band_start = {b: ci([r.eval.get(f"{p1}/band_{b}", [math.nan])[0] for r in runs]) for b in bands}
@@ -435,6 +460,28 @@ def markdown_costs(report: Mapping[str, Any]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def markdown_mechanisms(report: Mapping[str, Any]) -> str:
+    """What each method does to the batch and the update: means over steps (interval over seeds); "-" where a
+    method's runs do not log the metric. Rollouts are GENERATED ones (every round of dynamic sampling)."""
+    cols = [
+        ("informative_rollout_share", "informative rollout share", 3),
+        ("distinct_prompts", "distinct prompts / step", 1),
+        ("generated_rollouts", "generated rollouts (total)", 0),
+        ("clip_frac", "clip fraction", 4),
+        ("clipped_grad_share", "clipped |A|-weighted grad share", 4),
+        ("lambda_positive", "R2VPO steps with lambda > 0", 3),
+    ]
+    head = "| method | " + " | ".join(c[1] for c in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+    rows = []
+    for name, s in report["methods"].items():
+        cells = []
+        for key, _, digits in cols:
+            ci = s["ci"].get(key, {})
+            cells.append("-" if not ci.get("n") else _pm(ci, 1.0, digits))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
 def _reach_txt(reach: Mapping[str, Any], key: str) -> str:
     med = reach.get(key)
     if med is None or not math.isfinite(med):
@@ -493,8 +540,10 @@ def markdown_report(report: Mapping[str, Any], title: str) -> str:
     """The whole report as Markdown: main table, costs, bands, occupancy of every method, start check."""
     parts = [f"# {title}\n", f"Intervals: {report['interval']}; gains are paired by seed. "
              f"Baseline final pass@1: {report['baseline_final_pass@1']:.3f}. "
-             f"Equal total rollouts in every run: {report['equal_total_rollouts']}.\n",
+             f"Equal total rollouts in every run: {report['equal_total_rollouts']} (rollouts are generated ones, "
+             "every round of dynamic sampling included).\n",
              markdown_table(report), "\n## Costs\n", markdown_costs(report),
+             "\n## Mechanism metrics (mean over steps, 95% interval over seeds)\n", markdown_mechanisms(report),
              "\n## Final pass@1 per difficulty band (mean over seeds)\n", markdown_bands(report)]
     diag = markdown_diagnostics(report)
     if diag:

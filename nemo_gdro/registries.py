@@ -52,6 +52,15 @@ POLICY_LOSSES = Registry(
         "r2vpo": "nemo_gdro.stages.loss:R2VPOLoss",
     },
 )
+GROUP_FILTERS = Registry(
+    "group filter",
+    "algorithm.group_filter",
+    {
+        "none": "nemo_gdro.stages.group_filter:NoFilter",
+        "filter": "nemo_gdro.stages.group_filter:ZeroVarianceFilter",
+        "dynamic_sampling": "nemo_gdro.stages.group_filter:DynamicSampling",
+    },
+)
 
 #: ``algorithm.<key>`` -> its registry.
 STAGE_REGISTRIES: dict[str, Registry] = {
@@ -60,6 +69,7 @@ STAGE_REGISTRIES: dict[str, Registry] = {
     "advantage_weighting": ADVANTAGE_WEIGHTINGS,
     "token_modulation": TOKEN_MODULATIONS,
     "loss": POLICY_LOSSES,
+    "group_filter": GROUP_FILTERS,
 }
 
 # --------------------------------------------------------------------- task side

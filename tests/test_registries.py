@@ -4,6 +4,7 @@ import pytest
 
 from nemo_gdro.registries import (
     ADVANTAGE_WEIGHTINGS,
+    GROUP_FILTERS,
     MODEL_SOURCES,
     POLICY_LOSSES,
     PROMPT_SCHEDULERS,
@@ -16,7 +17,7 @@ from nemo_gdro.registries import (
 from nemo_gdro.registry import Registry, UnknownNameError
 from nemo_gdro.trainer.config import ConfigError, compose, validate
 
-ALL = [PROMPT_SCHEDULERS, ROLLOUT_SCHEDULERS, ADVANTAGE_WEIGHTINGS, TOKEN_MODULATIONS, POLICY_LOSSES,
+ALL = [PROMPT_SCHEDULERS, ROLLOUT_SCHEDULERS, ADVANTAGE_WEIGHTINGS, TOKEN_MODULATIONS, POLICY_LOSSES, GROUP_FILTERS,
        TASKS, TOKENIZERS, MODEL_SOURCES, ROLLOUT_ENGINES]
 
 

@@ -609,3 +609,27 @@ class ReplayConfig:
             raise ValueError(f"replay.ratio must be a finite number >= 0, got {self.ratio}")
         if not (is_int(self.staleness) and self.staleness >= 0):
             raise ValueError(f"replay.staleness must be an integer >= 0, got {self.staleness!r}")
+
+
+# ----------------------------------------------------------------------
+# stages/group_filter.py
+@dataclass(frozen=True)
+class DynamicSamplingConfig:
+    """``dynamic_sampling`` config (DAPO dynamic sampling, ``algorithm.group_filter=dynamic_sampling``).
+
+    max_generation_batches: the most generation rounds of one step (each round
+        draws and generates ``trainer.prompts_per_step`` prompts); the step trains
+        on fewer informative groups when the cap is reached first. ``>= 1``
+        (1: one round, i.e. filter-only). NeMo-RL's
+        ``grpo.dynamic_sampling_max_gen_batches`` (which raises at the cap) and
+        verl's ``algorithm.filter_groups.max_num_gen_batches``.
+    """
+
+    max_generation_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if not (is_int(self.max_generation_batches) and self.max_generation_batches >= 1):
+            raise ValueError(
+                "algorithm.dynamic_sampling.max_generation_batches must be an integer >= 1, "
+                f"got {self.max_generation_batches!r}"
+            )

@@ -9,6 +9,13 @@ rank (from the replicated allocation) is what lets per-row statistics of all
 ranks meet in one all-reduce, and what makes mini-batch membership, the
 controllers' inputs and the logged metrics independent of the DP size.
 
+A step whose trained prompts are not simply ``0..P-1`` split round-robin (the
+groups kept by ``algorithm.group_filter``, gathered from several generation
+rounds) builds its layout from an explicit prompt -> rank map
+(:meth:`StepRows.build` with ``owners``): the rows stay on the rank that
+generated them, and the canonical order is the order of the prompts in that
+map (for kept groups: round, then position, then rollout).
+
 All reductions go through :mod:`nemo_gdro.parallel.comm`, so their buffers sit
 on the backend's device (CUDA under NCCL, CPU under gloo).
 """
@@ -85,7 +92,7 @@ class StepRows:
     """The global row layout of one step, known identically on every rank.
 
     counts: int64 ``[P]`` rollouts per prompt position.
-    positions: int64 ``[P_local]`` this rank's prompt positions.
+    positions: int64 ``[P_local]`` this rank's prompt positions (increasing).
     canon: int64 ``[R_local]`` canonical global index of each local row.
     group_index: int64 ``[R]`` prompt position of every global row.
     """
@@ -97,9 +104,27 @@ class StepRows:
     dp: DataParallel
 
     @classmethod
-    def build(cls, counts: torch.Tensor, local_group_index: torch.Tensor, dp: DataParallel) -> StepRows:
-        """Layout for ``counts`` given this rank's rows (``local_group_index`` indexes :meth:`DataParallel.my_positions`)."""
-        positions = dp.my_positions(counts.numel())
+    def build(
+        cls, counts: torch.Tensor, local_group_index: torch.Tensor, dp: DataParallel, owners: torch.Tensor | None = None
+    ) -> StepRows:
+        """Layout for ``counts`` given this rank's rows.
+
+        Args:
+            counts: int64 ``[P]`` rollouts of every prompt position (global).
+            local_group_index: int64 ``[R_local]`` index of each local row's prompt among
+                this rank's positions (rows of a prompt in their within-group order).
+            dp: the data-parallel layout.
+            owners: int64 ``[P]`` the rank that holds each prompt's rows; ``None``: the
+                round-robin split of :meth:`DataParallel.my_positions` (``p % dp``).
+        """
+        if owners is None:
+            positions = dp.my_positions(counts.numel())
+        else:
+            if owners.shape != counts.shape:
+                raise ValueError(f"owners must be [P]={list(counts.shape)}, got {list(owners.shape)}")
+            if owners.numel() and (int(owners.min()) < 0 or int(owners.max()) >= dp.size):
+                raise ValueError(f"owners must be ranks in [0, {dp.size})")
+            positions = torch.nonzero(owners == dp.rank).flatten()
         return cls(
             counts=counts,
             positions=positions,

@@ -1,9 +1,12 @@
 """Per-prompt sampling seeds that do not depend on the data-parallel layout.
 
 Every prompt position of a step gets one seed from
-``(base_seed, step, prompt_id, occurrence)``, where ``occurrence`` counts the
-earlier positions of the same step with the same ``prompt_id`` (a resampler may
-draw a prompt twice; the two draws must not get the same samples). The seed of
+``(base_seed, step, round, prompt_id, occurrence)``, where ``occurrence`` counts
+the earlier positions of the same step with the same ``prompt_id`` (a resampler
+may draw a prompt twice; the two draws must not get the same samples) and
+``round`` is the generation round of the step (dynamic sampling generates more
+prompts after the first round; round 0's seeds are those of a step without
+rounds, so the default behaviour is unchanged). The seed of
 one position does not depend on the other prompts, on where the list is cut
 into DP shards, or on which rank generates it -- as long as the caller computes
 the seeds over the step's *whole* prompt list (every rank can: the list is
@@ -66,19 +69,24 @@ def occurrence_index(prompt_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
     return occ
 
 
-def prompt_seeds(base_seed: int, step: int, prompt_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """int64 ``[P]`` seeds in ``[0, 2**62)``, one per prompt position of a step.
+def prompt_seeds(
+    base_seed: int, step: int, prompt_ids: torch.Tensor | Sequence[int], round: int = 0
+) -> torch.Tensor:
+    """int64 ``[P]`` seeds in ``[0, 2**62)``, one per prompt position of a step's round.
 
-    ``seed[i] = splitmix64-chain(tag, base_seed, step, prompt_ids[i], occurrence[i]) >> 2``.
+    ``seed[i] = splitmix64-chain(tag, base_seed, step, [round,] prompt_ids[i], occurrence[i]) >> 2``
+    (``round`` enters the chain only when it is > 0, so round 0 keeps the seeds of
+    a step without rounds).
 
     Args:
         base_seed: the run's seed (use a different one for evaluation), ``>= 0``.
         step: training step (or an offset step for evaluation), ``>= 0``.
-        prompt_ids: int ``[P]`` dataset ids of the step's prompts, in step order
-            (the whole step, before any DP split), each ``>= 0``.
+        prompt_ids: int ``[P]`` dataset ids of the round's prompts, in order
+            (the whole round, before any DP split), each ``>= 0``.
+        round: the step's generation round (``algorithm.group_filter=dynamic_sampling``), ``>= 0``.
     """
     ids = torch.as_tensor(prompt_ids, dtype=torch.int64).flatten()
-    for name, value in (("base_seed", base_seed), ("step", step)):
+    for name, value in (("base_seed", base_seed), ("step", step), ("round", round)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 <= int(value) < _MAX_INPUT:
             raise ValueError(f"prompt_seeds: {name} must be an int in [0, 2**63), got {value!r}")
     if ids.numel() and int(ids.min()) < 0:
@@ -88,6 +96,8 @@ def prompt_seeds(base_seed: int, step: int, prompt_ids: torch.Tensor | Sequence[
     with np.errstate(over="ignore"):
         h = _mix(np.full(ids.numel(), _TAG, dtype=np.uint64) ^ np.uint64(int(base_seed)))
         h = _mix(h ^ np.uint64(int(step)))
+        if round:
+            h = _mix(h ^ np.uint64(int(round)))
         h = _mix(h ^ ids.numpy().astype(np.uint64))
         h = _mix(h ^ occ.numpy().astype(np.uint64))
     return torch.from_numpy((h >> np.uint64(64 - SEED_BITS)).astype(np.int64))

@@ -6,7 +6,10 @@ with :func:`build_stages`, then per step::
     draw = stages.prompts.draw(P)                           # which prompts
     bins = classifier.classify(draw.ids)                    # history up to t-1
     alloc = stages.rollouts.allocate(draw, bins)            # n_i per prompt
-    ... generate alloc.counts[i] rollouts of prompt i, verify, GRPO advantages ...
+    ... generate alloc.counts[i] rollouts of prompt i, verify ...
+    keep = stages.group_filter.select(informative, kept, P) # groups to train on; more rounds while
+    ... stages.group_filter.another_round(kept, P, rounds) ...  # it asks (dynamic sampling)
+    ... GRPO advantages of the kept groups ...
     w, w_bin = stages.weighting.weights(response_bins, raw_adv != 0)  # per-response weights (or None)
     ... optimizer steps: stages.loss.token_loss / stages.modulation.modulate per micro-batch,
         stages.loss.after_update once per optimizer step ...
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from nemo_gdro.stages.base import (
         AdvantageWeighting,
         Allocation,
+        GroupFilter,
         MinibatchView,
         Observer,
         PolicyLoss,
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
 _LAZY = {
     **{name: "nemo_gdro.stages.base" for name in (
         "AdvantageWeighting", "Allocation", "MinibatchView", "Observer", "PolicyLoss",
-        "PromptDraw", "PromptScheduler", "RolloutScheduler", "StepFeedback", "TokenModulation",
+        "PromptDraw", "PromptScheduler", "RolloutScheduler", "StepFeedback", "TokenModulation", "GroupFilter",
     )},
     "StageContext": "nemo_gdro.stages.context",
     "AlgorithmSetup": "nemo_gdro.stages.setup",
@@ -72,14 +76,17 @@ __all__ = [
     "AdvantageWeighting",
     "TokenModulation",
     "PolicyLoss",
+    "GroupFilter",
     "Observer",
 ]
 
 
 @dataclass
 class Stages:
-    """The five selected stages and the controllers that learn after each step.
+    """The selected stages and the controllers that learn after each step.
 
+    group_filter: which generated groups are trained (``None``: every group, as
+        ``algorithm.group_filter=none``).
     observers: every component with state that learns from
         :class:`StepFeedback`, each once, in order (Prompt-GDRO's scores, then
         the rollout scheduler, then the prompt scheduler, which re-bins the
@@ -92,6 +99,7 @@ class Stages:
     modulation: TokenModulation
     loss: PolicyLoss
     observers: list[Observer] = field(default_factory=list)
+    group_filter: GroupFilter | None = None
 
     @property
     def needs_current_policy(self) -> bool:
@@ -106,8 +114,10 @@ class Stages:
     def stateful(self) -> dict[str, object]:
         """Checkpoint name -> component with ``state_dict``/``load_state_dict`` (replicated state)."""
         out: dict[str, object] = {}
-        for part in (self.prompts, self.rollouts, self.weighting, self.modulation, self.loss, *self.observers):
-            out.update(part.stateful())  # type: ignore[attr-defined]
+        parts = (self.prompts, self.rollouts, self.weighting, self.modulation, self.loss, self.group_filter, *self.observers)
+        for part in parts:
+            if part is not None:
+                out.update(part.stateful())  # type: ignore[attr-defined]
         return out
 
     def describe(self) -> dict[str, str]:
@@ -117,6 +127,7 @@ class Stages:
             "advantage_weighting": type(self.weighting).__name__,
             "token_modulation": type(self.modulation).__name__,
             "loss": type(self.loss).__name__,
+            "group_filter": type(self.group_filter).__name__ if self.group_filter is not None else "NoFilter",
         }
 
 
@@ -133,6 +144,7 @@ def build_stages(ctx: StageContext) -> Stages:
         weighting=built["advantage_weighting"],
         modulation=built["token_modulation"],
         loss=built["loss"],
+        group_filter=built["group_filter"],
     )
     shared = ctx.shared_prompt_gdro
     stages.observers = ([PromptGDROFeedback(shared)] if shared is not None else []) + [stages.rollouts, stages.prompts]

@@ -14,6 +14,7 @@ rollout scheduler           :class:`RolloutScheduler`                   ``fixed`
 advantage weighting         :class:`AdvantageWeighting`                 ``none``, ``prompt_gdro``
 token modulation            :class:`TokenModulation`                    ``none``, ``dynamo``
 policy loss                 :class:`PolicyLoss`                         ``clipped``, ``r2vpo``
+group filter                :class:`GroupFilter`                        ``none``, ``filter``, ``dynamic_sampling``
 ==========================  ==========================================  ================================
 
 Everything here is framework-free (torch only): a trainer other than ours
@@ -43,6 +44,7 @@ __all__ = [
     "AdvantageWeighting",
     "TokenModulation",
     "PolicyLoss",
+    "GroupFilter",
     "Observer",
 ]
 
@@ -213,4 +215,32 @@ class PolicyLoss(Protocol):
 
     def after_update(self, sums: Mapping[str, float]) -> dict[str, float]:
         """Called once per optimizer step with the loss's sums over the whole mini-batch; returns metrics."""
+        ...
+
+
+class GroupFilter(Protocol):
+    """Which generated groups a step trains on, and whether it generates another round.
+
+    A step generates in rounds: each round draws, classifies, allocates and
+    generates ``P`` prompts like a step without rounds; the filter keeps some
+    of the round's groups for training and says whether to draw another round
+    (DAPO dynamic sampling). Its decisions are functions of global, replicated
+    inputs, so every data-parallel rank makes the same ones. Only training
+    drops groups: the observers get one :class:`StepFeedback` per round, of
+    every generated group (see :mod:`nemo_gdro.trainer.step` for the loss
+    signal of rows that were not trained).
+    """
+
+    def select(self, informative: torch.Tensor, num_kept: int, target: int) -> torch.Tensor:
+        """Bool ``[P]``: the round's groups to train on.
+
+        Args:
+            informative: bool ``[P]`` the round's groups whose shaped rewards are not all equal.
+            num_kept: groups kept by the step's earlier rounds.
+            target: the step's prompt count ``P`` (``trainer.prompts_per_step``).
+        """
+        ...
+
+    def another_round(self, num_kept: int, target: int, rounds_done: int) -> bool:
+        """Generate another round, given ``num_kept`` groups kept after ``rounds_done`` rounds."""
         ...

@@ -1,12 +1,13 @@
 """The typed ``algorithm`` section: which stage does what, and each algorithm's parameters.
 
 ``algorithm.prompt_scheduler``, ``rollout_scheduler``, ``advantage_weighting``,
-``token_modulation`` and ``loss`` name the stages (:mod:`nemo_gdro.registries`);
-the per-algorithm sections (``prompt_gdro``, ``rollout_gdro``,
-``dynamo.allocation``, ``dynamo.modulation``, ``r2vpo``, ``prompt_skip``) hold their
-parameters; ``replay`` (off-policy reuse of earlier groups) works with every
-loss. Every section's keys and value types are checked whether or not its stage
-is selected, so a typo never waits for the run that turns it on;
+``token_modulation``, ``loss`` and ``group_filter`` name the stages
+(:mod:`nemo_gdro.registries`); the per-algorithm sections (``prompt_gdro``,
+``rollout_gdro``, ``dynamo.allocation``, ``dynamo.modulation``, ``r2vpo``,
+``prompt_skip``, ``dynamic_sampling``) hold their parameters; ``replay``
+(off-policy reuse of earlier groups) works with every loss. Every section's
+keys and value types are checked whether or not its stage is selected, so a
+typo never waits for the run that turns it on;
 range checks that depend on the rollout budget (``n_min <= rollout.n <=
 n_max``) apply only to the selected rollout scheduler.
 """
@@ -22,6 +23,7 @@ from nemo_gdro.algorithms.configs import (
     DifficultyConfig,
     DynamoAllocationConfig,
     DynamoModulationConfig,
+    DynamicSamplingConfig,
     PolicyLossConfig,
     PromptGDROConfig,
     PromptSkipConfig,
@@ -35,7 +37,7 @@ from nemo_gdro.typed_config import ConfigError, build_section
 __all__ = ["AlgorithmSetup", "STAGE_KEYS", "RETIRED_KEYS"]
 
 #: The stage-selecting keys of ``algorithm`` and their registry names (see nemo_gdro.registries).
-STAGE_KEYS = ("prompt_scheduler", "rollout_scheduler", "advantage_weighting", "token_modulation", "loss")
+STAGE_KEYS = ("prompt_scheduler", "rollout_scheduler", "advantage_weighting", "token_modulation", "loss", "group_filter")
 
 _PROMPT_GDRO_HINT = (
     "choose the stage instead: algorithm.advantage_weighting=prompt_gdro (the paper's advantage weights) "
@@ -74,6 +76,7 @@ class AlgorithmSetup:
     advantage_weighting: str
     token_modulation: str
     loss: str
+    group_filter: str
     n_bar: int
     advantage: AdvantageConfig
     policy_loss: PolicyLossConfig
@@ -86,6 +89,7 @@ class AlgorithmSetup:
     r2vpo: R2VPOConfig
     prompt_skip: PromptSkipConfig
     replay: ReplayConfig
+    dynamic_sampling: DynamicSamplingConfig
 
     @property
     def replays(self) -> bool:
@@ -112,7 +116,7 @@ class AlgorithmSetup:
         values = dict(algorithm)
         section_keys = {
             "advantage", "policy_loss", "stats", "difficulty", "prompt_gdro", "rollout_gdro", "dynamo", "r2vpo",
-            "prompt_skip", "replay",
+            "prompt_skip", "replay", "dynamic_sampling",
         }
         unknown = sorted(set(values) - section_keys - set(STAGE_KEYS))
         if unknown:
@@ -156,6 +160,14 @@ class AlgorithmSetup:
         dynamo_modulation = build(
             DynamoModulationConfig, "dynamo.modulation", eps_low=policy_loss.eps_low, eps_high=policy_loss.eps_high
         )
+        replay = build(ReplayConfig, "replay")
+        if replay.ratio > 0 and names["group_filter"] != "none":
+            # The replay buffer records each group's round-robin position of a one-round step;
+            # the groups a filter keeps (possibly from several rounds) have no such position.
+            raise ConfigError(
+                f"algorithm.group_filter={names['group_filter']} cannot be combined with "
+                "algorithm.replay.ratio > 0 (replay of filtered groups is not supported)"
+            )
         return cls(
             **names,
             n_bar=n_bar,
@@ -169,5 +181,6 @@ class AlgorithmSetup:
             dynamo_modulation=dynamo_modulation,
             r2vpo=build(R2VPOConfig, "r2vpo"),
             prompt_skip=build(PromptSkipConfig, "prompt_skip"),
-            replay=build(ReplayConfig, "replay"),
+            replay=replay,
+            dynamic_sampling=build(DynamicSamplingConfig, "dynamic_sampling"),
         )

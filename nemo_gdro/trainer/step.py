@@ -1,8 +1,9 @@
 """One RL step, top to bottom (design.md's diagram)::
 
     draw prompts -> classify (history up to t-1) -> allocate n_i -> generate
-    -> verify (correctness) -> shape rewards (overlong) -> GRPO advantages
-    x stage weights -> behaviour log-probs
+    -> verify (correctness) -> shape rewards (overlong)
+    -> group filter (keep groups; more rounds of the above while it asks)
+    -> GRPO advantages of the kept groups x stage weights -> behaviour log-probs
     (recomputed by the actor where the training forward cannot supply them,
     :mod:`~nemo_gdro.trainer.behaviour`) -> [+ replayed groups] -> mini-batches:
     optimizer steps (policy-loss stage, token-modulation stage)
@@ -12,6 +13,31 @@ Every stage is called through its protocol (:mod:`nemo_gdro.stages`); rows
 of all data-parallel ranks meet in their canonical order
 (:class:`~nemo_gdro.parallel.rows.StepRows`). Every decision is a
 deterministic function of the run seed, the step and the checkpointed state.
+
+Generation rounds (``algorithm.group_filter``, :mod:`nemo_gdro.stages.group_filter`):
+a step generates one round of ``P`` prompts, or more under ``dynamic_sampling``;
+each round is drawn, classified, allocated and generated exactly like a step
+without rounds (the classifier and the allocators see the history up to the
+previous step), seeded by ``(seed, step, round, prompt)``. The filter keeps
+some groups of each round; the kept groups keep their rows on the rank that
+generated them and are trained in the canonical order (round, position,
+rollout) (:meth:`StepRows.build` with an owner map), so mini-batch membership
+does not depend on the DP layout. With ``none`` there is one round and every
+group is kept: the step is the one-round step, bit for bit.
+
+What the controllers learn from (:meth:`RLStep._observe`, once per ROUND, in
+round order): every generated group, trained or not -- the pass-rate store,
+the classifier's bins, Prompt-GDRO's scores, Rollout-GDRO's arms and shadow
+price, the prompt scheduler. A round is, to them, what a step is without
+rounds (a draw, its plan, its outcomes), so a step of ``K`` rounds advances
+each controller ``K`` times. The per-response loss signal of a row that was
+not trained (a dropped group) is the surrogate at the behaviour policy
+(ratio 1): ``-A`` (token mean; 0 for a zero-variance group, and 0 for a
+truncated row under ``reward.mask_truncated``), the value the update guard
+also uses for a skipped update; the KL term of ``signal_include_kl`` is not
+added there. Trained rows carry their surrogate from the optimizer steps as
+before. Observer diagnostics describe the last round (the only one unless
+``dynamic_sampling``): the one the controllers observed last.
 
 Correctness and rewards are kept apart: the verifier's ``correct`` verdicts
 feed the pass-rate statistics, difficulty bins and the controllers' failure /
@@ -25,7 +51,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,14 +64,15 @@ from nemo_gdro.rewards.result import VerifyResult
 from nemo_gdro.rewards.shaping import overlong_penalty
 from nemo_gdro.rollout.batch import RolloutBatch
 from nemo_gdro.rollout.seeds import prompt_seeds
-from nemo_gdro.stages import MinibatchView, PromptDraw, StepFeedback
+from nemo_gdro.stages import Allocation, MinibatchView, PromptDraw, StepFeedback
+from nemo_gdro.stages.group_filter import NoFilter, informative_groups
 from nemo_gdro.stages.signal import controller_signal
 from nemo_gdro.trainer.behaviour import behaviour_plan
 from nemo_gdro.trainer.diagnostics import modulation_extremes
 from nemo_gdro.trainer.guards import UpdateGuard, sampling_failure
 from nemo_gdro.trainer.rl_loss import MinibatchLoss
 
-__all__ = ["ControllerClock", "RLStep"]
+__all__ = ["ControllerClock", "RLStep", "Round", "Trained"]
 
 #: Metrics of a controller's state: the step reports the value after its last optimizer step.
 LAST_VALUE_METRICS = frozenset({"r2vpo/lambda_positive"})
@@ -63,6 +90,32 @@ class Generated:
     verify: VerifyResult  # this rank's verification outcome (timeouts, failures, wall time)
     overlong: torch.Tensor  # bool [R_local]: the row's reward carries an overlong penalty
     truncated: torch.Tensor  # bool [R_local]: hit rollout.max_new_tokens without a stop token
+
+
+@dataclass
+class Round:
+    """One generation round of a step: its plan, its rollouts and the groups kept for training."""
+
+    draw: PromptDraw
+    bins: torch.Tensor  # int64 [P] difficulty bins the round was planned with
+    allocation: Allocation
+    gen: Generated
+    informative: torch.Tensor  # bool [P] groups whose shaped rewards are not all equal
+    keep: torch.Tensor  # bool [P] groups the step trains on
+
+
+@dataclass
+class Trained:
+    """The groups a step trains on, over all its rounds, in canonical (round, position, rollout) order.
+
+    ``gen.rows`` is their global layout (each group stays on the rank that
+    generated it); ``draw.ids`` / ``bins`` / ``counts`` are per kept prompt ``[P_kept]``.
+    """
+
+    gen: Generated
+    draw: PromptDraw
+    bins: torch.Tensor
+    counts: torch.Tensor
 
 
 class ControllerClock:
@@ -114,46 +167,62 @@ class RLStep:
         c, stages = self.c, self.c.stages
         self._step = step
         self._clock = clock = ControllerClock()
+        self._plan_s = self._generate_s = 0.0
         t0 = time.perf_counter()
-        with clock():
-            draw = stages.prompts.draw(self.num_prompts)
-            bins = c.classifier.classify(draw.ids)
-            allocation = stages.rollouts.allocate(draw, bins)
-        t_plan = time.perf_counter()
-
-        gen = self._generate(draw, allocation.counts, step)
-
-        raw_adv, bin_weights = self._advantages(gen, draw, bins)
+        rounds = self._generate_rounds(step)
+        trained = self._trained(rounds)
+        gen = trained.gen
+        # Decided from global counts: the same on every rank. Nothing kept anywhere: no update.
+        any_trained = gen.rows.num_rows > 0
+        if any_trained:
+            raw_adv, bin_weights = self._advantages(gen, trained.draw, trained.bins)
+        else:
+            raw_adv, bin_weights = torch.zeros(0, dtype=torch.float32), None
+            gen.batch.advantages = raw_adv.clone()
         t_behaviour = time.perf_counter()
         batch = gen.batch
-        if self.behaviour.separate_pass:
+        if any_trained and batch.num_rows == 0:
+            # Other ranks train: this one joins every collective with a row that has no loss token.
+            batch, raw_adv = _placeholder_row(rounds), torch.zeros(1, dtype=torch.float32)
+        if any_trained and self.behaviour.separate_pass:
             batch.behaviour_logp = c.actor.compute_token_stats(batch.tokens, lengths=batch.sequence_lengths)["logp"].detach()
-        elif self.behaviour.source == "current":  # filled row by row from the mini-batch's current-policy pass
+        elif any_trained and self.behaviour.source == "current":  # filled row by row from the mini-batch's current-policy pass
             batch.behaviour_logp = torch.zeros(batch.num_rows, batch.seq_len - 1, dtype=torch.float32)
         # The engine-vs-actor mismatch of the training forward, per row (behaviour source "forward").
         self._mismatch_rows: dict[str, torch.Tensor] | None = None
         self._forward_ran = False
         t_train = time.perf_counter()
-        train_batch, raw_all = c.replay.mix(batch, raw_adv, step)
-        actor_metrics, signal = self._optimize(train_batch, raw_all, gen.rows, step)
-        actor_metrics.update(self._engine_mismatch(batch))
-        actor_metrics["actor/behaviour_pass"] = 1.0 if self.behaviour.separate_pass else 0.0
+        if any_trained:
+            train_batch, raw_all = c.replay.mix(batch, raw_adv, step)
+            actor_metrics, signal = self._optimize(train_batch, raw_all, gen.rows, step)
+            actor_metrics.update(self._engine_mismatch(batch))
+        else:
+            train_batch, signal = batch, torch.zeros(0, dtype=torch.float64)
+            actor_metrics = {"actor/optimizer_steps": 0.0, "guard/skipped_total": float(self.guard.skipped_total)}
+        actor_metrics["actor/behaviour_pass"] = 1.0 if any_trained and self.behaviour.separate_pass else 0.0
         t_push = time.perf_counter()
 
         c.engine.load_weights(c.actor.export_hf_state_dict(), version=step + 1)
         t_pushed = time.perf_counter()
         with clock():
-            feedback = self._observe(gen, draw, bins, allocation, signal, bin_weights)
-        c.verify_replicated(step, {"bins": bins, "counts": allocation.counts})
+            feedbacks = [
+                self._observe(r.gen, r.draw, r.bins, r.allocation, round_signal, bin_weights)
+                for r, round_signal in zip(rounds, self._round_signals(rounds, signal), strict=True)
+            ]
+        c.verify_replicated(step, {
+            "bins": torch.cat([r.bins for r in rounds]),
+            "counts": torch.cat([r.allocation.counts for r in rounds]),
+            "keep": torch.cat([r.keep for r in rounds]),
+        })
 
-        metrics = self._step_metrics(gen, feedback, train_batch)
+        metrics = self._step_metrics(rounds, trained, feedbacks, train_batch, batch)
         metrics.update(actor_metrics)
         for observer in stages.observers:
-            metrics.update(observer.diagnostics(feedback))
+            metrics.update(observer.diagnostics(feedbacks[-1]))  # the round each observed last
         metrics.update(
             {
                 # time/verify_s (the verifier's own wall time) comes with the reward metrics.
-                "time/plan_s": t_plan - t0,
+                "time/plan_s": self._plan_s,
                 "time/generate_s": self._generate_s,
                 "time/behaviour_s": t_train - t_behaviour,
                 "time/train_s": t_push - t_train,
@@ -162,25 +231,49 @@ class RLStep:
                 "time/step_s": time.perf_counter() - t0,
             }
         )
-        self.last = gen  # kept for inspection (tests, debugging); replaced every step
-        self.last_bins = bins
-        self.last_draw = draw
+        self.last = gen  # the trained groups, kept for inspection (tests, debugging); replaced every step
+        self.last_rounds = rounds
+        self.last_bins = trained.bins
+        self.last_draw = trained.draw
         return metrics
 
     # ----------------------------------------------------------------- stages
-    def _generate(self, draw: PromptDraw, counts: torch.Tensor, step: int) -> Generated:
-        """This rank's prompts through the engine and the verifier; rewards assembled globally."""
+    def _generate_rounds(self, step: int) -> list[Round]:
+        """Draw, classify, allocate and generate rounds of ``P`` prompts while the group filter asks for more."""
+        c, stages = self.c, self.c.stages
+        group_filter = stages.group_filter if stages.group_filter is not None else NoFilter()
+        rounds: list[Round] = []
+        kept = 0
+        while True:
+            start = time.perf_counter()
+            with self._clock():
+                draw = stages.prompts.draw(self.num_prompts)
+                bins = c.classifier.classify(draw.ids)
+                allocation = stages.rollouts.allocate(draw, bins)
+            self._plan_s += time.perf_counter() - start
+            gen = self._generate(draw, allocation.counts, step, len(rounds))
+            # Global rewards: every rank decides the same.
+            informative = informative_groups(gen.rewards, gen.rows.group_index, gen.rows.num_prompts)
+            with self._clock():
+                keep = group_filter.select(informative, kept, self.num_prompts)
+            kept += int(keep.sum())
+            rounds.append(Round(draw, bins, allocation, gen, informative, keep))
+            if not group_filter.another_round(kept, self.num_prompts, len(rounds)):
+                return rounds
+
+    def _generate(self, draw: PromptDraw, counts: torch.Tensor, step: int, round: int = 0) -> Generated:
+        """This rank's prompts of one round through the engine and the verifier; rewards assembled globally."""
         c = self.c
         mine = c.dp.my_positions(self.num_prompts)
         records = c.task.train.get_many(draw.ids[mine])
-        # Seeds of the whole step's prompt list, then this rank's slice: rollouts do not depend on the layout.
-        seeds = prompt_seeds(self.seed, step, draw.ids)
+        # Seeds of the whole round's prompt list, then this rank's slice: rollouts do not depend on the layout.
+        seeds = prompt_seeds(self.seed, step, draw.ids, round)
         start = time.perf_counter()
         try:
             batch = c.engine.generate(records, counts[mine], seeds[mine])
         except RuntimeError as err:
             raise (sampling_failure(err, step + 1, "generation") or err) from err
-        self._generate_s = time.perf_counter() - start  # the engine alone (verification: time/verify_s)
+        self._generate_s += time.perf_counter() - start  # the engine alone (verification: time/verify_s)
         verifier = c.task.verifier
         result = verifier.verify_batch(batch.responses, batch.answers)
         rewards = verifier.rewards(result).to(torch.float32)
@@ -200,6 +293,76 @@ class RLStep:
             batch, rows, rows.scatter(batch.rewards.double()).float(), correct=result.correct,
             correct_global=rows.scatter(result.correct.double()), verify=result, overlong=overlong, truncated=truncated,
         )
+
+    def _trained(self, rounds: list[Round]) -> Trained:
+        """The kept groups of every round as one step batch: this rank's rows, the global layout.
+
+        A round that keeps every group and is the step's only round is used as
+        it is (``group_filter=none``: the one-round step, bit for bit).
+        """
+        first = rounds[0]
+        if len(rounds) == 1 and bool(first.keep.all()):
+            return Trained(first.gen, first.draw, first.bins, first.allocation.counts)
+        dp = self.c.dp
+        parts: list[RolloutBatch] = []
+        counts, owners, ids, bins, rewards, correct_global = [], [], [], [], [], []
+        correct, overlong, truncated = [], [], []
+        for r in rounds:
+            g = r.gen
+            global_keep = r.keep[g.rows.group_index]  # [R] rows of kept groups, canonical order
+            local_keep = r.keep[g.rows.positions[g.batch.group_index]]  # [R_local]
+            if bool(local_keep.any()):
+                parts.append(g.batch.select(local_keep))
+            kept = torch.nonzero(r.keep).flatten()
+            counts.append(r.allocation.counts[kept])
+            owners.append(kept % dp.size)  # the rank that generated the group (DataParallel.my_positions)
+            ids.append(r.draw.ids[kept])
+            bins.append(r.bins[kept])
+            rewards.append(g.rewards[global_keep])
+            correct_global.append(g.correct_global[global_keep])
+            correct.append(g.correct[local_keep])
+            overlong.append(g.overlong[local_keep])
+            truncated.append(g.truncated[local_keep])
+        batch = RolloutBatch.concat(parts) if parts else first.gen.batch.select(torch.zeros(0, dtype=torch.int64))
+        all_counts = torch.cat(counts)
+        rows = StepRows.build(all_counts, batch.group_index, dp, owners=torch.cat(owners))
+        if rows.positions.numel() != batch.num_prompts:
+            raise RuntimeError(
+                f"kept groups: {batch.num_prompts} local prompts but the layout assigns {rows.positions.numel()}"
+            )
+        gen = Generated(
+            batch, rows, torch.cat(rewards), correct=torch.cat(correct), correct_global=torch.cat(correct_global),
+            verify=first.gen.verify, overlong=torch.cat(overlong), truncated=torch.cat(truncated),
+        )
+        draw = replace(first.draw, ids=torch.cat(ids), new_epoch=any(r.draw.new_epoch for r in rounds))
+        return Trained(gen, draw, torch.cat(bins), all_counts)
+
+    def _round_signals(self, rounds: list[Round], signal: torch.Tensor) -> list[torch.Tensor]:
+        """Per-round loss signals float64 ``[R_k]`` from the trained rows' signal ``[R_kept]``.
+
+        A row that was not trained gets its surrogate at the behaviour policy
+        (ratio 1): ``-A`` (token mean), 0 for a truncated row under
+        ``reward.mask_truncated`` (no loss, as when trained).
+        """
+        out: list[torch.Tensor] = []
+        offset = 0
+        for r in rounds:
+            g = r.gen
+            global_keep = r.keep[g.rows.group_index]
+            n = int(global_keep.sum())
+            if n == g.rows.num_rows:
+                out.append(signal[offset : offset + n])
+            else:
+                raw = grpo_advantages(g.rewards, g.rows.group_index, g.rows.num_prompts, self.setup.advantage)
+                fill = 0.0 - raw.to(torch.float64)
+                if self.mask_truncated and g.batch.truncated is not None:
+                    fill[g.rows.scatter(g.batch.truncated.double()) > 0] = 0.0
+                fill[global_keep] = signal[offset : offset + n]
+                out.append(fill)
+            offset += n
+        if offset != signal.numel():
+            raise RuntimeError(f"{signal.numel()} trained rows but the rounds kept {offset}")
+        return out
 
     def _advantages(self, gen: Generated, draw: PromptDraw, bins: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """GRPO advantages of this rank's rows (each prompt's rows live on one rank) times the stages' weights."""
@@ -427,36 +590,75 @@ class RLStep:
         return total.finalize().as_metrics()
 
     # ---------------------------------------------------------------- metrics
-    def _step_metrics(self, gen: Generated, feedback: StepFeedback, train_batch: RolloutBatch) -> dict[str, float]:
-        """Step-level metrics, global over DP ranks (identical on every rank)."""
-        rows, rewards, counts = gen.rows, gen.rewards, feedback.allocation.counts
-        tokens, replayed = self.c.dp.total(
-            float(gen.batch.response_mask.sum()), float(train_batch.num_rows - gen.batch.num_rows)
+    def _step_metrics(
+        self, rounds: list[Round], trained: Trained, feedbacks: list[StepFeedback], train_batch: RolloutBatch,
+        fresh_batch: RolloutBatch,
+    ) -> dict[str, float]:
+        """Step-level metrics, global over DP ranks (identical on every rank).
+
+        ``train/reward_mean``, ``train/pass_rate`` (share of prompts with a correct
+        rollout), ``train/zero_variance_groups``, ``train/rollouts`` (=
+        ``train/kept_rollouts``) and ``train/response_tokens`` describe the TRAINED
+        groups (with ``group_filter=none``: every generated group). Of every
+        GENERATED group, all rounds: ``train/generated_rollouts``,
+        ``train/generation_rounds``, ``train/informative_groups`` (groups whose
+        shaped rewards are not all equal), ``train/informative_rollout_share`` and
+        ``train/informative_token_share`` (rollouts / response tokens in those
+        groups over all generated), the ``reward/*`` verifier counts, the ``bins/*``
+        shares and ``alloc/n_hist``. ``train/distinct_prompts``: distinct prompt ids
+        among the trained prompts.
+        """
+        gen, dp = trained.gen, self.c.dp
+        rows, rewards, counts = gen.rows, gen.rewards, trained.counts
+        generated_counts = torch.cat([r.allocation.counts for r in rounds])
+        informative_rollouts = sum(int(r.allocation.counts[r.informative].sum()) for r in rounds)
+        generated_tokens = informative_tokens = 0.0
+        for r in rounds:
+            row_tokens = r.gen.batch.response_mask.sum(-1)
+            row_informative = r.informative[r.gen.rows.positions[r.gen.batch.group_index]]
+            generated_tokens += float(row_tokens.sum())
+            informative_tokens += float(row_tokens[row_informative].sum())
+        tokens, replayed, generated_tokens, informative_tokens = dp.total(
+            float(gen.batch.response_mask.sum()), float(train_batch.num_rows - fresh_batch.num_rows),
+            generated_tokens, informative_tokens,
         )
+        _, p_correct = group_outcomes(gen.correct_global, rows.group_index, rows.num_prompts, 0.5)
+        generated = float(generated_counts.sum())
         metrics = {
-            "train/reward_mean": float(rewards.mean()),
-            "train/pass_rate": float((self._correct > 0).double().mean()),
+            "train/reward_mean": float(rewards.mean()) if rewards.numel() else math.nan,
+            "train/pass_rate": float((p_correct > 0).double().mean()) if rows.num_prompts else math.nan,
             "train/zero_variance_groups": zero_variance_group_fraction(rewards, rows.group_index, rows.num_prompts),
             "train/rollouts": float(counts.sum()),
             "train/response_tokens": tokens,
             "train/replayed_rows": replayed,
+            "train/generated_rollouts": generated,
+            "train/kept_rollouts": float(rows.num_rows),
+            "train/generation_rounds": float(len(rounds)),
+            "train/informative_groups": float(sum(int(r.informative.sum()) for r in rounds)),
+            "train/informative_rollout_share": informative_rollouts / generated if generated else math.nan,
+            "train/informative_token_share": informative_tokens / generated_tokens if generated_tokens else math.nan,
+            "train/distinct_prompts": float(torch.unique(trained.draw.ids).numel()),
         }
-        metrics.update(self._reward_metrics(gen))
-        metrics.update(bin_metrics(feedback, self.c.classifier.num_bins))
-        for n_val, n_count in zip(*torch.unique(counts, return_counts=True)):
+        metrics.update(self._reward_metrics(rounds))
+        metrics.update(bin_metrics(_merge_feedback(feedbacks), self.c.classifier.num_bins))
+        for n_val, n_count in zip(*torch.unique(generated_counts, return_counts=True)):
             metrics[f"alloc/n_hist/{int(n_val)}"] = float(n_count)
         return metrics
 
-    def _reward_metrics(self, gen: Generated) -> dict[str, float]:
-        """Verification and shaping over all DP ranks: counts summed; ``time/verify_s`` is the slowest
-        rank's wall time (under ``time/`` like every wall-clock metric, which run-equality checks skip)."""
-        v, dp = gen.verify, self.c.dp
+    def _reward_metrics(self, rounds: list[Round]) -> dict[str, float]:
+        """Verification and shaping of every generated row (all rounds) over all DP ranks: counts summed;
+        ``time/verify_s`` is the slowest rank's wall time (under ``time/`` like every wall-clock metric,
+        which run-equality checks skip)."""
+        dp = self.c.dp
+        gens = [r.gen for r in rounds]
         timeouts, failures, restarts, correct, overlong, truncated = dp.total(
-            float(v.timeouts), float(v.failures), float(v.worker_restarts), float(gen.correct.sum()),
-            float(gen.overlong.sum()), float(gen.truncated.sum()),
+            sum(float(g.verify.timeouts) for g in gens), sum(float(g.verify.failures) for g in gens),
+            sum(float(g.verify.worker_restarts) for g in gens), sum(float(g.correct.sum()) for g in gens),
+            sum(float(g.overlong.sum()) for g in gens), sum(float(g.truncated.sum()) for g in gens),
         )
-        verify_s = float(dp.max(torch.tensor([v.wall_s], dtype=torch.float64))[0])
-        n = max(gen.rows.num_rows, 1)
+        wall_s = sum(g.verify.wall_s for g in gens)
+        verify_s = float(dp.max(torch.tensor([wall_s], dtype=torch.float64))[0])
+        n = max(sum(g.rows.num_rows for g in gens), 1)
         return {
             "reward/timeouts": timeouts,
             "reward/failures": failures,
@@ -468,8 +670,28 @@ class RLStep:
         }
 
 
+def _merge_feedback(feedbacks: list[StepFeedback]) -> StepFeedback:
+    """The rounds' feedback as one (prompt positions of later rounds follow those of earlier ones), for the bin metrics."""
+    if len(feedbacks) == 1:
+        return feedbacks[0]
+    offsets = [0]
+    for f in feedbacks[:-1]:
+        offsets.append(offsets[-1] + f.bins.numel())
+    first = feedbacks[0]
+    return StepFeedback(
+        draw=replace(first.draw, ids=torch.cat([f.draw.ids for f in feedbacks])),
+        bins=torch.cat([f.bins for f in feedbacks]),
+        allocation=Allocation(torch.cat([f.allocation.counts for f in feedbacks])),
+        response_bins=torch.cat([f.response_bins for f in feedbacks]),
+        group_index=torch.cat([f.group_index + off for f, off in zip(feedbacks, offsets, strict=True)]),
+        rewards=torch.cat([f.rewards for f in feedbacks]),
+        loss_signal=torch.cat([f.loss_signal for f in feedbacks]),
+        bin_weights=first.bin_weights,
+    )
+
+
 def bin_metrics(feedback: StepFeedback, num_bins: int) -> dict[str, float]:
-    """Per-bin prompt share, budget share, mean reward and rollouts per prompt (gdro.md §4)."""
+    """Per-bin prompt share, budget share, mean reward and rollouts per prompt (gdro.md §4), of the generated groups."""
     bins, response_bins, counts = feedback.bins, feedback.response_bins, feedback.allocation.counts
     out: dict[str, float] = {}
     prompt_share = torch.bincount(bins, minlength=num_bins).double() / bins.numel()
@@ -483,3 +705,26 @@ def bin_metrics(feedback: StepFeedback, num_bins: int) -> dict[str, float]:
             out[f"bins/reward_mean/{b}"] = float(reward_sum[b] / resp_count[b])
             out[f"bins/n_per_prompt/{b}"] = float(budget[b] / (prompt_share[b] * bins.numel()))
     return out
+
+
+def _placeholder_row(rounds: list[Round]) -> RolloutBatch:
+    """One of this rank's generated rows with its response removed (no token enters the loss).
+
+    A rank whose groups were all dropped while other ranks train joins the
+    step's collective updates with it; rows after the step's kept rows are not
+    part of the layout (:class:`StepRows`), so it is counted nowhere.
+    """
+    source = next((r.gen.batch for r in rounds if r.gen.batch.num_rows > 0), None)
+    if source is None:
+        raise RuntimeError("this data-parallel rank generated no rows (trainer.prompts_per_step < DP size?)")
+    row = source.select(torch.zeros(1, dtype=torch.int64))
+    tokens = row.tokens.clone()
+    tokens[0, int(row.prompt_lengths[0]) :] = row.pad_id
+    empty = torch.zeros(1, dtype=torch.int64)
+    placeholder = replace(
+        row, tokens=tokens, response_lengths=empty, response_mask=torch.zeros_like(row.response_mask),
+        responses=[""], rewards=torch.zeros(1, dtype=torch.float32), advantages=torch.zeros(1, dtype=torch.float32),
+        truncated=None if row.truncated is None else torch.zeros(1, dtype=torch.bool),
+        engine_logp=None if row.engine_logp is None else torch.zeros_like(row.engine_logp),
+    )
+    return placeholder.validate()

@@ -28,7 +28,8 @@ def test_each_baseline_composes_at_the_testbed_budget(tmp_path):
     from nemo_gdro.trainer.config import compose, validate
 
     cfg = eff.load_config(eff.DEFAULT_CONFIG)
-    _, runs = eff.plan_jobs(cfg, ["grpo", *HERE], cfg.seeds[:1], "validation", tmp_path)
+    filters = ["dapo_dynamic_sampling", "filter_only"]  # the group filters are in: they compose too
+    _, runs = eff.plan_jobs(cfg, ["grpo", *HERE, *filters], cfg.seeds[:1], "validation", tmp_path)
     trees = {r.method: validate(compose("train", r.overrides)) for r in runs}
     base = trees["grpo"]
     budget = base.trainer.prompts_per_step * base.rollout.n
@@ -46,6 +47,10 @@ def test_each_baseline_composes_at_the_testbed_budget(tmp_path):
     assert dr.policy_loss.norm_constant == trees["dr_grpo"].rollout.max_new_tokens  # Dr.GRPO's constant: the max length
     skip = trees["skip"].algorithm
     assert skip.prompt_scheduler == "skip_zero_variance" and skip.prompt_skip == base.algorithm.prompt_skip
+    assert base.algorithm.group_filter == "none"  # pinned in the testbed
+    assert trees["dapo_dynamic_sampling"].algorithm.group_filter == "dynamic_sampling"
+    assert trees["dapo_dynamic_sampling"].algorithm.dynamic_sampling.max_generation_batches == 4
+    assert trees["filter_only"].algorithm.group_filter == "filter"
 
 
 def test_quick_takes_the_methods_named_on_the_command_line(tmp_path, capsys):

@@ -175,3 +175,47 @@ def test_bin_weights_are_averaged_over_the_steps_their_bin_was_present(tmp_path)
         assert diag["prompt_gdro/weight/0"] == pytest.approx(1.0)
         assert diag["prompt_gdro/weight_entropy"] == pytest.approx(0.375)  # other keys keep their zeros
         assert er.diagnostic_row(diag)["bin weights"] == "0.985-1.000"
+
+
+def _write_dynamic_run(path, *, generated, informative, clip_frac=None):
+    """A run that logs the generation metrics (dynamic sampling: 128 trained, ``generated`` generated per step)."""
+    with MetricsLogger(path, tensorboard=False) as log:
+        for step in range(1, 11):
+            row = {"train/rollouts": 128, "train/kept_rollouts": 128, "train/generated_rollouts": generated,
+                   "train/response_tokens": 500, "train/informative_rollout_share": informative,
+                   "train/distinct_prompts": 30 + step % 2}
+            if clip_frac is not None:
+                row["actor/clip_frac"] = clip_frac
+            log.log(step, row)
+        for step, p in zip((0, 5, 10), (0.2, 0.3, 0.4)):
+            log.log_eval(step, {"eval/pass@1": p, "eval/pass@4": min(1.0, 2 * p),
+                                "eval/pass@1/band_1": p + 0.1, "eval/pass@1/band_2": p - 0.1})
+
+
+def test_rollouts_are_generated_ones_and_the_mechanism_table_marks_missing_metrics(tmp_path):
+    """Reach / totals count GENERATED rollouts (train/generated_rollouts; old logs: train/rollouts); the
+    mechanism table shows a metric a method's runs do not log as "-"."""
+    runs = {}
+    _write_run(tmp_path / "grpo", (0.2, 0.3, 0.4))  # an old log: no train/generated_rollouts
+    runs["grpo"] = [er.load_run(tmp_path / "grpo", "grpo", 0)]
+    _write_dynamic_run(tmp_path / "dapo", generated=256, informative=0.6, clip_frac=0.01)
+    runs["dapo"] = [er.load_run(tmp_path / "dapo", "dapo", 0)]
+    rep = er.build_report(runs, er.ReportOptions(baseline="grpo"), {})
+    dapo, grpo = rep["methods"]["dapo"], rep["methods"]["grpo"]
+    assert grpo["per_seed"]["generated_rollouts"] == [1280.0]  # fallback: train/rollouts
+    assert dapo["per_seed"]["generated_rollouts"] == [2560.0] and dapo["per_seed"]["rollouts"] == [2560.0]
+    # Both reach the baseline's final 0.4 at step 10: 10 steps of generated rollouts each.
+    assert dapo["reach_baseline_final"]["rollouts"] == [2560.0]
+    assert grpo["reach_baseline_final"]["rollouts"] == [1280.0]
+    assert rep["equal_total_rollouts"] is False
+    assert dapo["ci"]["informative_rollout_share"]["mean"] == pytest.approx(0.6)
+    assert dapo["ci"]["distinct_prompts"]["mean"] == pytest.approx(30.5)
+    table = er.markdown_mechanisms(rep)
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert lines["dapo"].split(" | ")[1:4] == ["0.600", "30.5", "2560"]
+    assert lines["dapo"].split(" | ")[4] == "0.0100"
+    assert lines["dapo"].rstrip(" |").endswith("| - | -")  # clipped grad share, lambda > 0: not logged
+    assert lines["grpo"].split(" | ")[1:3] == ["-", "-"] and "1280" in lines["grpo"]
+    assert "## Mechanism metrics" in er.markdown_report(rep, "t")
+    # An old log that lacks the metric on some steps falls back per step.
+    assert er.generated_rollouts({"train/rollouts": [4.0, 4.0], "train/generated_rollouts": [8.0, math.nan]}, 2) == [8.0, 4.0]

@@ -34,6 +34,36 @@ def test_single_process_layout_is_the_identity():
     assert DataParallel().total(1.5, 2.0) == [1.5, 2.0]
 
 
+def test_explicit_owners_lay_out_kept_groups_without_moving_rows():
+    """Kept groups of two rounds (round 0 positions 1, 2; round 1 position 0) stay on the rank that
+    generated them (position % 2); the canonical order is the order of the owner map."""
+    counts = torch.tensor([3, 2, 4])  # kept prompts in (round, position) order
+    owners = torch.tensor([1, 0, 0])  # r0p1 -> rank 1, r0p2 -> rank 0, r1p0 -> rank 0
+    expected_canon = {0: [3, 4, 5, 6, 7, 8], 1: [0, 1, 2]}
+    canon = []
+    for rank in (0, 1):
+        dp = DataParallel(rank=rank, size=2)
+        mine = torch.nonzero(owners == rank).flatten()
+        local_gi = torch.repeat_interleave(torch.arange(mine.numel()), counts[mine])
+        rows = StepRows.build(counts, local_gi, dp, owners=owners)
+        assert rows.positions.tolist() == mine.tolist()
+        assert rows.canon.tolist() == expected_canon[rank]
+        assert torch.equal(rows.group_index, torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2]))
+        canon += rows.canon.tolist()
+    assert sorted(canon) == list(range(9))
+    # The round-robin owner map is the default layout.
+    counts = torch.tensor([2, 1, 3, 1])
+    for rank in (0, 1):
+        dp = DataParallel(rank=rank, size=2)
+        gi = torch.repeat_interleave(torch.arange(2), counts[dp.my_positions(4)])
+        default, explicit = StepRows.build(counts, gi, dp), StepRows.build(counts, gi, dp, owners=torch.arange(4) % 2)
+        assert torch.equal(default.positions, explicit.positions) and torch.equal(default.canon, explicit.canon)
+    with pytest.raises(ValueError, match="owners must be ranks"):
+        StepRows.build(counts, gi, DataParallel(rank=0, size=2), owners=torch.tensor([0, 2, 0, 1]))
+    with pytest.raises(ValueError, match="owners must be"):
+        StepRows.build(counts, gi, DataParallel(rank=0, size=2), owners=torch.tensor([0, 1]))
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,

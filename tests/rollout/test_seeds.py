@@ -53,6 +53,23 @@ def test_seeds_differ_across_steps_bases_and_ids():
     assert int(gaps) > 2**40
 
 
+def test_rounds_get_their_own_seeds_and_round_0_is_the_step_without_rounds():
+    ids = [4, 9, 4, 1]
+    base = prompt_seeds(1234, 7, ids)
+    assert prompt_seeds(1234, 7, ids, 0).tolist() == base.tolist()  # unchanged for a one-round step
+    rounds = [prompt_seeds(1234, 7, ids, r) for r in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not set(rounds[a].tolist()) & set(rounds[b].tolist()), (a, b)
+    # Still a per-position function of (base, step, round, id, occurrence): any DP split keeps it.
+    assert prompt_seeds(1234, 7, ids[:2], 2).tolist() == rounds[2][:2].tolist()
+    # Pinned: a change here changes every dynamic-sampling run's later rounds.
+    assert prompt_seeds(0, 0, [0, 1, 0], 1).tolist() == [3712494357506640563, 567933766081529054, 1892116416728755606]
+    assert 0 <= int(rounds[1][0]) < 2**SEED_BITS
+    with pytest.raises(ValueError, match="round"):
+        prompt_seeds(0, 0, [0], -1)
+
+
 def test_seeds_are_valid_generator_seeds():
     s = int(prompt_seeds(3, 4, [5])[0])
     g1 = torch.Generator().manual_seed(s + 15)  # child 15 of an n=16 request

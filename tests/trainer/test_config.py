@@ -8,6 +8,7 @@ def test_default_config_is_the_tiny_cpu_run():
     assert cfg.model.preset == "tiny" and cfg.rollout.engine == "hf" and cfg.data.task == "arithmetic"
     assert cfg.algorithm.describe() == (
         "prompt_scheduler=uniform rollout_scheduler=fixed advantage_weighting=none token_modulation=none loss=clipped"
+        " group_filter=none"
     )
 
 

@@ -88,21 +88,41 @@ LAYOUT_ARGS = [a for a in ARGS if not a.startswith("trainer.checkpoint_every")] 
 ]
 
 
+# The DAPO overlong penalty makes the shaped rewards of a group differ with response length: a mix of
+# informative and zero-variance groups for the filters to act on (an untrained model solves nothing).
+SHAPED = ["reward.overlong.enabled=true", "reward.overlong.buffer_tokens=3"]
+LAYOUT_CASES = {
+    "one_pass": [],
+    # Two passes over each batch, each reshuffled by one global permutation, and the informative-token
+    # divisor all-reduced over DP.
+    "two_passes_informative_tokens": ["trainer.epochs_per_batch=2",
+                                      "algorithm.policy_loss.loss_agg_mode=informative-token-mean"],
+    # Refill rounds: kept groups stay on the rank that generated them, trained in (round, position) order.
+    "dynamic_sampling": [*SHAPED, "algorithm.group_filter=dynamic_sampling",
+                         "algorithm.dynamic_sampling.max_generation_batches=3"],
+    # One prompt per rank: a step that keeps one group leaves the other rank with nothing to train (it joins
+    # the collective updates with a placeholder row).
+    "filter_one_prompt_per_rank": [*SHAPED, "algorithm.group_filter=filter", "trainer.prompts_per_step=2"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "extra",
-    [[], ["trainer.epochs_per_batch=2", "algorithm.policy_loss.loss_agg_mode=informative-token-mean"]],
-    ids=["one_pass", "two_passes_informative_tokens"],
-)
-def test_rollouts_and_metrics_do_not_depend_on_the_dp_size(tmp_path, extra):
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_rollouts_and_metrics_do_not_depend_on_the_dp_size(tmp_path, case):
     """Per-prompt seeds: DP=1 and DP=2 sample the same rollouts and log the same metrics (also with two
-    passes over each batch, each reshuffled by one global permutation, and the informative-token divisor
-    all-reduced over DP)."""
+    passes over each batch, and with the group filters: kept groups of several rounds trained in their
+    canonical order, a rank left with nothing to train)."""
     one, two = tmp_path / "dp1", tmp_path / "dp2"
     for out, nproc in ((one, 1), (two, 2)):
-        cmd_args = [*LAYOUT_ARGS, *extra, f"run.output_dir={out}", "trainer.max_steps=3"]
+        cmd_args = [*LAYOUT_ARGS, *LAYOUT_CASES[case], f"run.output_dir={out}", "trainer.max_steps=3"]
         _train_args(cmd_args, nproc)
     a, b = _rows(one), _rows(two)
+    if case == "dynamic_sampling":
+        assert any(a[step]["train/generation_rounds"] > 1 for step in (1, 2, 3)), "no refill round"
+        assert all(a[step]["train/kept_rollouts"] > 0 for step in (1, 2, 3))
+    elif case == "filter_one_prompt_per_rank":
+        kept_groups = [a[step]["train/informative_groups"] for step in (1, 2, 3)]  # filter: kept = informative
+        assert 1 in kept_groups, f"no step kept exactly one of the two groups: {kept_groups}"
     for step in (1, 2, 3):
         for key, value in a[step].items():
             if key.startswith("time/") or value is None:
