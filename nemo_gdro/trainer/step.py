@@ -369,8 +369,9 @@ class RLStep:
         stages, batch, rows = self.c.stages, gen.batch, gen.rows
         raw = grpo_advantages(batch.rewards, batch.group_index, rows.positions.numel(), self.setup.advantage)
         response_bins = bins[rows.group_index]
-        # Rows with a non-zero raw advantage, all ranks, canonical order (normalize_over: informative).
-        informative = rows.scatter((raw != 0).double()) == 1.0
+        # Rows with a non-zero raw advantage, all ranks, canonical order (normalize_over: informative):
+        # from the global rewards, which every rank holds, so no collective is needed.
+        informative = grpo_advantages(gen.rewards, rows.group_index, rows.num_prompts, self.setup.advantage) != 0
         weights = torch.ones(rows.num_rows, dtype=torch.float64)
         with self._clock():
             stage_weights, bin_weights = stages.weighting.weights(response_bins, informative)
