@@ -478,6 +478,16 @@ def markdown(summary: dict[str, Any], settings: M3Settings, meta: dict[str, Any]
     return "\n".join(lines)
 
 
+def _k_axis(ax: Any, x: Sequence[float], ks: Sequence[int]) -> None:
+    """A log axis of the staleness with one labelled tick per measured k (k = 0 drawn at 0.5)."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log")
+    ax.set_xticks(x, [str(k) for k in ks])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("staleness k (updates)")
+
+
 def plot(summary: dict[str, Any], settings: M3Settings, path: Path) -> Path:
     """Cosine to the on-policy gradient and V against k, one line per loss (one row of panels per t)."""
     import matplotlib
@@ -499,9 +509,7 @@ def plot(summary: dict[str, Any], settings: M3Settings, path: Path) -> Path:
             style = "-" if name in LOSSES_MAIN else ":"
             ax.plot(x, mean, style, marker="o", label=name)
             ax.fill_between(x, lo, hi, alpha=0.12)
-        ax.set_xscale("log")
-        ax.set_xticks(x, [str(k) for k in ks])
-        ax.set_xlabel("staleness k (updates)")
+        _k_axis(ax, x, ks)
         ax.set_ylabel("cosine to on-policy gradient")
         ax.set_title(f"t = {t}")
         ax.legend(fontsize=7)
@@ -510,10 +518,9 @@ def plot(summary: dict[str, Any], settings: M3Settings, path: Path) -> Path:
         clip = [per_k[str(k)]["stats"]["clip_frac"]["mean"] for k in ks]
         ax.plot(x, v, marker="o", label="V = mean (r-1)^2")
         ax.plot(x, clip, marker="s", label="clip fraction")
-        ax.set_xscale("log")
+        _k_axis(ax, x, ks)
         ax.set_yscale("symlog", linthresh=1e-4)  # V and the clip fraction are exactly 0 at k = 0
-        ax.set_xticks(x, [str(k) for k in ks])
-        ax.set_xlabel("staleness k (updates)")
+        ax.set_ylim(bottom=0.0)
         ax.set_title(f"t = {t}: ratio spread (same for every loss)")
         ax.legend(fontsize=7)
     fig.tight_layout()
