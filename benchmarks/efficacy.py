@@ -371,7 +371,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="efficacy.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="benchmark YAML (methods, testbed, seeds)")
     p.add_argument("--group", default="main", help="method group of the YAML to run (default: main)")
-    p.add_argument("--methods", default=None, help="comma-separated method names (overrides --group)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method names (overrides --group, and the quick section's methods with --quick)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the YAML's)")
     p.add_argument("--split", default="eval", choices=("eval", "validation"),
                    help="held-out split the runs report (choose settings on validation, report on eval)")
@@ -407,6 +408,11 @@ def previous_timing(report_json: Path) -> dict[str, Any]:
     return {**keep, "timing": f"carried over from the previous {report_json.name} (--report-only runs nothing)"}
 
 
+def _method_list(arg: str | None) -> list[str]:
+    """``--methods a,b`` -> ``["a", "b"]`` (``[]`` when not given)."""
+    return [m.strip() for m in (arg or "").split(",") if m.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
@@ -417,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra, extra_warm = list(args.extra), []
     if args.quick:
         q = cfg.quick
-        methods = list(q.get("methods") or cfg.groups.get("main") or cfg.methods)
+        # --methods picks the methods of the smoke too (e.g. to try a new method at toy size).
+        methods = _method_list(args.methods) or list(q.get("methods") or cfg.groups.get("main") or cfg.methods)
         seeds = [int(s) for s in (args.seeds.split(",") if args.seeds else q.get("seeds", [0, 1]))]
         extra = [*(q.get("overrides") or []), *extra]
         extra_warm = list(q.get("warm_start") or [])
@@ -426,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = Path(args.results) if args.results else work / "results"
     else:
         if args.methods:
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            methods = _method_list(args.methods)
         elif args.group in cfg.groups:
             methods = cfg.groups[args.group]
         else:

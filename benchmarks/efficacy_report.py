@@ -241,10 +241,35 @@ DIAGNOSTIC_PREFIXES = (
 )
 
 
+#: Per-bin Prompt-GDRO weights: ``prompt_gdro/weight/{b}``.
+BIN_WEIGHT_PREFIX = "prompt_gdro/weight/"
+
+
+def _present_bin_weights(values: Sequence[float]) -> list[float]:
+    """A bin's per-step weights with the steps where the bin was absent from the batch as NaN.
+
+    Runs since issue 19 log an absent bin's weight as NaN (null in metrics.jsonl). Older runs
+    (the committed efficacy results among them) logged 0 for it: read that 0 as absent too.
+    It is never a real weight: the normalised weight q_b / mean q of a present bin is > 0
+    (gamma > 0 keeps q_b > 0) and the paper form's min(omega_b, w_max) is exp(...) > 0.
+    """
+    return [math.nan if v == 0 else v for v in values]
+
+
 def diagnostics(runs: Sequence[RunData]) -> dict[str, float]:
-    """Mean over steps (then over seeds) of every scalar controller / training diagnostic the runs logged."""
+    """Mean over steps (then over seeds) of every scalar controller / training diagnostic the runs logged.
+
+    A per-bin weight is averaged over the steps where its bin was in the batch (NaN-skipping).
+    """
     keys = sorted({k for r in runs for k in r.train if k.startswith(DIAGNOSTIC_PREFIXES) and "/n_hist/" not in k})
-    return {k: _nanmean([_nanmean(r.train.get(k, [])) for r in runs]) for k in keys}
+
+    def steps(r: RunData, k: str) -> Sequence[float]:
+        values = r.train.get(k, [])
+        if k.startswith(BIN_WEIGHT_PREFIX) and k[len(BIN_WEIGHT_PREFIX):].isdigit():
+            return _present_bin_weights(values)
+        return values
+
+    return {k: _nanmean([_nanmean(steps(r, k)) for r in runs]) for k in keys}
 
 
 def paired_gain(method: Sequence[RunData], base: Sequence[RunData], value, opts: ReportOptions) -> dict[str, Any]:
@@ -425,7 +450,10 @@ def diagnostic_row(diag: Mapping[str, float]) -> dict[str, str]:
     """The few controller figures that say whether a method could act at all (means over steps and seeds).
 
     - train pass rate: fraction of correct rollouts (the signal every controller sees);
-    - Prompt-GDRO: the largest |bin score| and the range of the weights of the bins present;
+    - Prompt-GDRO: the largest |bin score|; the range over bins of each bin's mean weight over the
+      steps it was present (old logs: weight 0 = absent, see :func:`_present_bin_weights`); and,
+      where the run logs them, the mean per-step min / max weight of the bins present and the
+      effective bin mass (total variation between data share and share x weight);
     - allocation: rollouts per prompt in bin 0 (the hardest; 4 = uniform) and, for DynaMO, the budget
       share of prompts with accuracy < 0.1;
     - DynaMO modulation: mean |A~|/|A|; R2VPO: the multiplier lambda and the ratio variance V.
@@ -434,11 +462,15 @@ def diagnostic_row(diag: Mapping[str, float]) -> dict[str, str]:
         return "" if v is None or not math.isfinite(v) else f"{v:.{digits}g}"
 
     scores = _bin_keys(diag, "prompt_gdro/score/")
-    weights = [w for w in _bin_keys(diag, "prompt_gdro/weight/") if w > 0]
+    # diag holds present-step means (see diagnostics()); a 0 here can only come from an old log's absent bin.
+    weights = [w for w in _bin_keys(diag, BIN_WEIGHT_PREFIX) if w > 0]
+    w_min, w_max = diag.get("prompt_gdro/weight_min"), diag.get("prompt_gdro/weight_max")  # per-step, present bins
     return {
         "train pass rate": fmt(diag.get("train/pass_rate")),
         "max abs bin score": fmt(max(map(abs, scores))) if scores else "",
-        "bin weights": f"{min(weights):.2f}-{max(weights):.2f}" if weights else "",
+        "bin weights": f"{min(weights):.3f}-{max(weights):.3f}" if weights else "",
+        "step weight min-max": f"{w_min:.3f}-{w_max:.3f}" if fmt(w_min) and fmt(w_max) else "",
+        "effective bin mass": fmt(diag.get("prompt_gdro/effective_bin_mass")),
         "n per prompt, bin 0": fmt(diag.get("bins/n_per_prompt/0")),
         "DynaMO budget share acc<0.1": fmt(diag.get("dynamo/budget_share/acc_lt_0.1")),
         "mean abs(A~)/abs(A)": fmt(diag.get("dynamo/adv_ratio_mean")),

@@ -51,8 +51,9 @@ def simulate(name: str, choices: dict[str, str]) -> None:
         group_index = torch.repeat_interleave(torch.arange(P), allocation.counts)
         rewards = (torch.rand(group_index.numel(), generator=g) < pass_rate[draw.ids][group_index]).float()
         response_bins = bins[group_index]
-        weights, w_bin = stages.weighting.weights(response_bins)
         advantages = grpo_advantages(rewards, group_index, P)
+        # The informative rows (non-zero advantage) let Prompt-GDRO normalise over them (normalize_over).
+        weights, w_bin = stages.weighting.weights(response_bins, advantages != 0)
         if weights is not None:
             advantages = advantages * weights.float()  # what the policy loss would train on
         store.observe(draw.ids, *group_outcomes(rewards, group_index, P))

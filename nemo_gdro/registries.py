@@ -16,6 +16,7 @@ PROMPT_SCHEDULERS = Registry(
     {
         "uniform": "nemo_gdro.stages.prompt:UniformPrompts",
         "prompt_gdro_resample": "nemo_gdro.stages.prompt:PromptGDROResample",
+        "skip_zero_variance": "nemo_gdro.stages.prompt_skip:ZeroVarianceSkipPrompts",
     },
 )
 ROLLOUT_SCHEDULERS = Registry(

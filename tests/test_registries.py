@@ -46,3 +46,10 @@ def test_registry_rejects_malformed_entries_and_unknown_names():
         reg.get("b")
     with pytest.raises(UnknownNameError):
         reg.check(3)
+
+
+def test_prompt_schedulers_list_the_zero_variance_skip():
+    assert "skip_zero_variance" in PROMPT_SCHEDULERS.names()
+    assert PROMPT_SCHEDULERS.get("skip_zero_variance").__name__ == "ZeroVarianceSkipPrompts"
+    cfg = validate(compose(overrides=["algorithm.prompt_scheduler=skip_zero_variance"]))
+    assert cfg.algorithm.prompt_scheduler == "skip_zero_variance"

@@ -7,6 +7,11 @@ uniformly inside it. Recomputing every prompt's bin each step would cost O(N)
 ``where[prompt]`` is the prompt's position in it. Moving a prompt from bin a
 to bin c swaps it across the |a - c| boundaries in between: O(B) per moved
 prompt, O(batch) per step.
+
+Two ways to draw a step's prompts: :meth:`BinIndex.sample_in_bins` (one
+prompt per requested bin, with replacement; the ``bins`` form of
+resampling) and :meth:`BinIndex.sample_without_replacement` (prompts weighted
+by their bin, no prompt twice in a step; the ``data`` form, gdro.md §2).
 """
 
 from __future__ import annotations
@@ -70,6 +75,64 @@ class BinIndex:
             raise ValueError(f"cannot sample from empty bins {sorted(set(b[size == 0].tolist()))}")
         offset = (rng.random(b.size) * size).astype(np.int64)
         return torch.from_numpy(self.order[self.start[b] + offset].copy())
+
+    def sample_without_replacement(
+        self, prompt_weight: np.ndarray | torch.Tensor, num: int, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num`` prompts by successive sampling without replacement, each prompt of bin b
+        weighted ``prompt_weight[b]``.
+
+        Each draw picks bin b with probability proportional to ``prompt_weight[b]``
+        times the prompts of b not yet drawn this step, then one of those uniformly
+        (a sparse Fisher-Yates shuffle per bin, so nothing of the index changes and
+        a draw costs O(B)). The first draw picks bin b with probability
+        ``count_b w_b / sum_j count_j w_j``; with equal weights every draw is uniform
+        over the pool's remaining prompts, i.e. exactly uniform sampling over the
+        pool without replacement. When every prompt of positive weight has been
+        drawn (a step larger than the pool) a new round starts, so a prompt then
+        appears at most once more per round.
+
+        Args:
+            prompt_weight: float ``[B]``, ``>= 0``, the relative weight of one prompt of each bin.
+            num: prompts to draw.
+            rng: the caller's generator (its state is the only randomness, so a
+                restored generator repeats the draws).
+        Returns:
+            ``(prompt_ids [num], bins [num])`` int64, in draw order.
+        """
+        w = np.asarray(prompt_weight, dtype=np.float64)
+        if w.shape != (self.num_bins,):
+            raise ValueError(f"prompt_weight must have shape ({self.num_bins},), got {tuple(w.shape)}")
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError(f"prompt_weight must be finite and >= 0, got {w.tolist()}")
+        counts = np.diff(self.start)
+        if not (w * counts > 0).any():
+            raise ValueError("no prompt has a positive weight: nothing to draw")
+        remaining = counts.copy()
+        swapped: list[dict[int, int]] = [{} for _ in range(self.num_bins)]
+        ids = np.empty(num, dtype=np.int64)
+        bins = np.empty(num, dtype=np.int64)
+        last_positive = int(np.nonzero(w * counts > 0)[0][-1])
+        for t in range(num):
+            mass = np.cumsum(w * remaining)
+            if mass[-1] <= 0:  # every prompt of positive weight drawn: a new round
+                remaining = counts.copy()
+                swapped = [{} for _ in range(self.num_bins)]
+                mass = np.cumsum(w * remaining)
+            # First bin whose cumulative mass exceeds u: never a bin of zero mass.
+            b = min(int(np.searchsorted(mass, rng.random() * mass[-1], side="right")), last_positive)
+            while w[b] * remaining[b] <= 0:  # only reachable through rounding at the top end
+                b -= 1
+            # Sparse Fisher-Yates over the bin's slice: positions < k are this step's draws.
+            k = int(counts[b] - remaining[b])
+            j = int(rng.integers(k, counts[b]))
+            moved = swapped[b]
+            offset = moved.get(j, j)
+            moved[j] = moved.get(k, k)
+            remaining[b] -= 1
+            ids[t] = self.order[self.start[b] + offset]
+            bins[t] = b
+        return torch.from_numpy(ids), torch.from_numpy(bins)
 
     def state_dict(self) -> dict:
         return {

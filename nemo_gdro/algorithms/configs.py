@@ -132,9 +132,70 @@ class DifficultyConfig:
 
 
 # ----------------------------------------------------------------------
+# zero_variance_skip.py
+#: Longest zero-variance streak the table counts (int16); longer streaks saturate.
+MAX_SKIP_STREAK = 32767
+
+
+@dataclass(frozen=True)
+class PromptSkipConfig:
+    """``prompt_skip``: GRESO-style skipping of prompts predicted zero-variance (arXiv 2506.02177).
+
+    A prompt whose last ``z >= min_streak`` visits all gave zero-variance groups
+    (every reward of its group equal) is a skip candidate; it is kept anyway
+    (explored) with probability ``p_e ** (z - min_streak + 1)`` and skipped
+    otherwise, so a longer streak is skipped more surely (the paper's skip
+    probability ``1 - p_e ** z`` at ``min_streak = 1``).
+
+    min_streak: zero-variance visits in a row that make a prompt a candidate
+        (>= 1; 1 as in the paper: one zero-variance epoch predicts the next).
+    explore: ``p_e`` in [0, 1]; with ``adapt`` the starting value of both the
+        easy and the hard ``p_e`` (0.5, the authors' release).
+    adapt: move ``p_e`` by ``adapt_step`` after every step from the second
+        epoch on, separately for easy (all rewards high) and hard (all low)
+        groups, towards ``target_zero_variance`` zero-variance groups among the
+        drawn prompts (1/3 of it easy, 2/3 hard, as the release): above the
+        target ``p_e`` falls (skip more), below it rises.
+    target_zero_variance: the target share of zero-variance groups per step.
+    adapt_step: the change of ``p_e`` per step.
+    explore_min, explore_max: bounds of the adapted ``p_e``.
+    """
+
+    min_streak: int = 1
+    explore: float = 0.5
+    adapt: bool = True
+    target_zero_variance: float = 0.25
+    adapt_step: float = 0.01
+    explore_min: float = 0.05
+    explore_max: float = 0.95
+
+    def __post_init__(self) -> None:
+        p = "prompt_skip"
+        if not (is_int(self.min_streak) and 1 <= self.min_streak <= MAX_SKIP_STREAK):
+            raise ValueError(f"{p}.min_streak must be an integer in [1, {MAX_SKIP_STREAK}], got {self.min_streak!r}")
+        for key in ("explore", "target_zero_variance", "explore_min", "explore_max"):
+            value = getattr(self, key)
+            if not (is_finite_real(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{p}.{key} must be in [0, 1], got {value!r}")
+        if not isinstance(self.adapt, bool):
+            raise ValueError(f"{p}.adapt must be true or false, got {self.adapt!r}")
+        if not (is_finite_real(self.adapt_step) and 0.0 <= self.adapt_step <= 1.0):
+            raise ValueError(f"{p}.adapt_step must be in [0, 1], got {self.adapt_step!r}")
+        if self.explore_min > self.explore_max:
+            raise ValueError(f"{p}.explore_min must be <= {p}.explore_max, got {self.explore_min} > {self.explore_max}")
+        if self.adapt and not self.explore_min <= self.explore <= self.explore_max:
+            raise ValueError(
+                f"{p}.explore must lie in [explore_min, explore_max] = [{self.explore_min}, {self.explore_max}] "
+                f"when {p}.adapt is true, got {self.explore}"
+            )
+
+
+# ----------------------------------------------------------------------
 # prompt_gdro.py
 WeightForm = Literal["normalized", "paper"]
 Signal = Literal["surrogate", "failure", "learnability"]
+NormalizeOver = Literal["all", "informative"]
+ResampleBase = Literal["data", "bins"]
 
 
 @dataclass(frozen=True)
@@ -146,10 +207,21 @@ class PromptGDROConfig:
     share_floor: floor of a bin's batch share in the frequency debias.
     weight_form: ``normalized`` (``q_b`` rescaled to mean 1 over the batch's
         responses, capped at ``w_max``) | ``paper`` (``min(omega_b, w_max)``).
+    normalize_over: responses the ``normalized`` weights are rescaled over to
+        mean 1: ``all`` (ref-code) | ``informative`` (non-zero GRPO advantage
+        only, so an upweighted bin of all-fail groups does not shrink the rest).
     signal: ``surrogate`` | ``failure`` | ``learnability``.
     signal_include_kl: add ``kl_coef * KL`` to the surrogate signal.
-    importance_correct: when resampling, scale advantages by
-        ``uniform_share_b / q_b`` (capped at ``importance_cap``).
+    resample_base: neutral point of ``prompt_gdro_resample``: ``data`` (a bin is
+        drawn with ``p_b`` proportional to pool share x omega, mixed with
+        ``gamma`` x pool share; prompts without replacement within a step, so a
+        flat adversary is uniform sampling over the pool) | ``bins`` (the first
+        form: a bin drawn from ``q``, uniform over bins, with replacement).
+    importance_correct: when resampling, scale advantages back to the data
+        distribution: ``data``: ``pool_share_b / p_b`` capped at ``w_max`` and
+        rescaled to mean 1 over the batch's responses (gdro.md §2); ``bins``:
+        ``pool_share_b / q_b`` capped at ``importance_cap`` (the first form).
+    importance_cap: cap of the ``bins`` form's importance factor.
     reward_range: ``(r_min, r_max)`` used to rescale rewards for ``failure``.
     """
 
@@ -160,8 +232,10 @@ class PromptGDROConfig:
     share_floor: float = 1e-3
     weight_form: WeightForm = "normalized"
     w_max: float = 15.0
+    normalize_over: NormalizeOver = "all"
     signal: Signal = "surrogate"
     signal_include_kl: bool = False
+    resample_base: ResampleBase = "data"
     importance_correct: bool = False
     importance_cap: float = 15.0
     reward_range: tuple[float, float] = (0.0, 1.0)
@@ -176,6 +250,8 @@ class PromptGDROConfig:
             (0.0 < self.share_floor <= 1.0, f"prompt_gdro.share_floor must be in (0, 1], got {self.share_floor}"),
             (self.weight_form in ("normalized", "paper"), f"prompt_gdro.weight_form must be 'normalized' or 'paper', got {self.weight_form!r}"),
             (self.w_max > 0, f"prompt_gdro.w_max must be > 0, got {self.w_max}"),
+            (self.normalize_over in ("all", "informative"), f"prompt_gdro.normalize_over must be 'all' or 'informative', got {self.normalize_over!r}"),
+            (self.resample_base in ("data", "bins"), f"prompt_gdro.resample_base must be 'data' or 'bins', got {self.resample_base!r}"),
             (self.signal in ("surrogate", "failure", "learnability"), f"prompt_gdro.signal must be 'surrogate', 'failure' or 'learnability', got {self.signal!r}"),
             (self.importance_cap > 0, f"prompt_gdro.importance_cap must be > 0, got {self.importance_cap}"),
             (len(self.reward_range) == 2 and self.reward_range[0] < self.reward_range[1], f"prompt_gdro.reward_range must be [r_min, r_max] with r_min < r_max, got {list(self.reward_range)}"),

@@ -16,6 +16,8 @@ and ``prompt_scheduler=prompt_gdro_resample`` select them.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -104,25 +106,41 @@ class PromptGDRO:
         q = (1.0 - gamma) * soft + gamma / float(active.sum())
         return torch.where(active, q, torch.zeros_like(q))
 
-    def response_weights(self, response_bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def response_weights(
+        self, response_bins: torch.Tensor, informative: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advantage weights per response (``advantage_weight`` mode).
 
         Args:
             response_bins: int64 ``[R]`` bin of each response's prompt this step.
+            informative: bool ``[R]`` the response's raw GRPO advantage is non-zero;
+                needed by ``normalize_over: informative`` (the ``normalized`` form
+                then rescales to mean 1 over these responses only; none
+                informative: every weight is 1).
         Returns:
             ``(w [R] float64, w_bin [B])``: the weight applied to each response and
-            per bin (0 for bins absent from the batch).
+            per bin; a bin absent from the batch has no weight (NaN, never 0).
         """
         check_segment_index(response_bins, self.num_bins)
         counts = segment_count(response_bins, self.num_bins)
         active = counts > 0
+        absent = torch.full_like(self.scores, torch.nan)
         if self.config.weight_form == "paper":
-            w_bin = torch.where(active, self.omega().clamp(max=self.config.w_max), torch.zeros_like(self.scores))
-        else:
-            q = self.distribution(active)
-            # Rescale so the mean weight over the batch's responses is 1, then cap.
-            mean_q = float((q * counts.to(torch.float64)).sum()) / float(counts.sum())
-            w_bin = (q / mean_q).clamp(max=self.config.w_max)
+            w_bin = torch.where(active, self.omega().clamp(max=self.config.w_max), absent)
+            return w_bin[response_bins], w_bin
+        q = self.distribution(active)
+        if self.config.normalize_over == "informative":
+            if informative is None:
+                raise ValueError("prompt_gdro.normalize_over=informative needs the informative mask [R] of the responses")
+            if informative.shape != response_bins.shape:
+                raise ValueError(f"informative {tuple(informative.shape)} and response_bins {tuple(response_bins.shape)} differ")
+            counts = segment_count(response_bins[informative.to(torch.bool)], self.num_bins)
+            if int(counts.sum()) == 0:  # nothing to learn from anywhere: leave the (zero) advantages alone
+                w_bin = torch.where(active, torch.ones_like(q), absent)
+                return w_bin[response_bins], w_bin
+        # Rescale so the mean weight over the counted responses is 1, then cap.
+        mean_q = float((q * counts.to(torch.float64)).sum()) / float(counts.sum())
+        w_bin = torch.where(active, (q / mean_q).clamp(max=self.config.w_max), absent)
         return w_bin[response_bins], w_bin
 
     # ---------------------------------------------------------------------- update
@@ -151,23 +169,67 @@ class PromptGDRO:
         return torch.where(present, debiased, torch.zeros_like(debiased))
 
     # ------------------------------------------------------------------ resampling
-    def sample_prompts(self, index: BinIndex, num_prompts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``resample`` mode: draw bins from ``q`` over non-empty bins, then a prompt in each.
+    def resample_tilt(self, pool_share: torch.Tensor) -> torch.Tensor:
+        """Relative draw weight of one prompt of each bin under ``resample_base: data`` ``[B]``.
 
-        Returns ``(prompt_ids [P], bins [P], q [B])``.
+        ``tilt_b = p_b / share_b = (1 - gamma) omega_b / sum_j share_j omega_j + gamma``
+        over the bins holding pool prompts (0 elsewhere), so that
+        ``p_b = share_b tilt_b`` (gdro.md §2) sums to 1. Equal scores give equal
+        tilts (exactly: omega is shifted by its maximum first), i.e. uniform
+        sampling over the pool.
         """
-        active = index.counts() > 0
-        q = self.distribution(active)
-        bins = torch.from_numpy(self.rng.choice(self.num_bins, size=num_prompts, p=(q / q.sum()).numpy()))
-        return index.sample_in_bins(bins, self.rng), bins.to(torch.int64), q
+        nonempty = pool_share > 0
+        if not bool(nonempty.any()):
+            raise ValueError("Prompt-GDRO resampling needs a non-empty prompt pool")
+        s = self.scores
+        if self.config.score_clip is not None:
+            s = s.clamp(-self.config.score_clip, self.config.score_clip)
+        logits = self.config.eta * s
+        top = logits[nonempty].max()
+        omega = torch.where(nonempty, torch.exp(logits - top), torch.zeros_like(logits))
+        gamma = self.config.gamma
+        tilt = (1.0 - gamma) * omega / float((pool_share * omega).sum()) + gamma
+        return torch.where(nonempty, tilt, torch.zeros_like(tilt))
+
+    def sample_prompts(self, index: BinIndex, num_prompts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``resample`` mode: the step's prompts, by ``resample_base``.
+
+        ``data``: bin b with probability ``p_b = share_b tilt_b`` (:meth:`resample_tilt`),
+        prompts without replacement within the step
+        (:meth:`BinIndex.sample_without_replacement`). ``bins``: a bin drawn from ``q``
+        over the non-empty bins for every prompt, then a prompt in it, with replacement.
+
+        Returns ``(prompt_ids [P], bins [P], p [B])``, ``p`` the bin distribution drawn from
+        (``q`` for ``bins``).
+        """
+        if self.config.resample_base == "bins":
+            active = index.counts() > 0
+            q = self.distribution(active)
+            bins = torch.from_numpy(self.rng.choice(self.num_bins, size=num_prompts, p=(q / q.sum()).numpy()))
+            return index.sample_in_bins(bins, self.rng), bins.to(torch.int64), q
+        counts = index.counts().to(torch.float64)
+        share = counts / counts.sum()
+        tilt = self.resample_tilt(share)
+        ids, bins = index.sample_without_replacement((tilt / tilt.max()).numpy(), num_prompts, self.rng)
+        return ids, bins, share * tilt
 
     def importance_weights(self, response_bins: torch.Tensor, q: torch.Tensor, index: BinIndex) -> torch.Tensor:
-        """``uniform_share_b / q_b`` per response (capped), making the resampled gradient
-        unbiased for the average objective. ``[R]`` float64."""
+        """Advantage factors ``[R]`` float64 that make the resampled gradient unbiased for the
+        average objective (``importance_correct``).
+
+        ``data``: ``share_b / p_b`` (pool share over draw probability), capped at ``w_max``,
+        then rescaled to mean 1 over the batch's responses (gdro.md §2). ``bins`` (the
+        first form, unchanged): ``share_b / q_b`` capped at ``importance_cap``.
+        """
         counts = index.counts().to(torch.float64)
         uniform = counts / counts.sum()
-        ratio = torch.where(q > 0, uniform / q.clamp_min(1e-300), torch.zeros_like(q))
-        return ratio.clamp(max=self.config.importance_cap)[response_bins]
+        if self.config.resample_base == "bins":
+            ratio = torch.where(q > 0, uniform / q.clamp_min(1e-300), torch.zeros_like(q))
+            return ratio.clamp(max=self.config.importance_cap)[response_bins]
+        # A bin never drawn from has no correction to make (neutral 1, not 0: no silent zero gradient).
+        ratio = torch.where(q > 0, uniform / q.clamp_min(1e-300), torch.ones_like(q)).clamp(max=self.config.w_max)
+        w = ratio[response_bins]
+        return w / w.mean() if w.numel() else w
 
     # -------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
@@ -192,7 +254,14 @@ class PromptGDRO:
         self.rng.bit_generator.state = state["rng"]
 
     def diagnostics(self, response_bins: torch.Tensor, weights_per_bin: torch.Tensor | None = None) -> dict[str, float]:
-        """Per-bin score/omega/q/share and the data-vs-weight lead-lag gap (gdro.md §4)."""
+        """Per-bin score/omega/q/share and the data-vs-weight lead-lag gap (gdro.md §4).
+
+        With ``weights_per_bin`` (the applied weight per bin, NaN for bins absent from
+        the batch): ``weight/{b}`` (NaN when absent), ``weight_min`` / ``weight_max``
+        over the bins present, and ``effective_bin_mass``: the total variation
+        distance between the batch's response share per bin and the normalised
+        share x weight (0 for flat weights; how much gradient mass the weights move).
+        """
         counts = segment_count(response_bins, self.num_bins).to(torch.float64)
         share = counts / counts.sum().clamp_min(1.0)
         active = counts > 0
@@ -204,6 +273,8 @@ class PromptGDRO:
             "prompt_gdro/mean_bin_weight": float((idx * q).sum()),
         }
         out["prompt_gdro/lead_lag_gap"] = out["prompt_gdro/mean_bin_weight"] - out["prompt_gdro/mean_bin_data"]
+        if weights_per_bin is not None:
+            out.update(weight_summary(share, weights_per_bin))
         omega = self.omega()
         for b in range(self.num_bins):
             out[f"prompt_gdro/score/{b}"] = float(self.scores[b])
@@ -211,5 +282,30 @@ class PromptGDRO:
             out[f"prompt_gdro/q/{b}"] = float(q[b])
             out[f"prompt_gdro/response_share/{b}"] = float(share[b])
             if weights_per_bin is not None:
-                out[f"prompt_gdro/weight/{b}"] = float(weights_per_bin[b])
+                # A bin absent from the batch has no weight: NaN (null in metrics.jsonl), never 0.
+                out[f"prompt_gdro/weight/{b}"] = float(weights_per_bin[b]) if bool(active[b]) else math.nan
         return out
+
+
+def weight_summary(share: torch.Tensor, weights_per_bin: torch.Tensor) -> dict[str, float]:
+    """``weight_min``, ``weight_max`` over the bins present (``share > 0``) and the effective bin mass.
+
+    Args:
+        share: float ``[B]`` the batch's response share per bin.
+        weights_per_bin: float ``[B]`` the applied weight per bin (absent bins: any value, ignored).
+    Returns:
+        NaN for all three when no bin is present. ``effective_bin_mass =
+        0.5 sum_b |share_b - share_b w_b / sum_j share_j w_j|``.
+    """
+    present = share > 0
+    if not bool(present.any()):
+        return {f"prompt_gdro/{k}": math.nan for k in ("weight_min", "weight_max", "effective_bin_mass")}
+    w = torch.where(present, weights_per_bin.to(torch.float64), torch.zeros_like(share))
+    tilted = share * w
+    total = float(tilted.sum())
+    mass = 0.5 * float((share - tilted / total).abs().sum()) if total > 0 else math.nan
+    return {
+        "prompt_gdro/weight_min": float(w[present].min()),
+        "prompt_gdro/weight_max": float(w[present].max()),
+        "prompt_gdro/effective_bin_mass": mass,
+    }

@@ -7,7 +7,7 @@ with :func:`build_stages`, then per step::
     bins = classifier.classify(draw.ids)                    # history up to t-1
     alloc = stages.rollouts.allocate(draw, bins)            # n_i per prompt
     ... generate alloc.counts[i] rollouts of prompt i, verify, GRPO advantages ...
-    w, w_bin = stages.weighting.weights(response_bins)      # per-response weights (or None)
+    w, w_bin = stages.weighting.weights(response_bins, raw_adv != 0)  # per-response weights (or None)
     ... optimizer steps: stages.loss.token_loss / stages.modulation.modulate per micro-batch,
         stages.loss.after_update once per optimizer step ...
     store.observe(...)                                      # per-prompt outcomes

@@ -16,7 +16,9 @@ class NoWeighting:
     def from_context(cls, ctx: StageContext) -> NoWeighting:
         return cls()
 
-    def weights(self, response_bins: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def weights(
+        self, response_bins: torch.Tensor, informative: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, None
 
     def observe(self, feedback: StepFeedback) -> None:
@@ -43,8 +45,10 @@ class PromptGDROWeighting:
     def from_context(cls, ctx: StageContext) -> PromptGDROWeighting:
         return cls(ctx.prompt_gdro())
 
-    def weights(self, response_bins: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return self.controller.response_weights(response_bins)
+    def weights(
+        self, response_bins: torch.Tensor, informative: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.controller.response_weights(response_bins, informative)
 
     def observe(self, feedback: StepFeedback) -> None:
         pass

@@ -9,7 +9,7 @@ through its protocol, so a step never asks which algorithm is on:
 ==========================  ==========================================  ================================
 stage                       protocol                                    names
 ==========================  ==========================================  ================================
-prompt scheduler            :class:`PromptScheduler`                    ``uniform``, ``prompt_gdro_resample``
+prompt scheduler            :class:`PromptScheduler`                    ``uniform``, ``prompt_gdro_resample``, ``skip_zero_variance``
 rollout scheduler           :class:`RolloutScheduler`                   ``fixed``, ``rollout_gdro``, ``dynamo``
 advantage weighting         :class:`AdvantageWeighting`                 ``none``, ``prompt_gdro``
 token modulation            :class:`TokenModulation`                    ``none``, ``dynamo``
@@ -51,7 +51,8 @@ __all__ = [
 class PromptDraw:
     """The prompts of one step.
 
-    ids: int64 ``[P]`` dataset prompt ids (a resampler may repeat an id).
+    ids: int64 ``[P]`` dataset prompt ids (a resampler may repeat an id: the ``bins``
+        form of Prompt-GDRO resampling, or any draw larger than the pool).
     new_epoch: an epoch of the uniform sampler began during this draw.
     q: float64 ``[B]`` the bin distribution the draw used (resampling), else ``None``.
     """
@@ -85,7 +86,8 @@ class StepFeedback:
     group_index: int64 ``[R]`` prompt position of every row.
     rewards: float32 ``[R]``.
     loss_signal: float64 ``[R]`` the per-response loss signal (``prompt_gdro.signal``).
-    bin_weights: float64 ``[B]`` the advantage weight applied per bin, or ``None``.
+    bin_weights: float64 ``[B]`` the advantage weight applied per bin (NaN for bins absent
+        from the batch), or ``None``.
     """
 
     draw: PromptDraw
@@ -150,8 +152,16 @@ class RolloutScheduler(Observer, Protocol):
 class AdvantageWeighting(Observer, Protocol):
     """Scales each response's advantage (Prompt-GDRO's advantage weights)."""
 
-    def weights(self, response_bins: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(w [R] float64, w per bin [B])``, or ``(None, None)`` for no weighting."""
+    def weights(
+        self, response_bins: torch.Tensor, informative: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(w [R] float64, w per bin [B])``, or ``(None, None)`` for no weighting.
+
+        ``informative``: bool ``[R]``, the row's raw GRPO advantage is non-zero (rows in
+        the order of ``response_bins``); a stage may normalise over these rows only
+        (Prompt-GDRO's ``normalize_over: informative``). A bin absent from the batch
+        has weight NaN in ``w per bin``.
+        """
         ...
 
 

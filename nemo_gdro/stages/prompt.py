@@ -40,13 +40,21 @@ class UniformPrompts:
 
 
 class PromptGDROResample:
-    """Draw a bin from Prompt-GDRO's ``q``, then a prompt uniformly within it.
+    """Draw the step's prompts by bin from Prompt-GDRO's weights (gdro.md §2, "resample").
+
+    ``resample_base: data`` (default): bin b with probability ``p_b`` proportional
+    to the bin's pool share x ``omega_b`` (mixed with ``gamma`` x pool share),
+    prompts without replacement within a step, so a flat adversary is uniform
+    sampling over the pool. ``bins`` (the first form): a bin from ``q`` (uniform
+    over bins when flat), then a prompt in it, with replacement.
 
     Bin membership of every dataset prompt is kept in a :class:`BinIndex`
     (unseen prompts in the unseen bin) and refreshed for the prompts of each
     step once their outcomes are known. ``importance_correct`` multiplies the
-    advantages by ``uniform_share_b / q_b`` (capped) so the gradient stays
-    unbiased for the average objective.
+    advantages by pool share / draw probability of the row's bin (see
+    :meth:`PromptGDRO.importance_weights`) so the gradient stays unbiased for
+    the average objective. The draws use the controller's generator, which
+    the controller's checkpoint holds: a resumed run draws the same prompts.
     """
 
     def __init__(self, prompt_gdro: PromptGDRO, classifier: DifficultyClassifier, index: BinIndex) -> None:
@@ -74,7 +82,11 @@ class PromptGDROResample:
         self.index.move(ids, self.classifier.classify(ids))
 
     def diagnostics(self, feedback: StepFeedback) -> dict[str, float]:
-        return {}
+        """Per bin, the draw probability of this step's draw (``prompt_gdro/draw_p/{b}``)."""
+        q = feedback.draw.q
+        if q is None:
+            return {}
+        return {f"prompt_gdro/draw_p/{b}": float(q[b]) for b in range(q.numel())}
 
     def stateful(self) -> dict[str, object]:
         return {"bin_index": self.index}

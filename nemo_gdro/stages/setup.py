@@ -3,7 +3,7 @@
 ``algorithm.prompt_scheduler``, ``rollout_scheduler``, ``advantage_weighting``,
 ``token_modulation`` and ``loss`` name the stages (:mod:`nemo_gdro.registries`);
 the per-algorithm sections (``prompt_gdro``, ``rollout_gdro``,
-``dynamo.allocation``, ``dynamo.modulation``, ``r2vpo``) hold their
+``dynamo.allocation``, ``dynamo.modulation``, ``r2vpo``, ``prompt_skip``) hold their
 parameters. Every section's keys and value types are checked whether or not
 its stage is selected, so a typo never waits for the run that turns it on;
 range checks that depend on the rollout budget (``n_min <= rollout.n <=
@@ -23,6 +23,7 @@ from nemo_gdro.algorithms.configs import (
     DynamoModulationConfig,
     PolicyLossConfig,
     PromptGDROConfig,
+    PromptSkipConfig,
     R2VPOConfig,
     RolloutGDROConfig,
     StatsConfig,
@@ -78,6 +79,7 @@ class AlgorithmSetup:
     dynamo_allocation: DynamoAllocationConfig | None
     dynamo_modulation: DynamoModulationConfig
     r2vpo: R2VPOConfig
+    prompt_skip: PromptSkipConfig
 
     @property
     def replays(self) -> bool:
@@ -102,7 +104,10 @@ class AlgorithmSetup:
         from nemo_gdro.registries import STAGE_REGISTRIES
 
         values = dict(algorithm)
-        section_keys = {"advantage", "policy_loss", "stats", "difficulty", "prompt_gdro", "rollout_gdro", "dynamo", "r2vpo"}
+        section_keys = {
+            "advantage", "policy_loss", "stats", "difficulty", "prompt_gdro", "rollout_gdro", "dynamo", "r2vpo",
+            "prompt_skip",
+        }
         unknown = sorted(set(values) - section_keys - set(STAGE_KEYS))
         if unknown:
             raise ConfigError(
@@ -163,4 +168,5 @@ class AlgorithmSetup:
             dynamo_allocation=dynamo_allocation,
             dynamo_modulation=dynamo_modulation,
             r2vpo=r2vpo,
+            prompt_skip=build(PromptSkipConfig, "prompt_skip"),
         )

@@ -111,7 +111,7 @@ class Components:
         plain DP and sliced under TP/PP (see :mod:`nemo_gdro.trainer.run_state`).
         """
         out: dict[str, Stateful] = {"classifier": Stateful(self.classifier)}
-        verified = {"prompt_gdro", "rollout_gdro", "dual"}
+        verified = {"prompt_gdro", "rollout_gdro", "dual", "prompt_skip"}
         for name, obj in self.stages.stateful().items():
             out[name] = Stateful(obj, verify=name in verified)
         out.update({name: Stateful(obj, scope="per_rank", verify=True) for name, obj in self.replay.stateful().items()})

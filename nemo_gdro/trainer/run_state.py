@@ -57,6 +57,7 @@ __all__ = ["TrainerState", "RunState"]
 _STAGE_STATES: dict[str, str] = {
     "sampler": "the uniform prompt sampler (algorithm.prompt_scheduler=uniform)",
     "bin_index": "Prompt-GDRO resampling's bin index (algorithm.prompt_scheduler=prompt_gdro_resample)",
+    "prompt_skip": "the zero-variance skip table and its sampler (algorithm.prompt_scheduler=skip_zero_variance)",
     "prompt_gdro": "Prompt-GDRO's bin scores (algorithm.advantage_weighting=prompt_gdro or "
     "algorithm.prompt_scheduler=prompt_gdro_resample)",
     "rollout_gdro": "Rollout-GDRO (algorithm.rollout_scheduler=rollout_gdro)",

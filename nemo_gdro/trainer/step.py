@@ -161,6 +161,7 @@ class RLStep:
         )
         self.last = gen  # kept for inspection (tests, debugging); replaced every step
         self.last_bins = bins
+        self.last_draw = draw
         return metrics
 
     # ----------------------------------------------------------------- stages
@@ -202,9 +203,11 @@ class RLStep:
         stages, batch, rows = self.c.stages, gen.batch, gen.rows
         raw = grpo_advantages(batch.rewards, batch.group_index, rows.positions.numel(), self.setup.advantage)
         response_bins = bins[rows.group_index]
+        # Rows with a non-zero raw advantage, all ranks, canonical order (normalize_over: informative).
+        informative = rows.scatter((raw != 0).double()) == 1.0
         weights = torch.ones(rows.num_rows, dtype=torch.float64)
         with self._clock():
-            stage_weights, bin_weights = stages.weighting.weights(response_bins)
+            stage_weights, bin_weights = stages.weighting.weights(response_bins, informative)
             correction = stages.prompts.response_weights(draw, response_bins)
         for factor in (stage_weights, correction):
             if factor is not None:

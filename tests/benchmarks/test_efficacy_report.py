@@ -133,7 +133,13 @@ def test_diagnostic_row_reads_the_controllers_figures():
     })
     assert row["train pass rate"] == "0.25"
     assert row["max abs bin score"] == "0.05"
-    assert row["bin weights"] == "0.40-1.00"  # bins with weight 0 are absent from the step
+    assert row["bin weights"] == "0.400-1.000"  # a mean of 0 comes only from an old log's absent bin
+    assert row["step weight min-max"] == "" and row["effective bin mass"] == ""  # not logged by this run
+    new = diagnostic_row({"prompt_gdro/weight/0": 1.001, "prompt_gdro/weight/1": float("nan"),
+                          "prompt_gdro/weight_min": 0.9912, "prompt_gdro/weight_max": 1.0011,
+                          "prompt_gdro/effective_bin_mass": 0.0021})
+    assert new["bin weights"] == "1.001-1.001"
+    assert new["step weight min-max"] == "0.991-1.001" and new["effective bin mass"] == "0.0021"
     assert row["n per prompt, bin 0"] == "2.5"
     assert row["R2VPO lambda"] == "12" and row["R2VPO V"] == ""
     assert row["DynaMO budget share acc<0.1"] == ""
@@ -150,3 +156,22 @@ def test_start_frontier_is_the_first_ten_steps(tmp_path):
     assert s["per_seed"]["start_reward_mean"] == pytest.approx([0.055])  # mean of 0.01 .. 0.10
     assert s["per_seed"]["start_zero_variance_groups"] == [1.0]
     assert s["per_seed"]["zero_variance_groups"] == [0.5]
+
+
+def test_bin_weights_are_averaged_over_the_steps_their_bin_was_present(tmp_path):
+    """An absent bin has no weight: NaN (null) in new logs, 0 in old ones; neither enters the mean."""
+    nan = float("nan")
+    for name, absent in (("old", 0.0), ("new", nan)):
+        with MetricsLogger(tmp_path / name, tensorboard=False) as log:
+            for step, (w0, w1) in enumerate([(1.0, 0.99), (1.0, absent), (1.01, absent), (0.99, 0.98)], start=1):
+                log.log(step, {"train/rollouts": 8, "prompt_gdro/weight/0": w0, "prompt_gdro/weight/1": w1,
+                               "prompt_gdro/weight_entropy": 0.0 if step == 1 else 0.5})
+            for step in (0, 4):
+                log.log_eval(step, {"eval/pass@1": 0.1, "eval/pass@4": 0.2})
+        rows = er.read_jsonl(tmp_path / name / "metrics.jsonl")
+        assert rows[1]["prompt_gdro/weight/1"] == (0.0 if name == "old" else None)  # NaN survives as null
+        diag = er.diagnostics([er.load_run(tmp_path / name, "m", 0)])
+        assert diag["prompt_gdro/weight/1"] == pytest.approx(0.985)  # not (0.99 + 0.98) / 4
+        assert diag["prompt_gdro/weight/0"] == pytest.approx(1.0)
+        assert diag["prompt_gdro/weight_entropy"] == pytest.approx(0.375)  # other keys keep their zeros
+        assert er.diagnostic_row(diag)["bin weights"] == "0.985-1.000"

@@ -190,3 +190,59 @@ def test_disabled_sections_are_type_checked_but_not_range_checked():
     bad["rollout_gdro"]["n_min"] = "two"
     with pytest.raises(ConfigError, match="algorithm.rollout_gdro.n_min must be an integer"):
         AlgorithmSetup.from_dict(bad, n_bar=4)
+
+
+def build_section(section, seed=3):
+    setup = AlgorithmSetup.from_dict(section, n_bar=N_BAR)
+    store = PromptStatsStore(N, setup.stats)
+    classifier = DifficultyClassifier(setup.difficulty, store)
+    return build_stages(StageContext(setup, store, classifier, N, seed=seed)), store, classifier
+
+
+@pytest.mark.parametrize("base", ["data", "bins"])
+def test_resample_stage_resume_repeats_the_next_draws(base, tmp_path):
+    """PromptGDROResample: a state_dict round trip (controller, bin index, store) gives the same next draws
+    and importance factors; `data` draws no prompt twice in a step."""
+    section = algorithm(prompt_scheduler="prompt_gdro_resample")
+    section["prompt_gdro"].update(resample_base=base, importance_correct=True, signal="failure")
+    a, store_a, clf_a = build_section(section)
+    g = torch.Generator().manual_seed(0)
+    pass_rate = torch.rand(N, generator=g)
+    for _ in range(4):
+        draw, *_ = run_step(a, store_a, clf_a, g, pass_rate)
+        if base == "data":
+            assert draw.ids.unique().numel() == P
+    assert int((a.prompts.index.counts() > 0).sum()) > 1  # the adversary has bins to choose among
+    saved = {name: obj.state_dict() for name, obj in a.stateful().items()}
+    torch.save({"stages": saved, "store": store_a.state_dict()}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    b, store_b, clf_b = build_section(section, seed=77)  # another seed: everything must come from the checkpoint
+    for name, obj in b.stateful().items():
+        obj.load_state_dict(loaded["stages"][name])
+    store_b.load_state_dict(loaded["store"])
+    g_state = g.get_state()
+    g_b = torch.Generator()
+    g_b.set_state(g_state)
+    for _ in range(3):
+        draw_a, _, _, diag_a = run_step(a, store_a, clf_a, g, pass_rate)
+        draw_b, _, _, diag_b = run_step(b, store_b, clf_b, g_b, pass_rate)
+        assert torch.equal(draw_a.ids, draw_b.ids) and torch.equal(draw_a.q, draw_b.q)
+        bins = clf_a.classify(draw_a.ids)
+        assert torch.equal(
+            a.prompts.response_weights(draw_a, bins), b.prompts.response_weights(draw_b, clf_b.classify(draw_b.ids))
+        )
+        assert diag_a == diag_b and f"prompt_gdro/draw_p/{int(bins[0])}" in diag_a
+
+
+def test_weighting_stages_take_the_informative_mask():
+    section = algorithm(advantage_weighting="prompt_gdro")
+    section["prompt_gdro"]["normalize_over"] = "informative"
+    stages, *_ = build_section(section)
+    stages.weighting.controller.scores = torch.tensor([1.0] + [0.0] * 9, dtype=torch.float64)
+    response_bins = torch.tensor([0, 0, 5, 5])
+    informative = torch.tensor([False, False, True, True])
+    w, w_bin = stages.weighting.weights(response_bins, informative)
+    assert w[informative].mean().item() == pytest.approx(1.0) and w[0] > 1.0
+    assert torch.isnan(w_bin[[1, 2, 3, 4, 6, 7, 8, 9]]).all()
+    none, *_ = build_section(algorithm())
+    assert none.weighting.weights(response_bins, informative) == (None, None)

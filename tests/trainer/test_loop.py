@@ -30,6 +30,10 @@ TINY = [
 CASES = {
     "grpo": [],
     "prompt_gdro_weight": ["algorithm.advantage_weighting=prompt_gdro"],
+    "prompt_gdro_weight_informative": [
+        "algorithm.advantage_weighting=prompt_gdro",
+        "algorithm.prompt_gdro.normalize_over=informative",
+    ],
     "prompt_gdro_resample": [
         "algorithm.prompt_scheduler=prompt_gdro_resample",
         "algorithm.prompt_gdro.importance_correct=true",
@@ -89,6 +93,17 @@ def test_smoke_run(case, tmp_path):
         assert float(state["prompt_stats"]["rollouts"].sum()) == 32  # two steps of 16 rollouts, credited once
         if "prompt_gdro" in stateful:
             assert "prompt_gdro/q/0" in rows[2] and stateful["prompt_gdro"].obj.num_updates == 2
+        if trainer.cfg.algorithm.advantage_weighting == "prompt_gdro":
+            for step in (1, 2):
+                r = rows[step]
+                present = [r[f"prompt_gdro/weight/{b}"] for b in range(10) if r[f"prompt_gdro/response_share/{b}"] > 0]
+                absent = [r[f"prompt_gdro/weight/{b}"] for b in range(10) if r[f"prompt_gdro/response_share/{b}"] == 0]
+                assert absent and all(w is None for w in absent)  # NaN in the step, null in the file
+                assert r["prompt_gdro/weight_min"] == min(present) and r["prompt_gdro/weight_max"] == max(present)
+                assert 0.0 <= r["prompt_gdro/effective_bin_mass"] <= 1.0
+        if trainer.cfg.algorithm.prompt_scheduler == "prompt_gdro_resample":
+            assert abs(sum(rows[2][f"prompt_gdro/draw_p/{b}"] for b in range(10)) - 1.0) < 1e-9
+            assert trainer.rl_step.last_draw.ids.unique().numel() == 4  # resample_base=data: no repeats in a step
         if "rollout_gdro" in stateful:
             assert "rollout_gdro/mu" in rows[2] and stateful["rollout_gdro"].obj.num_updates == 2
         if "dual" in stateful:

@@ -83,6 +83,8 @@ def test_dp2_resume_on_dp2_and_dp1(tmp_path):
 
 LAYOUT_ARGS = [a for a in ARGS if not a.startswith("trainer.checkpoint_every")] + [
     "trainer.checkpoint_every=0", "algorithm.token_modulation=dynamo",
+    # Prompt-GDRO's weights normalised over the informative rows of all ranks (one more collective).
+    "algorithm.prompt_gdro.normalize_over=informative",
 ]
 
 

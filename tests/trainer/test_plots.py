@@ -29,7 +29,8 @@ def _synthetic_run(run_dir: Path, steps: int = 40) -> None:
             for b in range(NUM_BINS):
                 m[f"prompt_gdro/response_share/{b}"] = share[b]
                 m[f"bins/prompt_share/{b}"] = share[b]
-                m[f"prompt_gdro/weight/{b}"] = weight[b]
+                # a bin absent from a step's batch has no weight: NaN (null in the file), a blank heatmap cell
+                m[f"prompt_gdro/weight/{b}"] = float("nan") if b == 4 and s % 4 == 0 else weight[b]
                 m[f"rollout_gdro/n_b/{b}"] = 2 + b
                 # hardest bin sometimes has no prompts: NaN reward
                 m[f"bins/reward_mean/{b}"] = float("nan") if b == 0 and s % 3 == 0 else b / NUM_BINS + 0.01 * s
