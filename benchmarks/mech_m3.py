@@ -77,10 +77,10 @@ class M3Settings:
 
     current_steps: tuple[int, ...] = (40, 20)
     ks: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
-    replicates: int = 8
+    replicates: int = 16
     prompts: int | None = None
     rollouts: int | None = None
-    reference_rollouts: int = 32
+    reference_rollouts: int = 64
     lam_sweep: tuple[float, ...] = (0.1, 1.0, 10.0)
 
     @classmethod
@@ -169,12 +169,44 @@ class FrozenPolicies:
         self.current = step
 
 
+def _config_with_new_sections(ckpt: Path, why: str) -> Any:
+    """The checkpoint's config with the ``algorithm`` sections added to ``conf/train.yaml`` after it was written
+    filled with their defaults (a stage added since is off by default, as it was in that run)."""
+    from omegaconf import OmegaConf
+
+    from nemo_gdro.trainer.checkpoint import CONFIG_NAME
+    from nemo_gdro.trainer.config import compose, validate
+    from nemo_gdro.trainer.hf_assets import with_assets
+
+    saved = with_assets(OmegaConf.load(ckpt / CONFIG_NAME), ckpt)
+    defaults = compose("train", [])
+    OmegaConf.set_struct(defaults, False)
+    filled = []
+
+    OmegaConf.set_struct(saved, False)
+    # Only algorithm sections: elsewhere an absent key can be meaningful (model.overrides of an HF model).
+    for key, value in defaults.algorithm.items():
+        if key not in saved.algorithm:
+            saved.algorithm[key] = value
+            filled.append(f"algorithm.{key}")
+    # The restore compares the config with the checkpoint's: these additions are deliberate.
+    saved.run.allow_config_change = [*list(saved.run.get("allow_config_change") or []), *filled]
+    print(f"[m3] {ckpt}: {why.splitlines()[0]}: filled with today's defaults: {', '.join(filled)}", flush=True)
+    return validate(saved)
+
+
 @contextmanager
 def frozen_policies(run_dir: Path, step: int) -> Iterator[FrozenPolicies]:
     """:class:`FrozenPolicies` of ``run_dir`` built with the config saved at checkpoint ``step``."""
     from nemo_gdro.trainer.eval_run import _components, _config_for
+    from nemo_gdro.typed_config import ConfigError
 
-    cfg, _ = _config_for(_step_dir(run_dir, step), [], "train")
+    try:
+        cfg, _ = _config_for(_step_dir(run_dir, step), [], "train")
+    except ConfigError as err:
+        if "missing config section" not in str(err):
+            raise
+        cfg = _config_with_new_sections(_step_dir(run_dir, step), str(err))
     with _components(cfg) as components:
         yield FrozenPolicies(run_dir, components)
 
@@ -608,7 +640,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where mechanisms_m3.{json,md,png} go")
     p.add_argument("--quick", action="store_true", help="the toy version (k in {0,1,2}, one replicate)")
     p.add_argument("--seed", type=int, default=0, help="seed of the replicate prompts and sampling streams")
-    p.add_argument("--replicates", type=int, default=None, help="replicate batches (default 8; quick 1)")
+    p.add_argument("--replicates", type=int, default=None, help="replicate batches (default 16; quick 1)")
     p.add_argument("--steps", default=None, help="comma-separated current steps t (default 40,20; quick: the last)")
     return p.parse_args(argv)
 
