@@ -47,6 +47,7 @@ training sweep (rollouts to a target pass@1 under reuse and replay) is
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -454,8 +455,13 @@ def summarize(records: Sequence[Record], settings: M3Settings) -> dict[str, Any]
     return out
 
 
+def _values(entry: dict[str, Any]) -> tuple[float, float, float]:
+    """Mean and interval of an entry; a NaN written to JSON as null reads back as NaN."""
+    return tuple(math.nan if entry[key] is None else float(entry[key]) for key in ("mean", "lo", "hi"))
+
+
 def _fmt(entry: dict[str, float], digits: int = 3) -> str:
-    m, lo, hi = entry["mean"], entry["lo"], entry["hi"]
+    m, lo, hi = _values(entry)
     if not math.isfinite(m):
         return "n/a"
     if entry.get("n", 1) <= 1 or lo == hi:
@@ -464,7 +470,9 @@ def _fmt(entry: dict[str, float], digits: int = 3) -> str:
 
 
 def _fmt_sci(entry: dict[str, float]) -> str:
-    m, lo, hi = entry["mean"], entry["lo"], entry["hi"]
+    m, lo, hi = _values(entry)
+    if not math.isfinite(m):
+        return "n/a"
     if entry.get("n", 1) <= 1 or lo == hi:
         return f"{m:.2e}"
     return f"{m:.2e} [{lo:.2e}, {hi:.2e}]"
@@ -481,7 +489,12 @@ def markdown(summary: dict[str, Any], settings: M3Settings, meta: dict[str, Any]
         f"{settings.reference_rollouts} rollouts per prompt (same prompts, own seeds). {settings.replicates} "
         "replicate(s) with common random numbers; 95% Student-t intervals over replicates. `r2vpo`: R2VPO at its "
         f"dual lambda on the batch (additive update to its fixed point: 0 if V < delta = {meta['delta']:g}, "
-        f"lam_max = {meta['lam_max']:g} if above); `is`: lambda = 0 (unclipped importance sampling); `lam=x`: fixed lambda.",
+        f"lam_max = {meta['lam_max']:g} if above; the dual lambda column is its mean over replicates); `is`: lambda = 0 "
+        "(unclipped importance sampling); `lam=x`: fixed lambda. For lambda > 0 the brake term 2 lambda r (r - 1) "
+        "grad log pi pulls the policy back towards the one that generated the batch: it limits the step, it is not "
+        "a policy-gradient estimate, so its cosine to the on-policy gradient measures how much it displaces the "
+        "gradient, not an error of its own. 'cos to same batch at ratio 1': cosine to the gradient of the same "
+        "batch treated as on-policy (no correction).",
         "",
     ]
     for t, per_k in summary.items():
@@ -492,7 +505,7 @@ def markdown(summary: dict[str, Any], settings: M3Settings, meta: dict[str, Any]
             s = entry["stats"]
             lam = entry["losses"]["r2vpo"]["lam"]
             lines.append(f"| {k} | {_fmt_sci(s['V'])} | {_fmt(s['clip_frac'])} | {_fmt(s['dual_clip_frac'])} | "
-                         f"{_fmt(s['clipped_grad_share'])} | {lam['mean']:g} |")
+                         f"{_fmt(s['clipped_grad_share'])} | {_values(lam)[0]:g} |")
         lines += ["", f"### t = {t}: cosine to the on-policy gradient / relative error", "",
                   "| k | loss | cosine | rel. error | cos to same batch at ratio 1 |", "|---|---|---|---|---|"]
         for k, entry in per_k.items():
@@ -520,7 +533,7 @@ def _k_axis(ax: Any, x: Sequence[float], ks: Sequence[int]) -> None:
     ax.set_xlabel("staleness k (updates)")
 
 
-def plot(summary: dict[str, Any], settings: M3Settings, path: Path) -> Path:
+def plot(summary: dict[str, Any], settings: M3Settings, path: Path, delta: float | None = None) -> Path:
     """Cosine to the on-policy gradient and V against k, one line per loss (one row of panels per t)."""
     import matplotlib
 
@@ -535,9 +548,7 @@ def plot(summary: dict[str, Any], settings: M3Settings, path: Path) -> Path:
         x = [max(k, 0.5) for k in ks]  # k = 0 drawn at 0.5 on the log axis
         ax = axes[row][0]
         for name in settings.loss_names():
-            mean = [per_k[str(k)]["losses"][name]["cos"]["mean"] for k in ks]
-            lo = [per_k[str(k)]["losses"][name]["cos"]["lo"] for k in ks]
-            hi = [per_k[str(k)]["losses"][name]["cos"]["hi"] for k in ks]
+            mean, lo, hi = zip(*(_values(per_k[str(k)]["losses"][name]["cos"]) for k in ks))
             style = "-" if name in LOSSES_MAIN else ":"
             ax.plot(x, mean, style, marker="o", label=name)
             ax.fill_between(x, lo, hi, alpha=0.12)
@@ -546,10 +557,12 @@ def plot(summary: dict[str, Any], settings: M3Settings, path: Path) -> Path:
         ax.set_title(f"t = {t}")
         ax.legend(fontsize=7)
         ax = axes[row][1]
-        v = [per_k[str(k)]["stats"]["V"]["mean"] for k in ks]
-        clip = [per_k[str(k)]["stats"]["clip_frac"]["mean"] for k in ks]
+        v = [_values(per_k[str(k)]["stats"]["V"])[0] for k in ks]
+        clip = [_values(per_k[str(k)]["stats"]["clip_frac"])[0] for k in ks]
         ax.plot(x, v, marker="o", label="V = mean (r-1)^2")
         ax.plot(x, clip, marker="s", label="clip fraction")
+        if delta is not None:
+            ax.axhline(delta, color="gray", linestyle="--", linewidth=1, label=f"R2VPO delta = {delta:g}")
         _k_axis(ax, x, ks)
         ax.set_yscale("symlog", linthresh=1e-4)  # V and the clip fraction are exactly 0 at k = 0
         ax.set_ylim(bottom=0.0)
@@ -627,7 +640,7 @@ def run_m3(run_dir: Path, out_dir: Path, quick: bool, seed: int, settings: M3Set
         "torch_threads": torch.get_num_threads(),
     }
     md = markdown(summary, settings, meta)
-    png = plot(summary, settings, out_dir / "mechanisms_m3.png")
+    png = plot(summary, settings, out_dir / "mechanisms_m3.png", meta["delta"])
     data = {"meta": meta, "summary": summary, "records": [asdict(r) for r in records]}
     return {"markdown": md, "json": data, "plots": [str(png)]}
 
@@ -642,6 +655,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the replicate prompts and sampling streams")
     p.add_argument("--replicates", type=int, default=None, help="replicate batches (default 16; quick 1)")
     p.add_argument("--steps", default=None, help="comma-separated current steps t (default 40,20; quick: the last)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild mechanisms_m3.md and .png from the mechanisms_m3.json under --out (nothing runs)")
     return p.parse_args(argv)
 
 
@@ -657,6 +672,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if changes:
         settings = M3Settings(**{**asdict(settings), **changes})
     out = Path(args.out)
+    if args.report_only:
+        data = json.loads((out / "mechanisms_m3.json").read_text())
+        meta = data["meta"]
+        saved = M3Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()})
+        (out / "mechanisms_m3.md").write_text(markdown(data["summary"], saved, meta) + "\n")
+        plot(data["summary"], saved, out / "mechanisms_m3.png", meta["delta"])
+        print(f"[m3] rebuilt {out / 'mechanisms_m3.md'} and .png from {out / 'mechanisms_m3.json'}")
+        return 0
     if args.run is None and not args.quick:
         print("mech_m3.py: give --run RUN_DIR (or --quick for a toy run)", file=sys.stderr)
         return 2

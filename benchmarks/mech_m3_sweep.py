@@ -9,7 +9,8 @@ loss does to the gradient of a stale batch; this part asks whether that turns
 into fewer generated rollouts. Every run is an ordinary efficacy-harness run
 (``benchmarks/efficacy.py`` ``plan_jobs`` / ``execute``: the testbed of
 ``efficacy.yaml``, the seed-0 warm start, the validation split), 40 steps with
-an evaluation every 5. The losses:
+an evaluation every 5 (the
+sweep's runs share the efficacy benchmark's warm start in the same ``--work-dir``). The losses:
 
 - ``clipped``: GRPO's clipped loss (DAPO eps 0.2 / 0.28, dual clip 3);
 - ``r2vpo``: R²VPO with its additive dual (r2vpo.md §2 defaults);
@@ -70,9 +71,15 @@ def regimes(reuse: Sequence[int] = (1, 2), staleness: Sequence[int] = (1, 2)) ->
     return out
 
 
-def sweep_methods(reuse: Sequence[int] = (1, 2), staleness: Sequence[int] = (1, 2)) -> dict[str, list[str]]:
-    """``<loss>_<regime>`` -> overrides, loss-major."""
-    return {f"{loss}_{name}": [*lo, *ro] for loss, lo in LOSSES.items() for name, ro in regimes(reuse, staleness).items()}
+def sweep_methods(
+    reuse: Sequence[int] = (1, 2), staleness: Sequence[int] = (1, 2), run: Sequence[str] = tuple(SWEEP_OVERRIDES)
+) -> dict[str, list[str]]:
+    """``<loss>_<regime>`` -> overrides (then ``run``, the sweep's run length), loss-major.
+
+    The run length is part of each method, not of the testbed: the warm start's directory is named by the
+    testbed alone, so the sweep shares the efficacy benchmark's warm start in the same work directory."""
+    return {f"{loss}_{name}": [*lo, *ro, *run] for loss, lo in LOSSES.items()
+            for name, ro in regimes(reuse, staleness).items()}
 
 
 def sweep_config(base: eff.BenchConfig, methods: dict[str, list[str]]) -> eff.BenchConfig:
@@ -123,12 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nemo_gdro.typed_config import ConfigError
 
     base = eff.load_config(eff.DEFAULT_CONFIG)
-    methods = sweep_methods(_ints(args.reuse), _ints(args.staleness))
+    # --quick: the efficacy quick sizes (its run length too: the quick overrides are testbed overrides).
+    methods = sweep_methods(_ints(args.reuse), _ints(args.staleness), () if args.quick else SWEEP_OVERRIDES)
     cfg = sweep_config(base, methods)
-    extra, extra_warm = [*SWEEP_OVERRIDES, *args.extra], []
+    extra, extra_warm = list(args.extra), []
     seeds = _ints(args.seeds)
     if args.quick:
-        extra = [*SWEEP_OVERRIDES, *(base.quick.get("overrides") or []), *args.extra]
+        extra = [*(base.quick.get("overrides") or []), *args.extra]
         extra_warm = list(base.quick.get("warm_start") or [])
         seeds = seeds[:1]
         work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="m3-sweep-quick-"))

@@ -37,20 +37,25 @@ def test_dual_lambda_is_the_fixed_point_of_the_additive_update():
     assert m3.dual_lambda(R2VPOConfig(lam_max=3.0), 0.2) == 3.0
 
 
-def test_sweep_methods_cover_losses_times_regimes():
+def test_sweep_methods_cover_losses_times_regimes(tmp_path):
     methods = sweep.sweep_methods((1, 2), (1, 2))
     assert list(methods)[0] == sweep.BASELINE == "clipped_fresh"
     assert len(methods) == 3 * 4
-    assert methods["clipped_reuse2"] == ["algorithm.loss=clipped", "trainer.epochs_per_batch=2"]
+    run = sweep.SWEEP_OVERRIDES
+    assert methods["clipped_reuse2"] == ["algorithm.loss=clipped", "trainer.epochs_per_batch=2", *run]
     assert methods["r2vpo_lam0_replay_s2"] == [
         "algorithm.loss=r2vpo", "algorithm.r2vpo.eta_lam=0.0", "algorithm.r2vpo.lam_init=0.0",
-        "algorithm.r2vpo.replay_ratio=1.0", "algorithm.r2vpo.staleness=2",
+        "algorithm.r2vpo.replay_ratio=1.0", "algorithm.r2vpo.staleness=2", *run,
     ]
     assert "clipped_reuse1" not in methods  # reuse 1 is the fresh regime
     assert len(sweep.sweep_methods((1, 2, 4), (1, 2, 4))) == 3 * 6
     cfg = sweep.sweep_config(eff.load_config(eff.DEFAULT_CONFIG), methods)
     assert cfg.baseline == "clipped_fresh" and set(cfg.methods) == set(methods)
     assert "r2vpo_lam0_fresh" in cfg.panels["r2vpo_lam0"] and "r2vpo_lam0_fresh" not in cfg.panels["r2vpo"]
+    # the run length is the methods', so the warm start is the efficacy benchmark's own (named by the testbed)
+    sft_jobs, runs = eff.plan_jobs(cfg, ["clipped_fresh"], [0], "validation", tmp_path)
+    efficacy_sft, _ = eff.plan_jobs(eff.load_config(eff.DEFAULT_CONFIG), ["grpo"], [0], "validation", tmp_path)
+    assert list(sft_jobs) == list(efficacy_sft) and runs[0].max_steps == 40
 
 
 @pytest.mark.slow
@@ -58,7 +63,7 @@ def test_sweep_configs_load_or_are_refused_with_the_key(tmp_path):
     base = eff.load_config(eff.DEFAULT_CONFIG)
     methods = sweep.sweep_methods()
     cfg = sweep.sweep_config(base, methods)
-    extra = [*sweep.SWEEP_OVERRIDES, *base.quick["overrides"]]
+    extra = list(base.quick["overrides"])
     ok, refused = sweep.loadable(cfg, list(methods), tmp_path, extra, [])
     # what this checkout has always loaded: every loss on fresh data, R2VPO (either dual) with replay
     for name in ("clipped_fresh", "r2vpo_fresh", "r2vpo_lam0_fresh", "r2vpo_replay_s1", "r2vpo_lam0_replay_s2"):
@@ -110,3 +115,11 @@ def test_quick_m3_on_a_toy_run(toy_run, tmp_path):
     assert all(r["cos_same_batch_on_policy"] < 1 - 1e-6 for r in stale_is)
     # paired differences are against clipped, per loss
     assert set(summary[t]["1"]["losses"]["is"]["paired_minus_clipped"]) == {"cos", "rel_err"}
+
+    # --report-only rebuilds the tables and the plot from the JSON alone
+    from benchmarks.efficacy_report import write_json
+
+    write_json(out["json"], tmp_path / "report" / "mechanisms_m3.json")
+    assert m3.main(["--report-only", "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "mechanisms_m3.md").read_text().strip() == out["markdown"].strip()
+    assert (tmp_path / "report" / "mechanisms_m3.png").is_file()
