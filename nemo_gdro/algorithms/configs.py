@@ -490,14 +490,21 @@ class DynamoModulationConfig:
 
 # ----------------------------------------------------------------------
 # losses.py
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "informative-token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 R2VPO_CENTERS = ("one", "batch_mean")
 R2VPO_DUAL_UPDATES = ("additive", "multiplicative")
 
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """``policy_loss`` config (grpo_base.md §4-§5)."""
+    """``policy_loss`` config (grpo_base.md §4-§5).
+
+    loss_agg_mode: ``token-mean`` (sum of token losses / N, N = the mini-batch's valid tokens),
+        ``informative-token-mean`` (the same sum / the valid tokens of rows with a non-zero raw GRPO
+        advantage: zero-variance groups add their KL / R2VPO terms to the sum but not to N, so their
+        share of the batch does not shrink the step), ``seq-mean-token-mean`` or
+        ``seq-mean-token-sum-norm`` (Dr.GRPO, needs ``norm_constant``).
+    """
 
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -537,8 +544,6 @@ class R2VPOConfig:
     lam_min: float = 1e-3
     center: str = "one"
     max_ratio: float | None = None
-    staleness: int = 1
-    replay_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         p = "r2vpo"
@@ -571,10 +576,6 @@ class R2VPOConfig:
             raise ValueError(f"{p}.center must be one of {R2VPO_CENTERS}, got {self.center!r}")
         if self.max_ratio is not None and not (finite(self.max_ratio) and self.max_ratio > 1):
             raise ValueError(f"{p}.max_ratio must be > 1 (or null to disable), got {self.max_ratio}")
-        if not (isinstance(self.staleness, int) and not isinstance(self.staleness, bool) and self.staleness >= 0):
-            raise ValueError(f"{p}.staleness must be an integer >= 0, got {self.staleness!r}")
-        if not (finite(self.replay_ratio) and self.replay_ratio >= 0):
-            raise ValueError(f"{p}.replay_ratio must be a finite number >= 0, got {self.replay_ratio}")
 
     @property
     def initial_lam(self) -> float:
@@ -583,3 +584,28 @@ class R2VPOConfig:
             return float(self.lam_init)
         return 0.0 if self.dual_update == "additive" else 0.1
 
+
+
+# ----------------------------------------------------------------------
+# trainer/replay.py
+@dataclass(frozen=True)
+class ReplayConfig:
+    """``replay``: off-policy reuse of earlier prompt groups, with any loss (r2vpo.md §3).
+
+    ratio: replayed groups per fresh group of a step (0 = on-policy; 1.0 = each step trains
+        on the fresh batch plus as many replayed groups).
+    staleness: groups generated more than this many policy versions (RL steps) ago are dropped.
+
+    With ``loss: r2vpo`` the ratio against each row's own behaviour policy and the variance brake
+    down-weight stale rows; with ``loss: clipped`` the clip range does (the control run that
+    separates R2VPO's loss from the reuse itself).
+    """
+
+    ratio: float = 0.0
+    staleness: int = 1
+
+    def __post_init__(self) -> None:
+        if not (is_real(self.ratio) and math.isfinite(self.ratio) and self.ratio >= 0):
+            raise ValueError(f"replay.ratio must be a finite number >= 0, got {self.ratio}")
+        if not (is_int(self.staleness) and self.staleness >= 0):
+            raise ValueError(f"replay.staleness must be an integer >= 0, got {self.staleness!r}")

@@ -28,8 +28,11 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "policy_ratio",
     "clipped_policy_loss",
+    "clip_regions",
+    "abs_advantage_share",
     "k3_kl",
     "per_sequence_mean",
+    "informative_token_count",
     "aggregate_token_loss",
     "PolicyLossConfig",
     "r2vpo_token_loss",
@@ -102,10 +105,12 @@ def clipped_policy_loss(
             tokens by ``-A * c``; ``None`` disables it.
 
     Returns:
-        ``token_loss [R, L]`` (0 at masked positions) and detached 0-d metrics
-        over valid tokens: ``clip_frac`` (tokens whose clipped branch is
+        ``token_loss [R, L]`` (0 at masked positions) and detached metrics
+        over valid tokens: 0-d ``clip_frac`` (tokens whose clipped branch is
         active, i.e. zero gradient), ``dual_clip_frac`` (A < 0 tokens bounded
-        by the dual clip), ``ratio_mean``.
+        by the dual clip, zero gradient too), ``ratio_mean``, and
+        ``zero_grad_mask`` (bool ``[R, L]``: valid tokens where either clip
+        removes the gradient, see :func:`clip_regions`).
     """
     _check_token_tensor("logp", logp)
     _check_same_shape("logp", logp, "mask", mask)
@@ -122,25 +127,69 @@ def clipped_policy_loss(
     if dual_clip is not None:
         negative = adv < 0
         loss_dual = torch.minimum(loss, -adv * dual_clip)
-        dual_fired = negative & (loss > loss_dual)
         loss = torch.where(negative, loss_dual, loss)
-    else:
-        dual_fired = torch.zeros_like(valid)
-
-    # Strict '>' so ties (rho exactly at the boundary) count as unclipped. The
-    # two clips never fire together: the ordinary clip binds an A < 0 token
-    # only at rho < 1 - eps_low, where -A * rho < -A * c.
-    clip_fired = loss_clipped > loss_unclipped
     token_loss = torch.where(valid, loss, torch.zeros_like(loss))
 
     with torch.no_grad():
+        clip_fired, dual_fired = clip_regions(
+            ratio.detach(), adv.detach(), eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip
+        )
         n = _count_divisor(valid.sum(), logp)
         metrics = {
             "clip_frac": (clip_fired & valid).sum().to(logp.dtype) / n,
             "dual_clip_frac": (dual_fired & valid).sum().to(logp.dtype) / n,
             "ratio_mean": torch.where(valid, ratio, torch.zeros_like(ratio)).sum() / n,
+            "zero_grad_mask": (clip_fired | dual_fired) & valid,
         }
     return token_loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def clip_regions(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = 3.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the clipped surrogate's gradient is zero, bool ``([R, L], [R, L])``.
+
+    ``ratio`` and ``advantages`` (``[R]`` or ``[R, L]``) as in
+    :func:`clipped_policy_loss`; no mask is applied. The first tensor marks
+    tokens whose clipped branch is active (``A > 0, r > 1 + eps_high`` or
+    ``A < 0, r < 1 - eps_low``), the second ``A < 0`` tokens bounded by the
+    dual clip (``r > c``). Ties (``r`` exactly at a boundary) count as
+    unclipped. The two never fire together: the ordinary clip binds an
+    ``A < 0`` token only at ``r < 1 - eps_low``, where ``-A r < -A c``.
+
+    With any ratios (e.g. R²VPO's, which are never clipped) this is where the
+    clipped loss *would* remove the gradient.
+    """
+    adv = token_advantages(advantages, ratio)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    clip_fired = loss_clipped > loss_unclipped
+    if dual_clip is None:
+        return clip_fired, torch.zeros_like(clip_fired)
+    loss = torch.maximum(loss_unclipped, loss_clipped)
+    dual_fired = (adv < 0) & (loss > -adv * dual_clip)
+    return clip_fired, dual_fired
+
+
+def abs_advantage_share(
+    advantages: torch.Tensor, where: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of |A| over valid tokens in where, sum of |A| over valid tokens)``, float64 0-d each.
+
+    Their ratio is the |A|-weighted share of the tokens in ``where`` (e.g. the
+    gradient that clipping removes, :func:`clip_regions`); callers sum both
+    over micro-batches and ranks before dividing. ``advantages`` ``[R]`` or
+    ``[R, L]``; ``where`` and ``mask`` ``[R, L]``.
+    """
+    valid = bool_mask(mask)
+    a = token_advantages(advantages, valid.to(torch.float64)).detach().abs().double()
+    zero = torch.zeros_like(a)
+    return torch.where(valid & where.bool(), a, zero).sum(), torch.where(valid, a, zero).sum()
 
 
 def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
@@ -173,6 +222,16 @@ def per_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return sums / counts
 
 
+def informative_token_count(mask: torch.Tensor, informative: torch.Tensor) -> torch.Tensor:
+    """Valid tokens of the rows whose raw advantage is non-zero (``informative`` bool ``[R]``), 0-d int."""
+    _check_token_tensor("mask", mask)
+    if informative.shape != mask.shape[:1]:
+        raise ValueError(
+            f"informative must be a [R] row mask, got shape {tuple(informative.shape)} for mask {tuple(mask.shape)}"
+        )
+    return (bool_mask(mask) & informative.bool()[:, None]).sum()
+
+
 def aggregate_token_loss(
     token_loss: torch.Tensor,
     mask: torch.Tensor,
@@ -181,21 +240,31 @@ def aggregate_token_loss(
     global_num_tokens: Scalar | None = None,
     global_num_seqs: Scalar | None = None,
     norm_constant: float | None = None,
+    informative: torch.Tensor | None = None,
+    global_num_informative_tokens: Scalar | None = None,
 ) -> torch.Tensor:
     """Reduce ``token_loss [R, L]`` to a scalar whose sum over micro-batches
     and data-parallel ranks is the full optimizer-step loss.
 
-    Modes (S = global number of sequences, N = global number of tokens):
+    Modes (S = global number of sequences, N = global number of tokens,
+    N_inf = global number of valid tokens of informative rows):
       * ``token-mean``: ``sum_valid(loss) / N``.
+      * ``informative-token-mean``: ``sum_valid(loss) / N_inf``. A row is
+        informative when its raw GRPO advantage is non-zero; the tokens of
+        the other rows (zero-variance groups) stay in the numerator (their
+        KL / R²VPO terms) but not in the divisor, so the step size does not
+        shrink as such groups fill the batch.
       * ``seq-mean-token-mean``: ``sum_rows(mean_valid_tokens(loss)) / S``.
       * ``seq-mean-token-sum-norm`` (Dr.GRPO):
         ``sum_rows(sum_valid_tokens(loss) / norm_constant) / S``.
 
-    ``global_num_tokens`` / ``global_num_seqs`` are the counts of the whole
-    step (summed over micro-batches, all-reduced over DP). ``None`` means the
-    local count, i.e. this call sees the whole step. The local sequence count
-    is the number of rows with at least one valid token, so padding rows
-    added by batching never dilute the mean.
+    ``global_num_tokens`` / ``global_num_seqs`` / ``global_num_informative_tokens``
+    are the counts of the whole step (summed over micro-batches, all-reduced
+    over DP). ``None`` means the local count, i.e. this call sees the whole
+    step (``informative-token-mean`` then needs ``informative``, bool ``[R]``).
+    The local sequence count is the number of rows with at least one valid
+    token, so padding rows added by batching never dilute the mean. A zero
+    count gives a zero loss (the caller skips such an update).
     """
     _check_token_tensor("token_loss", token_loss)
     _check_same_shape("token_loss", token_loss, "mask", mask)
@@ -204,6 +273,19 @@ def aggregate_token_loss(
 
     if mode == "token-mean":
         n = valid.sum() if global_num_tokens is None else global_num_tokens
+        return masked.sum() / _count_divisor(n, token_loss)
+    if mode == "informative-token-mean":
+        n = global_num_informative_tokens
+        if n is None:
+            if informative is None:
+                raise ValueError(
+                    "loss_agg_mode 'informative-token-mean' needs global_num_informative_tokens "
+                    "or the informative row mask"
+                )
+            n = informative_token_count(valid, informative)
+        if float(n) == 0:
+            # Only zero-advantage rows: their KL / R2VPO terms alone must not make an update.
+            return (masked * 0.0).sum()
         return masked.sum() / _count_divisor(n, token_loss)
 
     if mode not in LOSS_AGG_MODES:

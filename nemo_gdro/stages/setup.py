@@ -4,8 +4,9 @@
 ``token_modulation`` and ``loss`` name the stages (:mod:`nemo_gdro.registries`);
 the per-algorithm sections (``prompt_gdro``, ``rollout_gdro``,
 ``dynamo.allocation``, ``dynamo.modulation``, ``r2vpo``, ``prompt_skip``) hold their
-parameters. Every section's keys and value types are checked whether or not
-its stage is selected, so a typo never waits for the run that turns it on;
+parameters; ``replay`` (off-policy reuse of earlier groups) works with every
+loss. Every section's keys and value types are checked whether or not its stage
+is selected, so a typo never waits for the run that turns it on;
 range checks that depend on the rollout budget (``n_min <= rollout.n <=
 n_max``) apply only to the selected rollout scheduler.
 """
@@ -25,6 +26,7 @@ from nemo_gdro.algorithms.configs import (
     PromptGDROConfig,
     PromptSkipConfig,
     R2VPOConfig,
+    ReplayConfig,
     RolloutGDROConfig,
     StatsConfig,
 )
@@ -47,6 +49,9 @@ RETIRED_KEYS: dict[str, str] = {
     "algorithm.dynamo.allocation.enabled": "use algorithm.rollout_scheduler=dynamo",
     "algorithm.dynamo.modulation.enabled": "use algorithm.token_modulation=dynamo",
     "algorithm.r2vpo.enabled": "use algorithm.loss=r2vpo",
+    # Replay left the R2VPO section when it became available to every loss (issue 19).
+    "algorithm.r2vpo.replay_ratio": "use algorithm.replay.ratio (same meaning; replay now works with every loss)",
+    "algorithm.r2vpo.staleness": "use algorithm.replay.staleness (same meaning; replay now works with every loss)",
 }
 
 
@@ -80,11 +85,12 @@ class AlgorithmSetup:
     dynamo_modulation: DynamoModulationConfig
     r2vpo: R2VPOConfig
     prompt_skip: PromptSkipConfig
+    replay: ReplayConfig
 
     @property
     def replays(self) -> bool:
-        """Off-policy replay of earlier groups is on."""
-        return self.r2vpo.replay_ratio > 0
+        """Off-policy replay of earlier groups is on (``algorithm.replay.ratio > 0``, any loss)."""
+        return self.replay.ratio > 0
 
     def describe(self) -> str:
         """One line naming the selected stages."""
@@ -106,7 +112,7 @@ class AlgorithmSetup:
         values = dict(algorithm)
         section_keys = {
             "advantage", "policy_loss", "stats", "difficulty", "prompt_gdro", "rollout_gdro", "dynamo", "r2vpo",
-            "prompt_skip",
+            "prompt_skip", "replay",
         }
         unknown = sorted(set(values) - section_keys - set(STAGE_KEYS))
         if unknown:
@@ -150,12 +156,6 @@ class AlgorithmSetup:
         dynamo_modulation = build(
             DynamoModulationConfig, "dynamo.modulation", eps_low=policy_loss.eps_low, eps_high=policy_loss.eps_high
         )
-        r2vpo = build(R2VPOConfig, "r2vpo")
-        if r2vpo.replay_ratio > 0 and names["loss"] != "r2vpo":
-            raise ConfigError(
-                "algorithm.r2vpo.replay_ratio > 0 needs algorithm.loss=r2vpo "
-                "(off-policy reuse relies on the ratio-variance brake)"
-            )
         return cls(
             **names,
             n_bar=n_bar,
@@ -167,6 +167,7 @@ class AlgorithmSetup:
             rollout_gdro=rollout_gdro,
             dynamo_allocation=dynamo_allocation,
             dynamo_modulation=dynamo_modulation,
-            r2vpo=r2vpo,
+            r2vpo=build(R2VPOConfig, "r2vpo"),
             prompt_skip=build(PromptSkipConfig, "prompt_skip"),
+            replay=build(ReplayConfig, "replay"),
         )

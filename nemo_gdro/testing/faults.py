@@ -53,7 +53,7 @@ JOB_ARGS = [
     "sft.steps=40", "sft.batch_size=32", "data.num_train=64", "data.num_eval=4", "trainer.prompts_per_step=8",
     "rollout.n=4", "eval.k=1", "rollout.max_new_tokens=4", "trainer.eval_every=2", "trainer.checkpoint_every=1",
     "trainer.keep_last_checkpoints=3", "trainer.micro_batch_size=16", "logging.tensorboard=false",
-    "logging.progress=false", "algorithm.loss=r2vpo", "algorithm.r2vpo.replay_ratio=0.5",
+    "logging.progress=false", "algorithm.loss=r2vpo", "algorithm.replay.ratio=0.5",
     "algorithm.advantage_weighting=prompt_gdro", "algorithm.rollout_scheduler=rollout_gdro",
 ]
 

@@ -12,12 +12,18 @@ decides it once per run from the config:
 - ``separate``: more than one mini-batch (every mini-batch after the first is
   trained on updated weights), replay (the rows are stored and trained again
   at later steps, against their generation-time values; replayed rows come
-  from older weights), or truncated importance sampling without a
-  current-policy pass (its weights are needed before the training forward);
+  from older weights), truncated importance sampling without a
+  current-policy pass (its weights are needed before the training forward),
+  or more than one pass over the batch (``trainer.epochs_per_batch > 1``)
+  without a current-policy pass: passes after the first train on updated
+  weights, and the first pass's training forward cannot keep its per-token
+  log-probs (the loss returns per-row values only);
 - ``current``: a stage asked for the current policy's statistics before the
   update (R2VPO ``center=batch_mean``, DynaMO ``scope=minibatch``): that pass
   runs on the same weights and rows, so its ``logp`` is the behaviour
-  log-prob, bit for bit;
+  log-prob, bit for bit. With ``epochs_per_batch > 1`` (one mini-batch) the
+  first pass's values are stored in the batch and the later passes, on
+  updated weights, read them from there;
 - ``forward``: otherwise; the loss takes ``logp.detach()`` of the training
   forward, and the engine-vs-actor mismatch metrics are reduced from the same
   forward.
@@ -47,11 +53,12 @@ class BehaviourPlan:
 
 
 def behaviour_plan(
-    *, minibatches_per_step: int, replays: bool, tis: bool, needs_current_policy: bool
+    *, minibatches_per_step: int, replays: bool, tis: bool, needs_current_policy: bool, epochs_per_batch: int = 1
 ) -> BehaviourPlan:
     """The rule (see the module doc); the inputs are ``trainer.minibatches_per_step``, whether the
-    algorithm replays groups (R2VPO), whether ``rollout.tis_cap`` is set, and whether a stage
-    computes the current policy's statistics before each update."""
+    algorithm replays groups (``algorithm.replay.ratio > 0``), whether ``rollout.tis_cap`` is set,
+    whether a stage computes the current policy's statistics before each update, and
+    ``trainer.epochs_per_batch``."""
     if minibatches_per_step > 1:
         return BehaviourPlan(
             "separate",
@@ -63,7 +70,19 @@ def behaviour_plan(
             "separate", "replay: rows are trained again at later steps against their generation-time log-probs"
         )
     if needs_current_policy:
+        if epochs_per_batch > 1:
+            return BehaviourPlan(
+                "current",
+                "the stages' current-policy pass of the first pass computes them on the same weights and rows; "
+                f"the later passes of trainer.epochs_per_batch={epochs_per_batch} reuse them",
+            )
         return BehaviourPlan("current", "the stages' current-policy pass computes them on the same weights and rows")
     if tis:
         return BehaviourPlan("separate", "rollout.tis_cap: the TIS weights need them before the training forward")
+    if epochs_per_batch > 1:
+        return BehaviourPlan(
+            "separate",
+            f"trainer.epochs_per_batch={epochs_per_batch}: passes after the first are trained on updated weights "
+            "and need the generating weights' log-probs",
+        )
     return BehaviourPlan("forward", "one on-policy mini-batch: the training forward computes them")

@@ -279,9 +279,9 @@ def _build(cfg: RunConfig, tokenizer: Any, verifiers: VerifierSet) -> Components
         KLReference(lambda: new_actor(rl_optim, False)) if cfg.algorithm.policy_loss.kl_coef > 0 else NoReference()
     )
 
-    r2vpo = cfg.algorithm.r2vpo
+    replay_cfg = cfg.algorithm.replay
     replay = (
-        GroupReplay(ReplayBuffer(r2vpo.staleness, cfg.seed), r2vpo.replay_ratio, dp.rank, dp.size)
+        GroupReplay(ReplayBuffer(replay_cfg.staleness, cfg.seed), replay_cfg.ratio, dp.rank, dp.size)
         if cfg.algorithm.replays
         else NoReplay()
     )

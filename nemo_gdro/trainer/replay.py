@@ -1,13 +1,15 @@
-"""R²VPO off-policy replay: a buffer of whole prompt groups (r2vpo.md §3).
+"""Off-policy replay: a buffer of whole prompt groups (r2vpo.md §3), for every loss.
 
-A group is never split: its rows keep their rewards, the advantages computed
-at generation time, and the behaviour log-probs of the policy version that
-produced them. Groups older than ``staleness`` policy versions are dropped.
-The ratio against each row's own behaviour policy (and the variance brake of
-the R²VPO loss) does the down-weighting; nothing else re-weights stale rows.
+``algorithm.replay.{ratio, staleness}``. A group is never split: its rows keep
+their rewards, the advantages computed at generation time, and the behaviour
+log-probs of the policy version that produced them. Groups older than
+``staleness`` policy versions are dropped. The ratio against each row's own
+behaviour policy does the down-weighting (through R²VPO's variance brake, or
+the clipped loss's clip range: the control run); nothing else re-weights
+stale rows.
 
 The step calls :meth:`GroupReplay.mix` / :meth:`NoReplay.mix` unconditionally:
-``NoReplay`` (``replay_ratio == 0``) trains on the fresh rows only.
+``NoReplay`` (``ratio == 0``) trains on the fresh rows only.
 
 Data parallelism: each DP rank keeps the groups of the prompts it generated
 (global prompt position ``p`` of a step lives on rank ``p % dp``), so a
@@ -69,7 +71,7 @@ class ReplayBuffer:
 
     def __init__(self, staleness: int, seed: int, max_groups: int = 100_000) -> None:
         if staleness < 0:
-            raise ValueError(f"algorithm.r2vpo.staleness must be >= 0, got {staleness}")
+            raise ValueError(f"algorithm.replay.staleness must be >= 0, got {staleness}")
         self.staleness = int(staleness)
         self.seed = int(seed)
         self.max_groups = int(max_groups)

@@ -182,6 +182,9 @@ class TrainerSection:
     max_tokens_per_microbatch: when set, rows are packed by length into micro-batches of at
     most this many tokens (rows x longest row) for the training and log-prob passes, instead
     of ``micro_batch_size`` rows; the results are the same (the loss is globally normalised).
+    epochs_per_batch: passes over each rollout batch (PPO epochs, >= 1); each pass reshuffles the
+        rows into ``minibatches_per_step`` mini-batches, one optimizer step each, so an RL step takes
+        ``epochs_per_batch * minibatches_per_step`` optimizer steps.
     on_nonfinite: a non-finite loss or gradient ``stop``s the run naming the
         step, or ``skip``s that optimizer step (counted in ``guard/*``
         metrics; after ``max_consecutive_skips`` in a row the run stops too).
@@ -190,6 +193,7 @@ class TrainerSection:
     max_steps: int
     prompts_per_step: int
     minibatches_per_step: int = 1
+    epochs_per_batch: int = 1
     micro_batch_size: int = 4
     eval_every: int = 0
     checkpoint_every: int = 0
@@ -204,8 +208,8 @@ class TrainerSection:
             f"trainer.max_tokens_per_microbatch must be an integer >= 2 (tokens per forward/backward, padding "
             f"counted) or null (micro_batch_size rows), got {self.max_tokens_per_microbatch}",
         )
-        for key in ("max_steps", "prompts_per_step", "minibatches_per_step", "micro_batch_size", "keep_last_checkpoints",
-                    "max_consecutive_skips"):
+        for key in ("max_steps", "prompts_per_step", "minibatches_per_step", "epochs_per_batch", "micro_batch_size",
+                    "keep_last_checkpoints", "max_consecutive_skips"):
             _require(getattr(self, key) >= 1, f"trainer.{key} must be a positive integer, got {getattr(self, key)}")
         for key in ("eval_every", "checkpoint_every"):
             _require(getattr(self, key) >= 0, f"trainer.{key} must be an integer >= 0 (0 disables), got {getattr(self, key)}")

@@ -63,7 +63,7 @@ _STAGE_STATES: dict[str, str] = {
     "rollout_gdro": "Rollout-GDRO (algorithm.rollout_scheduler=rollout_gdro)",
     "dynamo": "DynaMO's rollout allocator (algorithm.rollout_scheduler=dynamo)",
     "dual": "R2VPO's dual multiplier (algorithm.loss=r2vpo)",
-    "replay": "R2VPO's replay buffer (algorithm.r2vpo.replay_ratio > 0)",
+    "replay": "the replay buffer (algorithm.replay.ratio > 0)",
 }
 
 

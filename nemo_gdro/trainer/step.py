@@ -47,6 +47,9 @@ from nemo_gdro.trainer.rl_loss import MinibatchLoss
 
 __all__ = ["ControllerClock", "RLStep"]
 
+#: Metrics of a controller's state: the step reports the value after its last optimizer step.
+LAST_VALUE_METRICS = frozenset({"r2vpo/lambda_positive"})
+
 
 @dataclass
 class Generated:
@@ -104,7 +107,7 @@ class RLStep:
         #: Where the behaviour log-probs come from (a separate pass only where they would differ).
         self.behaviour = behaviour_plan(
             minibatches_per_step=self.num_minibatches, replays=cfg.algorithm.replays, tis=self.tis_cap is not None,
-            needs_current_policy=components.stages.needs_current_policy,
+            needs_current_policy=components.stages.needs_current_policy, epochs_per_batch=cfg.trainer.epochs_per_batch,
         )
 
     def __call__(self, step: int) -> dict[str, float]:
@@ -216,38 +219,58 @@ class RLStep:
         return raw, bin_weights
 
     def _optimize(self, batch: RolloutBatch, raw_adv: torch.Tensor, rows: StepRows, step: int):
-        """One optimizer step per mini-batch; returns (metrics averaged over mini-batches, signal of fresh rows)."""
-        assignment = self._minibatch_assignment(batch.num_rows, rows, step)
+        """``trainer.epochs_per_batch`` passes over the batch, each reshuffled into
+        ``trainer.minibatches_per_step`` mini-batches of one optimizer step each.
+
+        Returns (metrics averaged over the mini-batches of all passes, signal of fresh rows). The
+        controllers' per-row signal is the FIRST pass's: gdro.md §2 defines it as the clipped
+        surrogate of the step's update on its freshly generated rows (about -A on-policy); a
+        later pass would measure how far the earlier passes moved the policy instead.
+        """
+        epochs = self.c.cfg.trainer.epochs_per_batch
         self._fresh_rows = rows.canon.numel()  # the batch's first rows; replayed groups follow
         signal = torch.full((batch.num_rows,), math.nan, dtype=torch.float64)
         if self.mask_truncated and batch.truncated is not None:
             signal[batch.truncated] = 0.0  # no loss, so no surrogate: its row's signal is zero
         per_key: dict[str, list[float]] = {}
-        for m in range(self.num_minibatches):
-            trained = self._train_minibatch(batch, raw_adv, torch.nonzero(assignment == m).flatten(), signal)
-            if trained is None:
-                continue  # nothing to learn from in this mini-batch on any rank
-            for key, value in trained.items():
-                per_key.setdefault(key, []).append(value)
-        # Means over the mini-batches that report a key; extremes stay extremes; skips are counted.
+        for epoch in range(epochs):
+            assignment = self._minibatch_assignment(batch.num_rows, rows, step, epoch)
+            for m in range(self.num_minibatches):
+                trained = self._train_minibatch(
+                    batch, raw_adv, torch.nonzero(assignment == m).flatten(), signal if epoch == 0 else None
+                )
+                if trained is None:
+                    continue  # nothing to learn from in this mini-batch on any rank
+                if epochs > 1:  # how far each pass has moved from the generating policy
+                    trained[f"actor/ratio_var/pass{epoch}"] = trained["actor/ratio_var"]
+                for key, value in trained.items():
+                    per_key.setdefault(key, []).append(value)
+        # Means over the mini-batches that report a key; extremes stay extremes; skips and updates are
+        # counted; a controller's state after the step is its value after the last update.
         actor_metrics: dict[str, float] = {}
         for key, values in per_key.items():
             if key.endswith("/min"):
                 actor_metrics[key] = min(values)
             elif key.endswith("/max"):
                 actor_metrics[key] = max(values)
-            elif key == "guard/skipped_updates":
+            elif key in ("guard/skipped_updates", "actor/optimizer_steps"):
                 actor_metrics[key] = sum(values)
+            elif key in LAST_VALUE_METRICS:
+                actor_metrics[key] = values[-1]
             else:
                 actor_metrics[key] = sum(values) / len(values)
+        actor_metrics.setdefault("actor/optimizer_steps", 0.0)
         actor_metrics["guard/skipped_total"] = float(self.guard.skipped_total)
         return actor_metrics, rows.scatter(signal[: rows.canon.numel()])
 
-    def _minibatch_assignment(self, num_rows: int, rows: StepRows, step: int) -> torch.Tensor:
-        """Mini-batch of every local row: fresh rows by one global permutation of the
-        canonical rows (so membership does not depend on the DP size), replayed rows
-        (kept per rank) by a per-rank permutation."""
-        gen = torch.Generator().manual_seed(self.seed * 104_729 + step)
+    def _minibatch_assignment(self, num_rows: int, rows: StepRows, step: int, epoch: int = 0) -> torch.Tensor:
+        """Mini-batch of every local row in pass ``epoch``: fresh rows by one global permutation of
+        the canonical rows (so membership does not depend on the DP size), replayed rows (kept per
+        rank) by a per-rank permutation. Every pass draws fresh permutations; pass 0's are those of
+        a single-pass run."""
+        # Pass e > 0 shifts the seed past any step count, so no (step, pass) pair repeats another's draw.
+        shift = epoch * 2_147_483_647
+        gen = torch.Generator().manual_seed(self.seed * 104_729 + step + shift)
         chunk_of_global = torch.empty(rows.num_rows, dtype=torch.int64)
         for m, chunk in enumerate(torch.tensor_split(torch.randperm(rows.num_rows, generator=gen), self.num_minibatches)):
             chunk_of_global[chunk] = m
@@ -255,17 +278,18 @@ class RLStep:
         out = torch.empty(num_rows, dtype=torch.int64)
         out[:fresh] = chunk_of_global[rows.canon]
         if num_rows > fresh:
-            replay_gen = torch.Generator().manual_seed(self.seed * 7_907 + step * 131 + rows.dp.rank)
+            replay_gen = torch.Generator().manual_seed(self.seed * 7_907 + step * 131 + rows.dp.rank + shift)
             out[fresh:] = torch.randperm(num_rows - fresh, generator=replay_gen) % self.num_minibatches
         return out
 
     def _train_minibatch(
-        self, batch: RolloutBatch, raw_adv: torch.Tensor, rows: torch.Tensor, signal: torch.Tensor
+        self, batch: RolloutBatch, raw_adv: torch.Tensor, rows: torch.Tensor, signal: torch.Tensor | None
     ) -> dict[str, float] | None:
         """One optimizer step on ``rows`` of this rank (collective: every rank calls it).
 
         A rank without rows joins with one fully masked placeholder row so that
-        the collectives stay matched; its output is discarded.
+        the collectives stay matched; its output is discarded. ``signal``: the
+        controllers' per-row signal to fill (first pass), ``None`` in later passes.
         """
         c, stages = self.c, self.c.stages
         placeholder = rows.numel() == 0
@@ -283,18 +307,28 @@ class RLStep:
         if self.setup.replays:
             # Fresh rows come first in the batch: the loss reports its sums for both kinds separately.
             extras["replayed"] = take >= self._fresh_rows
-        num_tokens, num_seqs = c.dp.total(float(mask.sum()), float((mask.sum(-1) > 0).sum()))
+        informative = (mask & (raw_adv[take] != 0).unsqueeze(1)).sum()
+        num_tokens, num_seqs, num_informative = c.dp.total(
+            float(mask.sum()), float((mask.sum(-1) > 0).sum()), float(informative)
+        )
         if num_tokens == 0:
+            return None
+        if num_informative == 0 and self.setup.policy_loss.loss_agg_mode == "informative-token-mean":
+            # No informative token anywhere: no update (as with no tokens). The rows' surrogate at
+            # ratio 1 is -A = 0 (the KL part of signal_include_kl is not computed for them).
+            if signal is not None and not placeholder:
+                signal[rows] = torch.where(torch.isnan(signal[rows]), -raw_adv[rows].double(), signal[rows])
             return None
         extras.update(c.reference.extras(tokens, lengths))
         current = c.actor.compute_token_stats(tokens, lengths=lengths) if stages.needs_current_policy else None
-        if source == "current":
-            # Same weights, same rows: the current policy's log-probs are the behaviour log-probs.
+        if source == "current" and signal is not None:
+            # First pass (one mini-batch): same weights, same rows: the current policy's log-probs are
+            # the behaviour log-probs. Stored for the later passes, which run on updated weights.
             assert current is not None
             if not placeholder:
                 batch.behaviour_logp[rows] = current["logp"]
             extras["behaviour_logp"] = current["logp"]
-        elif source == "separate":
+        elif source in ("separate", "current"):
             extras["behaviour_logp"] = batch.behaviour_logp[take]
         elif batch.engine_logp is not None:  # "forward": the mismatch metrics come out of the training forward
             extras["engine_logp"] = batch.engine_logp[take]
@@ -320,6 +354,7 @@ class RLStep:
             modulation_context=modulation_context,
             global_num_tokens=num_tokens,
             global_num_seqs=num_seqs,
+            global_num_informative_tokens=num_informative,
             signal_include_kl=self.setup.prompt_gdro.signal_include_kl,
             behaviour_from_forward=source == "forward",
         )
@@ -331,7 +366,7 @@ class RLStep:
         if applied:
             report.update(c.actor.optimizer_step())
             self.guard.check_weights(step, c.actor.weights_finite())
-        if not placeholder:
+        if not placeholder and signal is not None:
             row_signal = report.rows["signal"]
             if not applied:
                 # A skipped update: a non-finite surrogate becomes its value at ratio 1 (-A, token mean).
@@ -345,6 +380,7 @@ class RLStep:
         metrics = loss_fn.metrics(report)
         metrics.update(extremes)
         metrics["guard/skipped_updates"] = 0.0 if applied else 1.0
+        metrics["actor/optimizer_steps"] = 1.0 if applied else 0.0
         if applied:
             # The R2VPO dual step follows applied updates only.
             with self._clock():

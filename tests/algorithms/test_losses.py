@@ -23,7 +23,9 @@ from nemo_gdro.algorithms.losses import (
     DualVariableController,
     PolicyLossConfig,
     R2VPOConfig,
+    abs_advantage_share,
     aggregate_token_loss,
+    clip_regions,
     clipped_policy_loss,
     k3_kl,
     per_sequence_mean,
@@ -31,6 +33,7 @@ from nemo_gdro.algorithms.losses import (
     r2vpo_token_loss,
     ratio_variance,
 )
+from nemo_gdro.algorithms.configs import ReplayConfig
 
 F64 = torch.float64
 
@@ -216,6 +219,45 @@ def test_aggregation_hand_values():
     assert aggregate_token_loss(tl, torch.zeros_like(mask)).item() == 0.0
 
 
+def test_informative_token_mean_hand_values():
+    """Sum over every valid token / valid tokens of rows with a non-zero advantage."""
+    tl, mask = _agg_example()
+    informative = torch.tensor([False, True, True])  # row 0 (3 tokens) is of a zero-variance group
+    got = aggregate_token_loss(tl, mask, "informative-token-mean", informative=informative)
+    assert got.item() == pytest.approx(10 / 1)  # numerator 1+2+3+4, N = row 1's one token
+    got.backward()
+    torch.testing.assert_close(tl.grad, torch.tensor([[1.0] * 3, [1.0, 0, 0], [0, 0, 0]], dtype=F64))
+    assert aggregate_token_loss(tl, mask, "informative-token-mean", global_num_informative_tokens=4).item() == pytest.approx(2.5)
+    # No informative token: a zero loss (the trainer skips such an update), never NaN.
+    assert aggregate_token_loss(tl, mask, "informative-token-mean", informative=torch.zeros(3, dtype=torch.bool)).item() == 0.0
+    with pytest.raises(ValueError, match="informative"):
+        aggregate_token_loss(tl, mask, "informative-token-mean")
+    with pytest.raises(ValueError, match=r"\[R\] row mask"):
+        aggregate_token_loss(tl, mask, "informative-token-mean", informative=torch.ones(2, dtype=torch.bool))
+
+
+def test_clip_regions_and_abs_advantage_share():
+    """Zero-gradient tokens of the clipped loss (ordinary and dual clip) and their |A|-weighted share."""
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 4.0, 1.0, 1.28]], dtype=F64)
+    adv = torch.tensor([[2.0, -1.0, -3.0, 1.0, -0.5, 1.0, 1.0]], dtype=F64)
+    clip, dual = clip_regions(ratio, adv, eps_low=0.2, eps_high=0.28, dual_clip=3.0)
+    # A>0 r>1.28 clipped; A<0 r>1 unclipped (r<c); A<0 r<0.8 clipped; A>0 r<1 unclipped; A<0 r>c dual; ties unclipped.
+    assert clip.tolist() == [[True, False, True, False, False, False, False]]
+    assert dual.tolist() == [[False, False, False, False, True, False, False]]
+    no_dual = clip_regions(ratio, adv, eps_low=0.2, eps_high=0.28, dual_clip=None)[1]
+    assert not no_dual.any()
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    part, total = abs_advantage_share(adv, clip | dual, mask)
+    assert float(part) == pytest.approx(2.0 + 3.0 + 0.5) and float(total) == pytest.approx(8.5)
+    # The same zero-gradient tokens as clipped_policy_loss's, whose gradient there is exactly zero.
+    logp_old = torch.zeros_like(ratio)
+    logp = ratio.log().requires_grad_()
+    tl, m = clipped_policy_loss(logp, logp_old, adv, mask)
+    assert torch.equal(m["zero_grad_mask"], (clip | dual) & mask)
+    (grad,) = torch.autograd.grad(tl.sum(), logp)
+    assert torch.equal(grad == 0, ~mask | m["zero_grad_mask"])
+
+
 def test_aggregation_errors():
     tl, mask = _agg_example()
     with pytest.raises(ValueError, match="loss_agg_mode"):
@@ -236,21 +278,27 @@ def test_aggregation_micro_batch_invariance(R, L, seed, cuts, mode):
     logp_old = -torch.rand(R, L, generator=g, dtype=F64) * 3
     logp = (logp_old + 0.4 * torch.randn(R, L, generator=g, dtype=F64)).requires_grad_()
     adv = torch.randn(R, generator=g, dtype=F64)
+    adv[torch.rand(R, generator=g) < 0.3] = 0.0  # rows of zero-variance groups
     mask = torch.rand(R, L, generator=g) < 0.75
     kw = {"norm_constant": 3.0} if mode == "seq-mean-token-sum-norm" else {}
+    informative = adv != 0
 
     tl, _ = clipped_policy_loss(logp, logp_old, adv, mask)
-    full = aggregate_token_loss(tl, mask, mode, **kw)
+    tl = tl + 0.1 * (logp - logp_old) ** 2  # a term (KL-like) that zero-advantage rows contribute too
+    full = aggregate_token_loss(tl, mask, mode, informative=informative, **kw)
     (full_grad,) = torch.autograd.grad(full, logp)
 
     # Global counts, as the trainer would all-reduce them before the step.
     n_tok, n_seq = mask.sum(), mask.any(dim=-1).sum()
+    n_inf = (mask & informative[:, None]).sum()
     bounds = sorted({c for c in cuts if c < R} | {0, R})
     total = torch.zeros((), dtype=F64)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         tl_mb, _ = clipped_policy_loss(logp[lo:hi], logp_old[lo:hi], adv[lo:hi], mask[lo:hi])
+        tl_mb = tl_mb + 0.1 * (logp[lo:hi] - logp_old[lo:hi]) ** 2
         total = total + aggregate_token_loss(
-            tl_mb, mask[lo:hi], mode, global_num_tokens=n_tok, global_num_seqs=n_seq, **kw
+            tl_mb, mask[lo:hi], mode, global_num_tokens=n_tok, global_num_seqs=n_seq,
+            global_num_informative_tokens=n_inf, **kw
         )
     (mb_grad,) = torch.autograd.grad(total, logp)
     torch.testing.assert_close(total, full, rtol=1e-12, atol=1e-13)
@@ -477,9 +525,7 @@ def test_r2vpo_config_validation():
     cfg = R2VPOConfig()
     assert (cfg.delta, cfg.dual_update, cfg.eta_lam, cfg.eta_mult) == (0.04, "additive", 10.0, 0.2)
     assert cfg.initial_lam == 0.0 and R2VPOConfig(dual_update="multiplicative").initial_lam == 0.1
-    assert (cfg.lam_max, cfg.lam_min, cfg.center, cfg.max_ratio, cfg.staleness, cfg.replay_ratio) == (
-        100.0, 1e-3, "one", None, 1, 0.0,
-    )
+    assert (cfg.lam_max, cfg.lam_min, cfg.center, cfg.max_ratio) == (100.0, 1e-3, "one", None)
     cases = [
         ({"delta": -1.0}, r"r2vpo\.delta must be > 0, got -1.0"),
         ({"delta": 0.0}, r"r2vpo\.delta"),
@@ -494,13 +540,27 @@ def test_r2vpo_config_validation():
         ({"lam_min": 200.0}, r"r2vpo\.lam_min"),
         ({"center": "median"}, r"r2vpo\.center"),
         ({"max_ratio": 0.5}, r"r2vpo\.max_ratio"),
-        ({"staleness": -1}, r"r2vpo\.staleness"),
-        ({"staleness": 1.5}, r"r2vpo\.staleness"),
-        ({"replay_ratio": -0.5}, r"r2vpo\.replay_ratio"),
     ]
     for kwargs, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
             R2VPOConfig(**kwargs)
+
+
+def test_replay_config_validation():
+    cfg = ReplayConfig()
+    assert (cfg.ratio, cfg.staleness) == (0.0, 1)
+    assert ReplayConfig(ratio=1.5, staleness=0) == ReplayConfig(1.5, 0)
+    cases = [
+        ({"ratio": -0.5}, r"replay\.ratio must be a finite number >= 0"),
+        ({"ratio": float("inf")}, r"replay\.ratio"),
+        ({"ratio": True}, r"replay\.ratio"),
+        ({"staleness": -1}, r"replay\.staleness must be an integer >= 0"),
+        ({"staleness": 1.5}, r"replay\.staleness"),
+        ({"staleness": True}, r"replay\.staleness"),
+    ]
+    for kwargs, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            ReplayConfig(**kwargs)
 
 
 @pytest.mark.parametrize("rule", ["additive", "multiplicative"])
@@ -534,25 +594,38 @@ DP_LAM_INIT = 0.5
 DP_LR = 0.1
 
 
-def _dp_step(b: Batch, rows: slice, micro_batches: list[slice], group) -> dict:
-    """One R²VPO optimizer step on `rows` of `b`: loss, reduced gradient, new lam."""
+def _dp_batch(mode: str) -> Batch:
+    b = make_batch(seed=7, R=8)
+    if mode == "informative-token-mean":
+        b.adv[[1, 5, 6]] = 0.0  # rows of zero-variance groups, on both ranks
+    return b
+
+
+def _dp_step(b: Batch, rows: slice, micro_batches: list[slice], group, mode: str = "token-mean") -> dict:
+    """One R²VPO optimizer step on `rows` of `b`: loss, reduced gradient, new lam.
+
+    The loss and V share one N (r2vpo.md §4): the valid tokens, or with ``informative-token-mean``
+    the valid tokens of rows with a non-zero advantage; either is all-reduced before the step."""
     ctrl = DualVariableController(R2VPOConfig(lam_init=DP_LAM_INIT))
     W = b.W.clone().requires_grad_()
     mask = b.mask[rows]
+    informative = b.adv[rows] != 0
     n_global = mask.sum().to(F64)
+    n_inf = (mask & informative[:, None]).sum().to(F64)
     if group is not None:
         dist.all_reduce(n_global, group=group)
+        dist.all_reduce(n_inf, group=group)
     loss_sum = torch.zeros((), dtype=F64)
     sq_dev, n_tok = torch.zeros((), dtype=F64), torch.zeros((), dtype=F64)
     for mb in micro_batches:
         feats, tokens, m = b.feats[rows][mb], b.tokens[rows][mb], mask[mb]
         logp = policy_logp(W, feats, tokens)
         tl, stats = r2vpo_token_loss(logp, b.logp_mu[rows][mb], b.adv[rows][mb], m, ctrl.lam)
-        loss = aggregate_token_loss(tl, m, global_num_tokens=n_global)
+        loss = aggregate_token_loss(tl, m, mode, global_num_tokens=n_global, global_num_informative_tokens=n_inf)
         loss.backward()  # gradient accumulation over micro-batches
         loss_sum += loss.detach()
         sq_dev += stats["sum_sq_dev"]
-        n_tok += stats["num_tokens"]
+        n_tok += (m & informative[mb][:, None]).sum() if mode == "informative-token-mean" else stats["num_tokens"]
     grad = W.grad.detach().clone()
     if group is not None:
         dist.all_reduce(grad, group=group)
@@ -562,18 +635,18 @@ def _dp_step(b: Batch, rows: slice, micro_batches: list[slice], group) -> dict:
     return {"loss": loss_sum, "grad": grad, "W_new": b.W - DP_LR * grad, "v_hat": v_hat, "lam": lam}
 
 
-def _dp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _dp_worker(rank: int, world_size: int, port: int, out_dir: str, mode: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     try:
-        b = make_batch(seed=7, R=8)
+        b = _dp_batch(mode)
         half = b.mask.shape[0] // world_size
         rows = slice(rank * half, (rank + 1) * half)
         # Different micro-batching on each rank: layout must not matter.
         mbs = [slice(0, 1), slice(1, 4)] if rank == 0 else [slice(0, half)]
-        out = _dp_step(b, rows, mbs, dist.group.WORLD)
+        out = _dp_step(b, rows, mbs, dist.group.WORLD, mode)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -586,14 +659,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_r2vpo_dp1_equals_dp2_gloo():
-    b = make_batch(seed=7, R=8)
-    ref = _dp_step(b, slice(0, 8), [slice(0, 8)], group=None)
+@pytest.mark.parametrize("mode", ["token-mean", "informative-token-mean"])
+def test_r2vpo_dp1_equals_dp2_gloo(mode):
+    b = _dp_batch(mode)
+    ref = _dp_step(b, slice(0, 8), [slice(0, 8)], group=None, mode=mode)
     assert ref["lam"] != DP_LAM_INIT  # the dual step did something
+    if mode == "informative-token-mean":
+        # A real difference from token-mean: the smaller N scales the whole step up.
+        tm = _dp_step(b, slice(0, 8), [slice(0, 8)], group=None)
+        n, n_inf = float(b.mask.sum()), float((b.mask & (b.adv != 0)[:, None]).sum())
+        assert n_inf < n
+        torch.testing.assert_close(ref["grad"] * (n_inf / n), tm["grad"])
 
     world_size = 2
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.spawn(_dp_worker, args=(world_size, _free_port(), out_dir), nprocs=world_size, join=False)
+        ctx = mp.spawn(_dp_worker, args=(world_size, _free_port(), out_dir, mode), nprocs=world_size, join=False)
         deadline = time.monotonic() + 90
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:

@@ -9,7 +9,7 @@ from benchmarks import efficacy as eff
 ELSEWHERE = {
     "dapo_dynamic_sampling": ["algorithm.group_filter=dynamic_sampling"],
     "filter_only": ["algorithm.group_filter=filter"],
-    "clipped_replay": ["algorithm.r2vpo.replay_ratio=1.0"],
+    "clipped_replay": ["algorithm.replay.ratio=1.0"],
     "grpo_2pass": ["trainer.epochs_per_batch=2"],
 }
 HERE = ["dr_grpo", "grpo_16x8", "grpo_8x16", "grpo_64x2", "skip"]

@@ -149,7 +149,7 @@ def test_export_and_eval_from_elsewhere(math_run, tmp_path, monkeypatch, case, d
 # (case, the resumed run's overrides, allow the change?, "ok" + the stage named in a warning | "refuse" + error)
 STAGE_CASES = [
     ("r2vpo on", ["algorithm.loss=r2vpo"], True, "ok", "no state for 'dual'"),
-    ("r2vpo with replay on", ["algorithm.loss=r2vpo", "algorithm.r2vpo.replay_ratio=1.0"], True, "ok",
+    ("r2vpo with replay on", ["algorithm.loss=r2vpo", "algorithm.replay.ratio=1.0"], True, "ok",
      "no state for 'replay'"),
     ("rollout_gdro on", ["algorithm.rollout_scheduler=rollout_gdro"], True, "ok", "no state for 'rollout_gdro'"),
     ("prompt_gdro_resample on", ["algorithm.prompt_scheduler=prompt_gdro_resample"], True, "ok",
@@ -193,7 +193,7 @@ def test_a_stage_switched_off_is_ignored_with_a_warning(arithmetic_run, tmp_path
     """R2VPO (with its replay buffer) on for step 2, then off again for step 3: its state is left behind, named."""
     allow = "run.allow_config_change=[algorithm]"
     _resume(arithmetic_run, tmp_path / "run", "trainer.max_steps=2", "algorithm.loss=r2vpo",
-            "algorithm.r2vpo.replay_ratio=1.0", allow)
+            "algorithm.replay.ratio=1.0", allow)
     result, caught = _resume(tmp_path / "run", tmp_path / "run", "trainer.max_steps=3", allow)
     assert result.steps_done == 3
     for name in ("'dual'", "'replay'"):

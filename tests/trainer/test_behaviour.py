@@ -28,21 +28,30 @@ TINY = [
 
 
 @pytest.mark.parametrize(
-    "minibatches, replays, tis, current, source",
+    "minibatches, replays, tis, current, epochs, source",
     [
-        (1, False, False, False, "forward"),
-        (2, False, False, False, "separate"),  # mini-batch 2 is trained on updated weights
-        (1, True, False, False, "separate"),  # replayed rows come from older weights
-        (2, False, False, True, "separate"),
-        (1, False, False, True, "current"),  # the stages' current-policy pass has them
-        (1, False, True, False, "separate"),  # TIS needs them before the forward
-        (1, False, True, True, "current"),
-        (1, True, True, True, "separate"),
+        (1, False, False, False, 1, "forward"),
+        (2, False, False, False, 1, "separate"),  # mini-batch 2 is trained on updated weights
+        (1, True, False, False, 1, "separate"),  # replayed rows come from older weights
+        (2, False, False, True, 1, "separate"),
+        (1, False, False, True, 1, "current"),  # the stages' current-policy pass has them
+        (1, False, True, False, 1, "separate"),  # TIS needs them before the forward
+        (1, False, True, True, 1, "current"),
+        (1, True, True, True, 1, "separate"),
+        (1, False, False, False, 2, "separate"),  # pass 2 is trained on updated weights; pass 1 keeps no logp
+        (1, False, False, True, 3, "current"),  # pass 1's current-policy pass has them; later passes reuse them
+        (1, False, True, False, 2, "separate"),
+        (2, False, False, True, 2, "separate"),
+        (1, True, False, True, 2, "separate"),
     ],
 )
-def test_the_rule(minibatches, replays, tis, current, source):
-    plan = behaviour_plan(minibatches_per_step=minibatches, replays=replays, tis=tis, needs_current_policy=current)
+def test_the_rule(minibatches, replays, tis, current, epochs, source):
+    plan = behaviour_plan(
+        minibatches_per_step=minibatches, replays=replays, tis=tis, needs_current_policy=current, epochs_per_batch=epochs
+    )
     assert plan.source == source and plan.separate_pass == (source == "separate") and plan.reason
+    if epochs > 1 and source != "forward" and minibatches == 1 and not replays and not (tis and not current):
+        assert "epochs_per_batch" in plan.reason
 
 
 def _one_step(out, overrides, plan: BehaviourPlan | None = None):
@@ -109,3 +118,25 @@ def _initial(tmp_path, name):
 def test_two_minibatches_keep_the_separate_pass(tmp_path):
     metrics, _, calls, source = _one_step(tmp_path, ["trainer.minibatches_per_step=2"])
     assert source == "separate" and metrics["actor/behaviour_pass"] == 1.0 and calls == [16]
+
+
+@pytest.mark.parametrize("overrides", [["algorithm.token_modulation=dynamo"], ["algorithm.loss=r2vpo",
+                                       "algorithm.r2vpo.center=batch_mean", "rollout.tis_cap=1.5"]],
+                         ids=["dynamo", "r2vpo_batch_mean+tis"])
+def test_two_passes_reuse_the_first_pass_current_policy_log_probs(tmp_path, overrides):
+    """epochs_per_batch=2 with a current-policy pass: the first pass stores its log-probs as the behaviour
+    log-probs, the second pass (on updated weights) reads them; the same as a separate pass, without it."""
+    two = [*overrides, "trainer.epochs_per_batch=2"]
+    skip, w_skip, calls_skip, got = _one_step(tmp_path / "skip", two)
+    assert got == "current"
+    ref, w_ref, calls_ref, _ = _one_step(tmp_path / "ref", two, BehaviourPlan("separate", "test"))
+    assert skip["actor/behaviour_pass"] == 0.0 and skip["actor/optimizer_steps"] == 2.0
+    # The separate pass is one forward over the 16 rows; each pass runs its current-policy pass either way.
+    assert calls_ref[0] == 16 and len(calls_skip) == len(calls_ref) - 1 == 2
+    # The second pass trains on moved weights against the generating ones: its ratios are not 1.
+    assert skip["actor/ratio_var/pass0"] < 1e-10 < skip["actor/ratio_var/pass1"]
+    for key in ("actor/loss", "actor/grad_norm", "actor/entropy", "actor/ratio_var/pass1", "actor/would_clip_grad_share",
+                *[k for k in ref if k.startswith(("r2vpo/", "dynamo/"))]):
+        assert skip[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    for name in w_ref:
+        torch.testing.assert_close(w_skip[name], w_ref[name], rtol=1e-5, atol=1e-6)

@@ -48,7 +48,10 @@ def test_nemo_style_overrides():
         (["algorithm.rollout_scheduler=dynamo", "algorithm.dynamo.allocation.n_min=10"], "dynamo.n_bar"),
         (["rollout.engine=vllm"], "rollout.engine"),
         (["trainer.prompts_per_step=0"], "trainer.prompts_per_step"),
-        (["algorithm.r2vpo.replay_ratio=1.0"], "algorithm.loss=r2vpo"),
+        (["algorithm.replay.ratio=-1.0"], "algorithm.replay: replay.ratio"),
+        (["algorithm.replay.staleness=1.5"], "algorithm.replay.staleness must be an integer"),
+        (["trainer.epochs_per_batch=0"], "trainer.epochs_per_batch"),
+        (["algorithm.policy_loss.loss_agg_mode=sum"], "policy_loss.loss_agg_mode must be one of"),
         (["algorithm.difficulty.edges=[0.5,0.2]"], "difficulty.edges"),
         (["megatron.fp8=e4m3"], "megatron.fp8=e4m3 needs megatron.transformer_impl=transformer_engine"),
         (["megatron.fp8=e4m3", "megatron.transformer_impl=transformer_engine"], "needs model.dtype=bfloat16"),
@@ -73,6 +76,9 @@ def test_bad_configs_fail_at_start_naming_the_key(overrides, message):
         ("algorithm.dynamo.modulation.enabled=true", "algorithm.token_modulation=dynamo"),
         ("algorithm.r2vpo.enabled=true", "algorithm.loss=r2vpo"),
         ("+algorithm.r2vpo.enabled=true", "algorithm.loss=r2vpo"),
+        ("algorithm.r2vpo.replay_ratio=1.0", "algorithm.replay.ratio"),
+        ("algorithm.r2vpo.staleness=2", "algorithm.replay.staleness"),
+        ("++algorithm.r2vpo.replay_ratio=1.0", "algorithm.replay.ratio"),
     ],
 )
 def test_retired_enabled_keys_say_which_key_to_use(override, replacement):
@@ -110,3 +116,29 @@ def test_reward_section_defaults_keep_the_arithmetic_run():
 def test_bad_reward_configs_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(overrides=overrides))
+
+
+def test_loss_replay_and_pass_defaults_are_written_once():
+    """conf/train.yaml's policy_loss / r2vpo / replay sections and trainer.epochs_per_batch equal the dataclass defaults."""
+    import dataclasses
+
+    from nemo_gdro.algorithms.configs import PolicyLossConfig, R2VPOConfig, ReplayConfig
+    from nemo_gdro.trainer.run_config import TrainerSection
+
+    cfg = validate(compose())
+    assert cfg.algorithm.policy_loss == PolicyLossConfig()
+    assert cfg.algorithm.r2vpo == R2VPOConfig()
+    assert cfg.algorithm.replay == ReplayConfig() and not cfg.algorithm.replays
+    default = {f.name: f.default for f in dataclasses.fields(TrainerSection)}["epochs_per_batch"]
+    assert cfg.trainer.epochs_per_batch == default == 1
+
+
+@pytest.mark.parametrize("loss", ["clipped", "r2vpo"])
+def test_replay_and_the_new_options_work_with_every_loss(loss):
+    cfg = validate(compose(overrides=[
+        f"algorithm.loss={loss}", "algorithm.replay.ratio=0.5", "algorithm.replay.staleness=2",
+        "trainer.epochs_per_batch=3", "algorithm.policy_loss.loss_agg_mode=informative-token-mean",
+    ]))
+    assert cfg.algorithm.replays and (cfg.algorithm.replay.ratio, cfg.algorithm.replay.staleness) == (0.5, 2)
+    assert cfg.trainer.epochs_per_batch == 3
+    assert cfg.algorithm.policy_loss.loss_agg_mode == "informative-token-mean"

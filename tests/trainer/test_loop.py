@@ -46,14 +46,14 @@ CASES = {
         "algorithm.dynamo.allocation.n_max=8",
         "algorithm.token_modulation=dynamo",
     ],
-    "r2vpo_replay": ["algorithm.loss=r2vpo", "algorithm.r2vpo.replay_ratio=1.0"],
+    "r2vpo_replay": ["algorithm.loss=r2vpo", "algorithm.replay.ratio=1.0"],
     "all_together": [
         "algorithm.advantage_weighting=prompt_gdro",
         "algorithm.rollout_scheduler=rollout_gdro",
         "algorithm.rollout_gdro.mode=bandit",
         "algorithm.token_modulation=dynamo",
         "algorithm.loss=r2vpo",
-        "algorithm.r2vpo.replay_ratio=0.5",
+        "algorithm.replay.ratio=0.5",
         "algorithm.policy_loss.kl_coef=0.01",
     ],
 }
@@ -138,7 +138,7 @@ RESUME_CASE = TINY + [
     "algorithm.rollout_scheduler=rollout_gdro",
     "algorithm.rollout_gdro.mode=bandit",
     "algorithm.loss=r2vpo",
-    "algorithm.r2vpo.replay_ratio=0.5",
+    "algorithm.replay.ratio=0.5",
     "trainer.checkpoint_every=2",
 ]
 

@@ -89,11 +89,18 @@ LAYOUT_ARGS = [a for a in ARGS if not a.startswith("trainer.checkpoint_every")] 
 
 
 @pytest.mark.slow
-def test_rollouts_and_metrics_do_not_depend_on_the_dp_size(tmp_path):
-    """Per-prompt seeds: DP=1 and DP=2 sample the same rollouts and log the same metrics."""
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["trainer.epochs_per_batch=2", "algorithm.policy_loss.loss_agg_mode=informative-token-mean"]],
+    ids=["one_pass", "two_passes_informative_tokens"],
+)
+def test_rollouts_and_metrics_do_not_depend_on_the_dp_size(tmp_path, extra):
+    """Per-prompt seeds: DP=1 and DP=2 sample the same rollouts and log the same metrics (also with two
+    passes over each batch, each reshuffled by one global permutation, and the informative-token divisor
+    all-reduced over DP)."""
     one, two = tmp_path / "dp1", tmp_path / "dp2"
     for out, nproc in ((one, 1), (two, 2)):
-        cmd_args = [*LAYOUT_ARGS, f"run.output_dir={out}", "trainer.max_steps=3"]
+        cmd_args = [*LAYOUT_ARGS, *extra, f"run.output_dir={out}", "trainer.max_steps=3"]
         _train_args(cmd_args, nproc)
     a, b = _rows(one), _rows(two)
     for step in (1, 2, 3):
