@@ -18,17 +18,16 @@ sweep's runs share the efficacy benchmark's warm start in the same ``--work-dir`
 
 and the data regimes: ``fresh`` (each rollout used once), ``reuse<k>``
 (``trainer.epochs_per_batch=k``: each batch used for k passes) and
-``replay_s<S>`` (``algorithm.r2vpo.replay_ratio=1.0``, ``staleness=S``: each
+``replay_s<S>`` (``algorithm.replay.ratio=1.0``, ``staleness=S``: each
 step trains on its fresh batch plus as many replayed groups at most S
 updates old). Every regime generates the same rollouts per step, so the
 report's "rollouts to baseline final" (the first evaluation at which pass@1
 reaches the baseline's final pass@1, ``clipped_fresh`` = GRPO, mean over
 seeds) compares rollout efficiency directly.
 
-``trainer.epochs_per_batch`` and replay with the clipped loss are added by
-other work of issue 19; a checkout without them refuses those configs (the
-run stops before any job starts) except with ``--quick``, which runs the
-configs that load and lists the others.
+A checkout that lacks a feature the sweep needs (``trainer.epochs_per_batch``,
+``algorithm.replay``: both issue 19) refuses those configs before any job
+starts; ``--quick`` then runs the configs that load and lists the others.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ def regimes(reuse: Sequence[int] = (1, 2), staleness: Sequence[int] = (1, 2)) ->
         if k > 1:
             out[f"reuse{k}"] = [f"trainer.epochs_per_batch={k}"]
     for s in staleness:
-        out[f"replay_s{s}"] = ["algorithm.r2vpo.replay_ratio=1.0", f"algorithm.r2vpo.staleness={s}"]
+        out[f"replay_s{s}"] = ["algorithm.replay.ratio=1.0", f"algorithm.replay.staleness={s}"]
     return out
 
 
@@ -113,7 +112,7 @@ def _ints(text: str) -> list[int]:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mech_m3_sweep.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--reuse", default="1,2", help="passes per batch (trainer.epochs_per_batch), comma-separated")
-    p.add_argument("--staleness", default="1,2", help="replay staleness S (replay_ratio 1.0), comma-separated")
+    p.add_argument("--staleness", default="1,2", help="replay staleness S (algorithm.replay.ratio 1.0), comma-separated")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (every seed starts from the seed-0 warm start)")
     p.add_argument("--split", default="validation", choices=("validation", "eval"))
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: efficacy.yaml's)")
@@ -150,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[m3-sweep] {m}: this checkout refuses its config: {why}", file=sys.stderr)
     if refused and not args.quick:
         print(f"[m3-sweep] {len(refused)} config(s) do not load here: run the sweep on a checkout with "
-              "trainer.epochs_per_batch and replay for the clipped loss (or pass --quick)", file=sys.stderr)
+              "trainer.epochs_per_batch and algorithm.replay (or pass --quick)", file=sys.stderr)
         return 2
     if BASELINE not in names:
         print(f"[m3-sweep] the baseline {BASELINE} does not load", file=sys.stderr)
