@@ -170,9 +170,18 @@ class FrozenPolicies:
         self.current = step
 
 
-def _config_with_new_sections(ckpt: Path, why: str) -> Any:
-    """The checkpoint's config with the ``algorithm`` sections added to ``conf/train.yaml`` after it was written
-    filled with their defaults (a stage added since is off by default, as it was in that run)."""
+#: Keys a checkpoint may have been written with that main has since moved, old -> new (same meaning: see
+#: ``RETIRED_KEYS`` in nemo_gdro/stages/setup.py).
+MOVED_KEYS = {
+    "algorithm.r2vpo.replay_ratio": "algorithm.replay.ratio",
+    "algorithm.r2vpo.staleness": "algorithm.replay.staleness",
+}
+
+
+def _config_of_older_checkpoint(ckpt: Path, why: str) -> Any:
+    """The config of a checkpoint written before some ``algorithm`` keys changed: the sections added since
+    filled with their defaults (a stage added since is off by default, as it was in that run) and the keys
+    moved since (:data:`MOVED_KEYS`) under their new names, with their saved values."""
     from omegaconf import OmegaConf
 
     from nemo_gdro.trainer.checkpoint import CONFIG_NAME
@@ -180,19 +189,24 @@ def _config_with_new_sections(ckpt: Path, why: str) -> Any:
     from nemo_gdro.trainer.hf_assets import with_assets
 
     saved = with_assets(OmegaConf.load(ckpt / CONFIG_NAME), ckpt)
-    defaults = compose("train", [])
-    OmegaConf.set_struct(defaults, False)
-    filled = []
-
     OmegaConf.set_struct(saved, False)
+    defaults = compose("train", [])
+    changed = []
     # Only algorithm sections: elsewhere an absent key can be meaningful (model.overrides of an HF model).
     for key, value in defaults.algorithm.items():
         if key not in saved.algorithm:
             saved.algorithm[key] = value
-            filled.append(f"algorithm.{key}")
-    # The restore compares the config with the checkpoint's: these additions are deliberate.
-    saved.run.allow_config_change = [*list(saved.run.get("allow_config_change") or []), *filled]
-    print(f"[m3] {ckpt}: {why.splitlines()[0]}: filled with today's defaults: {', '.join(filled)}", flush=True)
+            changed.append(f"algorithm.{key}")
+    for old, new in MOVED_KEYS.items():
+        value = OmegaConf.select(saved, old, default=None)
+        if value is not None:
+            OmegaConf.update(saved, new, value, force_add=True)
+            section, leaf = old.rsplit(".", 1)
+            OmegaConf.select(saved, section).pop(leaf)
+            changed += [old, new]
+    # The restore compares the config with the checkpoint's: these changes are deliberate.
+    saved.run.allow_config_change = [*list(saved.run.get("allow_config_change") or []), *changed]
+    print(f"[m3] {ckpt}: {why.splitlines()[0]}: read with today's keys ({', '.join(changed)})", flush=True)
     return validate(saved)
 
 
@@ -205,9 +219,9 @@ def frozen_policies(run_dir: Path, step: int) -> Iterator[FrozenPolicies]:
     try:
         cfg, _ = _config_for(_step_dir(run_dir, step), [], "train")
     except ConfigError as err:
-        if "missing config section" not in str(err):
+        if "missing config section" not in str(err) and "was removed" not in str(err):
             raise
-        cfg = _config_with_new_sections(_step_dir(run_dir, step), str(err))
+        cfg = _config_of_older_checkpoint(_step_dir(run_dir, step), str(err))
     with _components(cfg) as components:
         yield FrozenPolicies(run_dir, components)
 
@@ -265,6 +279,7 @@ def loss_gradient(c: Any, batch: Batch, loss: str, lam: float = 0.0, on_policy: 
     ``forward_backward``. ``loss``: ``clipped`` or ``r2vpo`` (at ``lam``).
     ``on_policy``: the behaviour log-probs are the forward's own (ratio 1 exactly).
     """
+    from nemo_gdro.algorithms.losses import informative_token_count
     from nemo_gdro.stages.loss import ClippedLoss, R2VPOLoss
     from nemo_gdro.stages.modulation import NoModulation
     from nemo_gdro.trainer.rl_loss import MinibatchLoss
@@ -285,6 +300,7 @@ def loss_gradient(c: Any, batch: Batch, loss: str, lam: float = 0.0, on_policy: 
     fn = MinibatchLoss(
         policy=setup.policy_loss, loss=stage, loss_context=context, modulation=NoModulation(), modulation_context=None,
         global_num_tokens=float(mask.sum()), global_num_seqs=float((mask.sum(-1) > 0).sum()),
+        global_num_informative_tokens=float(informative_token_count(mask, batch.advantages != 0)),
         behaviour_from_forward=on_policy,
     )
     extras = {"response_mask": mask, "advantages": batch.advantages, "raw_advantages": batch.advantages}
@@ -298,32 +314,23 @@ def loss_gradient(c: Any, batch: Batch, loss: str, lam: float = 0.0, on_policy: 
 @torch.no_grad()
 def ratio_stats(c: Any, batch: Batch) -> dict[str, float]:
     """At the actor's weights: ``V = mean (r - 1)^2``, the clip fraction, the dual-clip fraction, and the
-    |A|-weighted share of tokens whose clipped-loss gradient is zero (the gradient clipping removes)."""
-    from nemo_gdro.algorithms.losses import clipped_policy_loss, policy_ratio
+    |A|-weighted share of tokens whose clipped-loss gradient is zero (the gradient clipping removes; the
+    definition of the trainer's ``actor/would_clip_grad_share``)."""
+    from nemo_gdro.algorithms.losses import abs_advantage_share, clip_regions, policy_ratio
 
     p = c.cfg.algorithm.policy_loss
     now = c.actor.compute_token_stats(batch.tokens, lengths=batch.lengths)["logp"]
     mask = batch.mask
     n = float(mask.sum().clamp_min(1))
     r = policy_ratio(now, batch.behaviour_logp)
-    adv = batch.advantages[:, None].expand_as(now)
-    with torch.enable_grad():
-        # The per-token gradient of the real clipped loss w.r.t. logp: zero where a clip is active.
-        logp = now.clone().requires_grad_(True)
-        loss, m = clipped_policy_loss(
-            logp, batch.behaviour_logp, batch.advantages, mask, eps_low=p.eps_low, eps_high=p.eps_high,
-            dual_clip=p.dual_clip,
-        )
-        (coef,) = torch.autograd.grad(loss.sum(), logp)
-    informative = mask & (adv != 0)
-    removed = informative & (coef == 0)
-    abs_adv = adv.abs() * mask
+    clipped, dual = clip_regions(r, batch.advantages, eps_low=p.eps_low, eps_high=p.eps_high, dual_clip=p.dual_clip)
+    removed, total = abs_advantage_share(batch.advantages, clipped | dual, mask)
     return {
         "V": float(((r - 1.0) ** 2 * mask).sum() / n),
         "ratio_mean": float((r * mask).sum() / n),
-        "clip_frac": float(m["clip_frac"]),
-        "dual_clip_frac": float(m["dual_clip_frac"]),
-        "clipped_grad_share": float((abs_adv * removed).sum() / abs_adv.sum().clamp_min(1e-30)),
+        "clip_frac": float((clipped & mask).sum() / n),
+        "dual_clip_frac": float((dual & mask).sum() / n),
+        "clipped_grad_share": float(removed / total) if total > 0 else 0.0,
     }
 
 

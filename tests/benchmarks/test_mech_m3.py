@@ -119,3 +119,30 @@ def test_quick_m3_on_a_toy_run(toy_run, tmp_path):
     assert m3.main(["--report-only", "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "mechanisms_m3.md").read_text().strip() == out["markdown"].strip()
     assert (tmp_path / "report" / "mechanisms_m3.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_before_key_changes_loads_with_todays_keys(toy_run, tmp_path):
+    """A run written before algorithm.prompt_skip existed and with replay under algorithm.r2vpo (the subject run
+    of the committed results) is read with the section's defaults and the moved keys' saved values."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from nemo_gdro.trainer.checkpoint import CONFIG_NAME
+
+    step = tmp_path / "step_00000003"
+    shutil.copytree(toy_run / "checkpoints" / "step_00000003", step)
+    tree = OmegaConf.load(step / CONFIG_NAME)
+    OmegaConf.set_struct(tree, False)
+    tree.algorithm.pop("prompt_skip")
+    replay = tree.algorithm.pop("replay")
+    tree.algorithm.r2vpo.replay_ratio = 0.5
+    tree.algorithm.r2vpo.staleness = 3
+    OmegaConf.save(tree, step / CONFIG_NAME)
+    cfg = m3._config_of_older_checkpoint(step, "test")
+    assert cfg.algorithm.replay.ratio == 0.5 and cfg.algorithm.replay.staleness == 3
+    assert set(replay) >= {"ratio", "staleness"}
+    assert cfg.algorithm.prompt_skip is not None and cfg.algorithm.prompt_scheduler == tree.algorithm.prompt_scheduler
+    for key in ("algorithm.prompt_skip", "algorithm.r2vpo.replay_ratio", "algorithm.replay.ratio"):
+        assert key in cfg.run.allow_config_change
