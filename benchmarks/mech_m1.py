@@ -107,6 +107,21 @@ def bandit(pool: mc.Pool, signal: str, seed: int) -> tuple[Any, dict[str, Any]]:
     return ctl, {"scores_from": f"{BANDIT_BURN_IN} simulated steps ({signal} signal)", "mu": ctl.mu}
 
 
+def neyman_objective(sigma2: torch.Tensor, prompts: np.ndarray, counts: np.ndarray, batch: np.ndarray) -> float:
+    """``sum_i sigma_i^2 / n_i`` over the step's ``batch`` prompts (the mean-centred estimator's variance, up to
+    ``1/P^2``); NaN when a prompt with ``sigma_i > 0`` gets no rollout (an allocator over other prompts)."""
+    n = dict(zip(prompts.tolist(), counts.tolist()))
+    total = 0.0
+    for i in batch.tolist():
+        s2 = float(sigma2[i])
+        if s2 == 0:
+            continue
+        if n.get(i, 0) < 1:
+            return math.nan
+        total += s2 / n[i]
+    return total
+
+
 def allocators(pool: mc.Pool, seed: int) -> tuple[dict[str, Allocator], dict[str, Any]]:
     """Name -> allocator (replicate -> prompts, counts), all at ``P * n_bar`` rollouts."""
     from nemo_gdro.algorithms.allocate import allocate_budget
@@ -146,6 +161,7 @@ def allocators(pool: mc.Pool, seed: int) -> tuple[dict[str, Allocator], dict[str
         out[f"dynamo_p{power:g}"] = from_controller(lambda ids, bins, a=alloc: a.allocate(ids).counts)
     sigma = per_prompt_sigma2(pool).sqrt()
     info["oracle_sigma_zero_share"] = float((sigma == 0).double().mean())
+    info["sigma2"] = sigma.pow(2)
 
     def oracle(lo: int, hi: int) -> Allocator:
         def run(rep: mc.Replicate) -> tuple[np.ndarray, np.ndarray]:
@@ -166,11 +182,14 @@ def run(pool: mc.Pool, replicates: int, seed: int, blocks: int = 20, log=print) 
     ref_train = mc.reference(pool)
     ref_held = pool.cache["heldout_sketch"][-1]
     allocs, info = allocators(pool, seed)
+    sigma2 = info.pop("sigma2")
     names = list(allocs)
     A, F = len(names), len(FORMS)
     cos_t = np.full((replicates, A, F), np.nan)
     cos_h = np.full((replicates, A, F), np.nan)
     inform = np.full((replicates, A), np.nan)
+    objective = np.full((replicates, A), np.nan)  # sum_i sigma_i^2 / n_i, over uniform's
+    wasted = np.full((replicates, A), np.nan)  # share of the rollouts on prompts with sigma_i = 0
     n_stats = {name: {"n_std": [], "n_max": [], "prompts": []} for name in names}
     snr = mc.SnrAccumulator(A * F, pool.sketch.shape[1], min(blocks, replicates))
     for r in range(replicates):
@@ -184,6 +203,10 @@ def run(pool: mc.Pool, replicates: int, seed: int, blocks: int = 20, log=print) 
             inform[r, a] = float(mask.double().mean()) if mask.numel() else math.nan
             parts.append((sel.rows, mc.grpo_weights(pool, sel)))
             parts.append((sel.rows, mc.mean_centred_weights(pool, sel)))
+            objective[r, a] = neyman_objective(sigma2, np.asarray(prompts), np.asarray(counts),
+                                               rep.batch(pool.prompts_per_step))
+            zero = (sigma2[torch.from_numpy(np.asarray(prompts, dtype=np.int64))] == 0).numpy()
+            wasted[r, a] = float(np.asarray(counts)[zero].sum() / max(np.asarray(counts).sum(), 1))
             n_stats[name]["prompts"].append(int((counts > 0).sum()))
             n_stats[name]["n_std"].append(float(np.std(counts)))
             n_stats[name]["n_max"].append(int(counts.max()))
@@ -202,6 +225,8 @@ def run(pool: mc.Pool, replicates: int, seed: int, blocks: int = 20, log=print) 
         entry: dict[str, Any] = {
             "informative_rollout_share": mc.mean_ci(inform[:, a]),
             "informative_rollout_share_vs_uniform": mc.paired(inform[:, a], inform[:, 0]),
+            "neyman_objective_vs_uniform": mc.mean_ci(objective[:, a] / objective[:, 0]),
+            "rollouts_on_zero_sigma_prompts": mc.mean_ci(wasted[:, a]),
             "prompts_per_step": float(np.mean(n_stats[name]["prompts"])),
             "n_std_mean": float(np.mean(n_stats[name]["n_std"])),
             "n_max_mean": float(np.mean(n_stats[name]["n_max"])),
@@ -241,15 +266,17 @@ def markdown(res: dict[str, Any], title: str) -> str:
         label = "GRPO advantages, token-mean (the trainer's)" if form == "grpo" else \
             "mean-centred, per-prompt mean (Dr.GRPO-style; the square-root law's estimator)"
         lines += ["", f"Estimator: {label}. Differences vs uniform on the same replicates, 95% intervals.", ""]
-        lines.append("| allocator | prompts | informative rollouts | vs uniform | cos train | vs uniform | "
-                     "cos held-out | vs uniform | SNR / uniform |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("| allocator | prompts | rollouts on zero-signal prompts | informative rollouts | vs uniform | "
+                     "sum sigma^2/n / uniform | cos train | vs uniform | cos held-out | vs uniform | SNR / uniform |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, e in res["allocators"].items():
             f = e[form]
             s = f["snr_vs_uniform"]
             lines.append(
-                f"| {name} | {e['prompts_per_step']:.1f} | {mc.fmt(e['informative_rollout_share']['mean'])} | "
-                f"{mc.fmt_ci(e['informative_rollout_share_vs_uniform'])} | {mc.fmt(f['cos_train']['mean'])} | "
+                f"| {name} | {e['prompts_per_step']:.1f} | {mc.fmt(e['rollouts_on_zero_sigma_prompts']['mean'])} | "
+                f"{mc.fmt(e['informative_rollout_share']['mean'])} | "
+                f"{mc.fmt_ci(e['informative_rollout_share_vs_uniform'])} | "
+                f"{mc.fmt(e['neyman_objective_vs_uniform']['mean'])} | {mc.fmt(f['cos_train']['mean'])} | "
                 f"{mc.fmt_ci(f['cos_train_vs_uniform'])} | {mc.fmt(f['cos_heldout']['mean'])} | "
                 f"{mc.fmt_ci(f['cos_heldout_vs_uniform'])} | "
                 f"{mc.fmt(s['mean'], 2)} [{mc.fmt(s['lo'], 2)}, {mc.fmt(s['hi'], 2)}] |"
