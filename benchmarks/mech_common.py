@@ -126,6 +126,7 @@ class Selection:
     prompt: np.ndarray
     mult: np.ndarray
     generated: int
+    reused: int = 0  # rollouts taken a second time (a prompt drawn more than K / n times in one step)
 
     @property
     def num_groups(self) -> int:
@@ -135,9 +136,14 @@ class Selection:
 def select(pool: Pool, rep: Replicate, prompts: Sequence[int], counts: Sequence[int],
            mult: Sequence[float] | None = None, generated: int | None = None) -> Selection:
     """Groups of ``counts[g]`` rollouts of ``prompts[g]``: the first of the prompt's permutation (the next ones
-    for a later occurrence of the same prompt in the list); groups with 0 rollouts are dropped."""
+    for a later occurrence of the same prompt in the list); groups with 0 rollouts are dropped.
+
+    A prompt drawn so often that its occurrences need more than the ``K`` cached rollouts wraps around
+    (its rollouts are reused, counted in ``reused``); a single group may not exceed ``K``.
+    """
     k = pool.k
     seen: dict[int, int] = {}
+    reused = 0
     rows, group, kept, kept_mult = [], [], [], []
     m = np.ones(len(prompts)) if mult is None else np.asarray(mult, dtype=np.float64)
     for g, (p, n) in enumerate(zip(prompts, counts)):
@@ -146,9 +152,11 @@ def select(pool: Pool, rep: Replicate, prompts: Sequence[int], counts: Sequence[
         seen[p] = start + n
         if n <= 0:
             continue
-        if start + n > k:
-            raise ValueError(f"prompt {p} needs {start + n} rollouts, the cache holds {k}")
-        rows.append(p * k + rep.perm[p, start : start + n])
+        if n > k:
+            raise ValueError(f"a group of prompt {p} needs {n} rollouts, the cache holds {k}")
+        take = (start + np.arange(n)) % k
+        reused += max(0, start + n - max(start, k))  # indices past K are second uses
+        rows.append(p * k + rep.perm[p, take])
         group.append(np.full(n, len(kept)))
         kept.append(p)
         kept_mult.append(m[g])
@@ -159,6 +167,7 @@ def select(pool: Pool, rep: Replicate, prompts: Sequence[int], counts: Sequence[
         prompt=np.asarray(kept, dtype=np.int64),
         mult=np.asarray(kept_mult, dtype=np.float64),
         generated=total if generated is None else int(generated),
+        reused=reused,
     )
 
 

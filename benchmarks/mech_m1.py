@@ -104,7 +104,8 @@ def bandit(pool: mc.Pool, signal: str, seed: int) -> tuple[Any, dict[str, Any]]:
         r, gi, _ = mc.flat(pool, sel)
         sig = _signal(signal, r, gi, sel.num_groups, pool)
         ctl.observe(bins[gi], sig, plan, bins, group_index=gi)
-    return ctl, {"scores_from": f"{BANDIT_BURN_IN} simulated steps ({signal} signal)", "mu": ctl.mu}
+    return ctl, {"scores_from": f"{BANDIT_BURN_IN} simulated steps ({signal} signal)", "mu": ctl.mu,
+                 "max_abs_score": float(ctl.scores.abs().max())}
 
 
 def neyman_objective(sigma2: torch.Tensor, prompts: np.ndarray, counts: np.ndarray, batch: np.ndarray) -> float:
@@ -267,8 +268,9 @@ def markdown(res: dict[str, Any], title: str) -> str:
             "mean-centred, per-prompt mean (Dr.GRPO-style; the square-root law's estimator)"
         lines += ["", f"Estimator: {label}. Differences vs uniform on the same replicates, 95% intervals.", ""]
         lines.append("| allocator | prompts | rollouts on zero-signal prompts | informative rollouts | vs uniform | "
-                     "sum sigma^2/n / uniform | cos train | vs uniform | cos held-out | vs uniform | SNR / uniform |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                     "sum sigma^2/n / uniform | cos train | vs uniform | cos held-out | vs uniform | SNR / uniform | "
+                     "cos(E g, train) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, e in res["allocators"].items():
             f = e[form]
             s = f["snr_vs_uniform"]
@@ -279,8 +281,15 @@ def markdown(res: dict[str, Any], title: str) -> str:
                 f"{mc.fmt(e['neyman_objective_vs_uniform']['mean'])} | {mc.fmt(f['cos_train']['mean'])} | "
                 f"{mc.fmt_ci(f['cos_train_vs_uniform'])} | {mc.fmt(f['cos_heldout']['mean'])} | "
                 f"{mc.fmt_ci(f['cos_heldout_vs_uniform'])} | "
-                f"{mc.fmt(s['mean'], 2)} [{mc.fmt(s['lo'], 2)}, {mc.fmt(s['hi'], 2)}] |"
+                f"{mc.fmt(s['mean'], 2)} [{mc.fmt(s['lo'], 2)}, {mc.fmt(s['hi'], 2)}] | "
+                f"{mc.fmt(f['cos_mean_direction_train'])} |"
             )
+    lines += ["", "Columns: zero-signal prompts are those whose cached rollouts all agree (sigma_i = 0); informative "
+              "rollouts: share in groups with non-zero reward variance; sum sigma^2/n: the mean-centred estimator's "
+              "variance sum_i sigma_i^2 / n_i (sigma from all cached rollouts) over uniform's, on the same prompts "
+              "('-' for allocators over other prompts); SNR = ||E g||^2 / E||g - E g||^2 over uniform's (block "
+              "jackknife interval); cos(E g, train): the direction of the estimator's mean (its bias) to the train "
+              "reference."]
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,6 @@ Methods (``P`` prompts x ``n_bar`` rollouts per step unless said):
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,10 +65,6 @@ Method = Callable[[mc.Replicate], tuple[mc.Selection, bool]]  # -> selection, dr
 
 
 # ------------------------------------------------------------ Prompt-GDRO
-def _has(cfg: Any, field: str) -> bool:
-    return field in getattr(type(cfg), "__dataclass_fields__", {})
-
-
 def prompt_gdro(pool: mc.Pool, signal: str, seed: int) -> tuple[Any, str]:
     """A Prompt-GDRO controller with ``signal``: the checkpoint's scores (a run that had it, same signal),
     else ``PGDRO_BURN_IN`` simulated uniform steps on the cache observing that signal."""
@@ -105,69 +100,43 @@ def _adv(pool: mc.Pool, r: torch.Tensor, gi: torch.Tensor, groups: int) -> torch
 
 
 def advantage_weights(pool: mc.Pool, pg: Any, sel: mc.Selection, normalize_over: str) -> np.ndarray:
-    """Per-group advantage weight (gdro.md §2, ``normalized`` form): ``q_b`` of the bins present,
-    rescaled to mean 1 over all responses or over the informative ones (non-zero advantage), capped.
-
-    Uses the library's ``normalize_over`` where this checkout has it; otherwise the spec's rule here."""
+    """Per-group advantage weight (gdro.md §2): ``PromptGDRO.response_weights`` with ``normalize_over``
+    (``all``: mean 1 over the batch's responses; ``informative``: over those with a non-zero advantage)."""
     r, gi, _ = mc.flat(pool, sel)
     bins = pool.bins[torch.from_numpy(sel.prompt)][gi]
     informative = _adv(pool, r, gi, sel.num_groups) != 0
     cfg = pg.config
-    if _has(cfg, "normalize_over"):
-        pg.config = mc.replace_config(cfg, normalize_over=normalize_over)
-        try:
-            w, _ = pg.response_weights(bins, informative) if normalize_over == "informative" else pg.response_weights(bins)
-        finally:
-            pg.config = cfg
-    elif normalize_over == "all":
-        w, _ = pg.response_weights(bins)
-    else:
-        from nemo_gdro.algorithms.segments import segment_count
-
-        counts = segment_count(bins, pg.num_bins)
-        q = pg.distribution(counts > 0)
-        inf_counts = segment_count(bins[informative], pg.num_bins).to(torch.float64)
-        if float(inf_counts.sum()) == 0:
-            w = torch.ones_like(r)
-        else:
-            mean_q = float((q * inf_counts).sum()) / float(inf_counts.sum())
-            w = (q / mean_q).clamp(max=cfg.w_max)[bins]
+    pg.config = mc.replace_config(cfg, normalize_over=normalize_over)
+    try:
+        w, _ = pg.response_weights(bins, informative)
+    finally:
+        pg.config = cfg
     out = np.ones(sel.num_groups)
     out[gi.numpy()] = w.numpy()
     return out
 
 
-def resample_draw(pool: mc.Pool, pg: Any, rep: mc.Replicate, base: str) -> np.ndarray:
-    """``P`` prompt ids from Prompt-GDRO's sampler (``base``: ``bins`` the old rule, ``data`` the revised one).
-
-    The library's ``sample_prompts`` where this checkout has ``resample_base``; the old rule is always
-    the library's; otherwise ``data`` follows gdro.md §2 here: a prompt of bin b is drawn with weight
-    ``tilt_b = (1 - gamma) omega_b / sum_j share_j omega_j + gamma``, successively without replacement.
-    """
+def bin_index(pool: mc.Pool) -> Any:
+    """The resampler's ``BinIndex`` holding the classifier's bins of the pool (drawing leaves it unchanged)."""
     from nemo_gdro.algorithms.bin_index import BinIndex
 
-    P = pool.prompts_per_step
-    nb = pg.num_bins
-    index = BinIndex(pool.num_prompts, nb, pool.setup.difficulty.unseen_bin_index)
+    index = BinIndex(pool.num_prompts, pool.setup.difficulty.num_bins, pool.setup.difficulty.unseen_bin_index)
     index.move(torch.arange(pool.num_prompts), pool.bins)
-    pg.rng = np.random.Generator(np.random.PCG64([int(rep.index), 31337]))
+    return index
+
+
+def resample_draw(pool: mc.Pool, pg: Any, index: Any, rep: mc.Replicate, base: str) -> np.ndarray:
+    """``P`` prompt ids from ``PromptGDRO.sample_prompts`` with ``resample_base`` = ``bins`` (the first rule:
+    a bin from ``q``, with replacement) or ``data`` (the revised one: the pool tilted by ``omega``, no
+    replacement within a step)."""
+    pg.rng = np.random.Generator(np.random.PCG64([int(rep.index), 31337]))  # common random numbers per replicate
     cfg = pg.config
-    if base == "bins" or _has(cfg, "resample_base"):
-        if _has(cfg, "resample_base"):
-            pg.config = mc.replace_config(cfg, resample_base=base)
-        try:
-            ids, _, _ = pg.sample_prompts(index, P)
-        finally:
-            pg.config = cfg
-        return ids.numpy()
-    share = torch.bincount(pool.bins, minlength=nb).to(torch.float64) / pool.num_prompts
-    s = pg.scores if cfg.score_clip is None else pg.scores.clamp(-cfg.score_clip, cfg.score_clip)
-    logits = cfg.eta * s
-    present = share > 0
-    omega = torch.where(present, torch.exp(logits - logits[present].max()), torch.zeros_like(logits))
-    tilt = (1 - cfg.gamma) * omega / float((share * omega).sum()) + cfg.gamma
-    weight = tilt[pool.bins].numpy()
-    return pg.rng.choice(pool.num_prompts, size=min(P, pool.num_prompts), replace=False, p=weight / weight.sum())
+    pg.config = mc.replace_config(cfg, resample_base=base)
+    try:
+        ids, _, _ = pg.sample_prompts(index, pool.prompts_per_step)
+    finally:
+        pg.config = cfg
+    return ids.numpy()
 
 
 # ------------------------------------------------------------------ methods
@@ -189,10 +158,11 @@ def methods(pool: mc.Pool, seed: int) -> tuple[dict[str, Method], dict[str, Any]
             out[f"pgdro_adv_{signal}_{norm}"] = adv
     if pool.setup.prompt_gdro.importance_correct:
         info["resample_note"] = "the run sets prompt_gdro.importance_correct; the resample methods here do not correct"
+    index = bin_index(pool)
     for base in ("bins", "data"):
         for signal in SIGNALS:
             def res(rep: mc.Replicate, pg=controllers[signal], base=base) -> tuple[mc.Selection, bool]:
-                ids = resample_draw(pool, pg, rep, base)
+                ids = resample_draw(pool, pg, index, rep, base)
                 return mc.select(pool, rep, ids, np.full(ids.size, n)), False
             out[f"resample_{base}_{signal}"] = res
     out["filter"] = lambda rep: (uniform(rep), True)
@@ -258,6 +228,7 @@ def run(pool: mc.Pool, replicates: int, seed: int, log=print) -> dict[str, Any]:
     inform = np.zeros((replicates, M))
     clipped = np.zeros((replicates, M))
     norm = np.zeros((replicates, M))
+    reused = np.zeros((replicates, M))
     for r in range(replicates):
         rep = mc.replicate(pool, seed, r)
         parts, sels = [], []
@@ -279,6 +250,7 @@ def run(pool: mc.Pool, replicates: int, seed: int, log=print) -> dict[str, Any]:
             distinct[r, m] = np.unique(sel.prompt).size
             inform[r, m] = float(mc.informative_groups(rew, gi, sel.num_groups)[gi].double().sum()) if rows.size else 0.0
             clipped[r, m] = float(cfac < 1.0)
+            reused[r, m] = sel.reused
             norm[r, m] = norms[m]
         if r and r % 200 == 0:
             log(f"[m2]   {r}/{replicates} replicates ({time.perf_counter() - t0:.0f} s)")
@@ -294,6 +266,7 @@ def run(pool: mc.Pool, replicates: int, seed: int, log=print) -> dict[str, Any]:
             "informative_rollout_share_of_trained": float(inform[:, m].sum() / max(trained[:, m].sum(), 1)),
             "clipped_fraction": float(clipped[:, m].mean()),
             "grad_norm": float(norm[:, m].mean()),
+            "reused_rollouts": float(reused[:, m].mean()),
             "dJ_all": mc.mean_ci(dj[:, m, nb]),
             "dJ_all_vs_grpo": mc.paired(dj[:, m, nb], dj[:, 0, nb]),
             "dJ_worst": mc.mean_ci(worst[:, m]),

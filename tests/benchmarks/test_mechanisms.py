@@ -87,6 +87,9 @@ def test_selection_takes_the_shared_permutation_and_the_estimators_weight_as_the
     assert float(mc.cosine(est, mc.reference(pool))[0]) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="the cache holds 8"):
         mc.select(pool, rep, [0], [9])
+    # Occurrences past the K cached rollouts wrap around and are counted as reused.
+    again = mc.select(pool, rep, [2, 2, 2], [3, 3, 3])
+    assert again.reused == 1 and again.rows[-1] == 2 * 8 + rep.perm[2, 0]
 
 
 def test_snr_ratio_sees_twice_the_noise_as_a_quarter_of_the_snr():
