@@ -36,6 +36,7 @@ class Pool:
     rewards: torch.Tensor  # float64 [N, K]
     correct: torch.Tensor  # bool [N, K]
     tokens: torch.Tensor  # float64 [N, K] response tokens (the token-mean normaliser)
+    masked: torch.Tensor  # bool [N, K] rows the run's loss masks (reward.mask_truncated and truncated)
     sketch: torch.Tensor  # float32 [N*K, D]
     setup: Any  # AlgorithmSetup of the run (its own stages)
     n_bar: int
@@ -80,6 +81,8 @@ def load_pool(cache: dict[str, Any]) -> Pool:
         rewards=rewards,
         correct=cache["train_correct"].to(torch.bool),
         tokens=cache["train_tokens"].to(torch.float64),
+        masked=(cache["train_truncated"].to(torch.bool) if cache.get("mask_truncated") else
+                torch.zeros(rewards.shape, dtype=torch.bool)),
         sketch=cache["train_sketch"],
         setup=setup,
         n_bar=n_bar,
@@ -194,16 +197,17 @@ def grpo_weights(pool: Pool, sel: Selection, *, drop_zero_variance: bool = False
     response token, of zero-variance groups too, unless they are dropped from
     training (``drop_zero_variance``: filter / dynamic sampling). One optimizer step
     on the whole batch (the trainer splits it into mini-batches, each normalised by
-    its own tokens), at ratio 1 (on-policy: clipping does not act).
+    its own tokens), at ratio 1 (on-policy: clipping does not act). Rows the run's loss masks
+    (``reward.mask_truncated``) have no loss and no tokens.
     """
     r, gi, tok = flat(pool, sel)
     if r.numel() == 0:
         return torch.zeros(0, dtype=torch.float64)
     adv = grpo_advantages(r.to(torch.float32), gi, sel.num_groups, pool.setup.advantage).to(torch.float64)
     adv = adv * torch.from_numpy(sel.mult)[gi]
-    keep = torch.ones_like(r, dtype=torch.bool)
+    keep = ~pool.masked.reshape(-1)[torch.from_numpy(sel.rows)]
     if drop_zero_variance:
-        keep = informative_groups(r, gi, sel.num_groups)[gi]
+        keep = keep & informative_groups(r, gi, sel.num_groups)[gi]
     denom = float(tok[keep].sum())
     return torch.where(keep, adv, torch.zeros_like(adv)) / max(denom, 1.0)
 

@@ -307,6 +307,16 @@ def markdown(res: dict[str, Any], title: str) -> str:
             *[mc.fmt_ci(e["bands"][b]["vs_grpo"], 3, SCALE) for b in bands],
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    grpo = res["methods"]["grpo"]
+    lines += ["", "Columns: generated = rollouts generated per step (dynamic sampling: all its rounds); distinct prompts "
+              "per step; informative share = trained rollouts in groups with non-zero reward variance; dJ all = the "
+              "linearised change of the held-out mean expected reward; worst band = the smallest band change of the "
+              "replicate; per 1k generated rollouts = dJ all per generated rollout x 1000. GRPO's own band changes: "
+              + ", ".join(f"{b} {mc.fmt(grpo['bands'][b]['dJ']['mean'] * SCALE)}" for b in bands)
+              + f"; its gradient norm {mc.fmt(grpo['grad_norm'])} (clipped in {grpo['clipped_fraction']:.0%} of the "
+              "replicates). Prompt-GDRO's scores: " + "; ".join(
+                  f"{k.split('_', 2)[-1]}: {v['scores_from']}" for k, v in res["info"].items()
+                  if k.startswith("prompt_gdro_")) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -55,6 +55,7 @@ def _pool(rewards: torch.Tensor, tokens: torch.Tensor, dim: int = 64) -> mc.Pool
     algorithm = OmegaConf.to_container(compose("train", []).algorithm, resolve=True)
     cache = {
         "train_rewards": rewards, "train_correct": rewards > 0.5, "train_tokens": tokens,
+        "train_truncated": torch.zeros(rewards.shape, dtype=torch.bool),
         "train_sketch": torch.randn(n * k, dim, generator=torch.Generator().manual_seed(3)),
         "algorithm": algorithm, "n_bar": 4, "prompts_per_step": 2, "pool_bins": torch.zeros(n, dtype=torch.int64),
         "pool_size": n, "seed": 0, "reward_range": [0.0, 1.0],
