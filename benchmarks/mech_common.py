@@ -233,6 +233,12 @@ def combine(pool: Pool, parts: Sequence[tuple[np.ndarray, torch.Tensor]]) -> tor
     if not parts:
         return torch.zeros(0, pool.sketch.shape[1])
     union, inverse = np.unique(np.concatenate([rows for rows, _ in parts]), return_inverse=True)
+    total = pool.sketch.shape[0]
+    if union.size > total // 4:  # most of the cache: multiply in place rather than copy the rows out
+        dense = torch.zeros(len(parts), total, dtype=torch.float32)
+        for m, (rows, weights) in enumerate(parts):
+            dense[m].index_add_(0, torch.from_numpy(rows), weights.to(torch.float32))
+        return dense @ pool.sketch
     w = torch.zeros(len(parts), union.size, dtype=torch.float32)
     start = 0
     for m, (rows, weights) in enumerate(parts):
@@ -247,9 +253,7 @@ def reference(pool: Pool) -> torch.Tensor:
     ``K`` rollouts per prompt with the leave-one-out baseline (unbiased; see ``mech_policy.loo_weights``)."""
     from benchmarks.mech_policy import loo_weights
 
-    w = loo_weights(pool.rewards).reshape(-1).to(torch.float32)
-    nz = torch.nonzero(w).flatten()
-    return w[nz] @ pool.sketch[nz]
+    return loo_weights(pool.rewards).reshape(-1).to(torch.float32) @ pool.sketch
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

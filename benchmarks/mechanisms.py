@@ -187,7 +187,11 @@ def write_report(results: Path, report: dict[str, Any]) -> None:
              f"{merged['meta'].get('wall_s', math.nan):.0f} s on {merged['meta'].get('cpu_count')} CPUs.", ""]
     for part in PARTS:
         if part in merged["parts"]:
-            lines += [f"## {part.upper()}", "", merged["parts"][part]["markdown"], ""]
+            entry = merged["parts"][part]
+            where = entry.get("meta", {})
+            lines += [f"## {part.upper()}", "",
+                      f"Run `{where.get('run_dir', '?')}`, {entry.get('wall_s', math.nan):.0f} s "
+                      f"({where.get('threads', '?')} thread(s)).", "", entry["markdown"], ""]
     (results / "mechanisms.md").write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -239,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             res = run_part_m12(part, run_dir, steps, work, results, args, caches)
         res["wall_s"] = time.perf_counter() - t
+        # Each part keeps what it was run on: a later invocation of another part leaves it in the report.
+        res["meta"] = {"run_dir": str(run_dir), "steps": steps, "quick": bool(args.quick), "seed": args.seed,
+                       "threads": torch.get_num_threads(), "load_avg_at_end": _load_avg()}
         report["parts"][part] = res
         print(f"[mech] {part.upper()} done in {res['wall_s']:.0f} s", flush=True)
     report["meta"] = {
