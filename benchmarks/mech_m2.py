@@ -229,6 +229,9 @@ def run(pool: mc.Pool, replicates: int, seed: int, log=print) -> dict[str, Any]:
     clipped = np.zeros((replicates, M))
     norm = np.zeros((replicates, M))
     reused = np.zeros((replicates, M))
+    levels = c.get("train_level")
+    level_values = sorted(set(levels.tolist())) if levels is not None else []
+    level_rows = np.zeros((M, len(level_values)))  # trained rollouts per train-prompt difficulty level
     for r in range(replicates):
         rep = mc.replicate(pool, seed, r)
         parts, sels = [], []
@@ -251,6 +254,9 @@ def run(pool: mc.Pool, replicates: int, seed: int, log=print) -> dict[str, Any]:
             inform[r, m] = float(mc.informative_groups(rew, gi, sel.num_groups)[gi].double().sum()) if rows.size else 0.0
             clipped[r, m] = float(cfac < 1.0)
             reused[r, m] = sel.reused
+            if level_values:
+                lv = levels[torch.from_numpy(sel.prompt)][gi].numpy()
+                level_rows[m] += [(lv == v).sum() for v in level_values]
             norm[r, m] = norms[m]
         if r and r % 200 == 0:
             log(f"[m2]   {r}/{replicates} replicates ({time.perf_counter() - t0:.0f} s)")
@@ -267,6 +273,8 @@ def run(pool: mc.Pool, replicates: int, seed: int, log=print) -> dict[str, Any]:
             "clipped_fraction": float(clipped[:, m].mean()),
             "grad_norm": float(norm[:, m].mean()),
             "reused_rollouts": float(reused[:, m].mean()),
+            "trained_level_share": {f"level_{v}": float(level_rows[m, i] / max(level_rows[m].sum(), 1))
+                                    for i, v in enumerate(level_values)},
             "dJ_all": mc.mean_ci(dj[:, m, nb]),
             "dJ_all_vs_grpo": mc.paired(dj[:, m, nb], dj[:, 0, nb]),
             "dJ_worst": mc.mean_ci(worst[:, m]),

@@ -58,7 +58,7 @@ __all__ = [
 #: Sampling seeds of the mechanism rollouts: their own (seed, step) stream, far from training and evaluation.
 MECH_STEP_OFFSET = 2_000_000_000
 #: Cache format version (bump when the layout of the saved dict changes).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # ----------------------------------------------------------------- checkpoints
@@ -455,6 +455,7 @@ def _compute(pol: FrozenPolicy, s: CacheSettings, log) -> dict[str, Any]:
         "train_correct": tr.correct,
         "train_tokens": tr.tokens,
         "train_truncated": tr.truncated,
+        "train_level": torch.tensor([int(r.meta.get("difficulty", -1)) for r in train_records], dtype=torch.int64),
         "train_sketch": sk,
         "train_dots": dots,
         "train_dots_adam": dots_pre,
