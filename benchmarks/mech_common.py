@@ -212,12 +212,14 @@ def grpo_weights(pool: Pool, sel: Selection, *, drop_zero_variance: bool = False
     return torch.where(keep, adv, torch.zeros_like(adv)) / max(denom, 1.0)
 
 
-def mean_centred_weights(pool: Pool, sel: Selection) -> torch.Tensor:
+def mean_centred_weights(pool: Pool, sel: Selection, num_prompts: int | None = None) -> torch.Tensor:
     """Row weights ``[R]`` of the mean-centred (Dr.GRPO-style) estimate with equal prompt weights:
-    ``(1/G) sum_i 1/(n_i - 1) sum_j (r_ij - mean_i) g_ij`` (per prompt the leave-one-out estimate,
+    ``(1/P) sum_i 1/(n_i - 1) sum_j (r_ij - mean_i) g_ij`` (per prompt the leave-one-out estimate,
     unbiased for the gradient of that prompt's expected reward; a group of one rollout gives 0).
     This is the estimator whose variance ``sum_i sigma_i^2 / n_i`` the square-root (Neyman)
-    allocation minimises exactly."""
+    allocation minimises exactly. ``P`` (``num_prompts``, default: the groups of the selection) is
+    the number of prompts the step allocated over, those given no rollout included, so that the
+    estimate's scale does not depend on how many got some."""
     r, gi, _ = flat(pool, sel)
     if r.numel() == 0:
         return torch.zeros(0, dtype=torch.float64)
@@ -225,7 +227,7 @@ def mean_centred_weights(pool: Pool, sel: Selection) -> torch.Tensor:
     n = torch.bincount(gi, minlength=g).to(torch.float64)
     mean = torch.zeros(g, dtype=torch.float64).index_add_(0, gi, r) / n.clamp_min(1)
     scale = torch.where(n > 1, 1.0 / (n - 1).clamp_min(1), torch.zeros_like(n))
-    return (r - mean[gi]) * scale[gi] / g
+    return (r - mean[gi]) * scale[gi] / (g if num_prompts is None else int(num_prompts))
 
 
 def combine(pool: Pool, parts: Sequence[tuple[np.ndarray, torch.Tensor]]) -> torch.Tensor:

@@ -7,7 +7,11 @@ first ``n_i`` of its shared permutation of the ``K`` cached ones; the gradient
 estimate is formed as the trainer forms it and compared with two references:
 
 - train: the gradient of the pool's mean expected reward from all ``K`` rollouts
-  per prompt (leave-one-out baseline, unbiased; in sketch space);
+  per prompt, with the leave-one-out baseline (in sketch space). Leave-one-out
+  because it is an unbiased estimate of that gradient: GRPO's std normalisation
+  changes the objective (it weights prompts by ``1 / std``) and the plain
+  group-mean baseline shrinks it by ``(K - 1) / K``; with ``K = 64`` the two
+  baselines differ by a scale only, so the references' directions agree;
 - held-out: the same objective on the eval prompts (their own rollouts).
 
 Allocators (all from the project's classes, fed with the checkpoint's pass-rate
@@ -18,7 +22,8 @@ the same total (``P n_bar / 16`` x 16, ``P n_bar / 64`` x 64); Rollout-GDRO
 the cache, or the checkpoint's own when the run had it); DynaMO at powers 0.5,
 1, 2; an oracle Neyman allocation ``n_i ~ sqrt(sigma_i^2)``, ``sigma_i^2`` the
 per-rollout variance of prompt ``i``'s mean-centred score term from all its
-cached rollouts (within the Rollout-GDRO bounds, and unbounded in ``[0, K]``).
+cached rollouts (within the Rollout-GDRO bounds; and "unbounded": nothing for a
+prompt with ``sigma_i = 0``, between 2 and ``K`` for the others).
 
 Two estimator forms: ``grpo`` (the trainer's: GRPO advantages, token-mean) and
 ``mean_centred`` (Dr.GRPO-style mean-centred rewards, per-prompt mean with
@@ -110,14 +115,15 @@ def bandit(pool: mc.Pool, signal: str, seed: int) -> tuple[Any, dict[str, Any]]:
 
 def neyman_objective(sigma2: torch.Tensor, prompts: np.ndarray, counts: np.ndarray, batch: np.ndarray) -> float:
     """``sum_i sigma_i^2 / n_i`` over the step's ``batch`` prompts (the mean-centred estimator's variance, up to
-    ``1/P^2``); NaN when a prompt with ``sigma_i > 0`` gets no rollout (an allocator over other prompts)."""
+    ``1/P^2``); NaN when a prompt with ``sigma_i > 0`` gets fewer than 2 rollouts (no estimate of its gradient:
+    an allocator over other prompts)."""
     n = dict(zip(prompts.tolist(), counts.tolist()))
     total = 0.0
     for i in batch.tolist():
         s2 = float(sigma2[i])
         if s2 == 0:
             continue
-        if n.get(i, 0) < 1:
+        if n.get(i, 0) < 2:
             return math.nan
         total += s2 / n[i]
     return total
@@ -164,14 +170,17 @@ def allocators(pool: mc.Pool, seed: int) -> tuple[dict[str, Allocator], dict[str
     info["oracle_sigma_zero_share"] = float((sigma == 0).double().mean())
     info["sigma2"] = sigma.pow(2)
 
-    def oracle(lo: int, hi: int) -> Allocator:
+    def oracle(lo: int, hi: int, skip_zero: bool) -> Allocator:
         def run(rep: mc.Replicate) -> tuple[np.ndarray, np.ndarray]:
             ids = rep.batch(P)
-            return ids, allocate_budget(sigma[torch.from_numpy(ids)], total, lo, hi, rule="scaled").counts.numpy()
+            s = sigma[torch.from_numpy(ids)]
+            low = torch.where(s > 0, torch.full_like(s, lo), torch.zeros_like(s)) if skip_zero else lo
+            return ids, allocate_budget(s, total, low, hi, rule="scaled").counts.numpy()
         return run
 
-    out["oracle_neyman"] = oracle(gdro_cfg.n_min, gdro_cfg.n_max)
-    out["oracle_neyman_unbounded"] = oracle(0, min(k, total))
+    out["oracle_neyman"] = oracle(gdro_cfg.n_min, gdro_cfg.n_max, False)
+    # No rollout for a prompt without signal; at least 2 (a group of one has no baseline) and at most K otherwise.
+    out["oracle_neyman_unbounded"] = oracle(2, min(k, total), True)
     info["bounds"] = {"rollout_gdro": [gdro_cfg.n_min, gdro_cfg.n_max], "dynamo": [dyn_cfg.n_min, dyn_cfg.n_max]}
     return out, info
 
@@ -203,7 +212,7 @@ def run(pool: mc.Pool, replicates: int, seed: int, blocks: int = 20, log=print) 
             mask = mc.informative_groups(rew, gi, sel.num_groups)[gi]
             inform[r, a] = float(mask.double().mean()) if mask.numel() else math.nan
             parts.append((sel.rows, mc.grpo_weights(pool, sel)))
-            parts.append((sel.rows, mc.mean_centred_weights(pool, sel)))
+            parts.append((sel.rows, mc.mean_centred_weights(pool, sel, num_prompts=len(prompts))))
             objective[r, a] = neyman_objective(sigma2, np.asarray(prompts), np.asarray(counts),
                                                rep.batch(pool.prompts_per_step))
             zero = (sigma2[torch.from_numpy(np.asarray(prompts, dtype=np.int64))] == 0).numpy()
@@ -316,7 +325,11 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> Path:
                 ax.errorbar(mean, y + (f - 0.5) * 0.3, xerr=err, fmt="o", capsize=3, label=form)
             ax.axvline(1.0 if key == "snr_vs_uniform" else 0.0, color="k", lw=0.8)
             if key == "snr_vs_uniform":
+                from matplotlib.ticker import NullFormatter, ScalarFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_yticks(y)
             ax.set_yticklabels(names if col == 0 else [])
             ax.set_title(f"{step}: {label}", fontsize=9)
