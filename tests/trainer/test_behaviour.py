@@ -6,25 +6,8 @@ import torch
 from nemo_gdro.trainer.behaviour import BehaviourPlan, behaviour_plan
 from nemo_gdro.trainer.config import compose
 from nemo_gdro.trainer.loop import Trainer
+from tests.trainer.tiny_run import TINY_OVERLONG
 
-TINY = [
-    "sft.steps=0",
-    "trainer.max_steps=1",
-    "data.num_train=48",
-    "data.num_eval=6",
-    "trainer.prompts_per_step=4",
-    "trainer.minibatches_per_step=1",
-    "rollout.n=4",
-    "rollout.max_new_tokens=8",
-    # Random weights solve nothing: the overlong penalty's length-dependent rewards give the groups advantages.
-    "reward.overlong.enabled=true",
-    "reward.overlong.buffer_tokens=8",
-    "optim.lr=1e-2",
-    "trainer.eval_every=0",
-    "trainer.checkpoint_every=0",
-    "logging.tensorboard=false",
-    "logging.progress=false",
-]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +39,7 @@ def test_the_rule(minibatches, replays, tis, current, epochs, source):
 
 def _one_step(out, overrides, plan: BehaviourPlan | None = None):
     """One RL step from the same initial state; returns (metrics, updated HF weights, token-stats passes)."""
-    with Trainer(compose(overrides=[*TINY, *overrides, f"run.output_dir={out}"])) as trainer:
+    with Trainer(compose(overrides=[*TINY_OVERLONG, *overrides, f"run.output_dir={out}"])) as trainer:
         c = trainer.components
         if plan is not None:
             trainer.rl_step.behaviour = plan
@@ -110,7 +93,7 @@ _INITIAL: dict[str, torch.Tensor] = {}
 
 def _initial(tmp_path, name):
     if not _INITIAL:
-        with Trainer(compose(overrides=[*TINY, f"run.output_dir={tmp_path / 'init'}"])) as trainer:
+        with Trainer(compose(overrides=[*TINY_OVERLONG, f"run.output_dir={tmp_path / 'init'}"])) as trainer:
             _INITIAL.update({k: v.clone() for k, v in trainer.components.actor.export_hf_state_dict().items()})
     return _INITIAL[name]
 

@@ -8,31 +8,14 @@ import torch
 
 from nemo_gdro.trainer.config import compose
 from nemo_gdro.trainer.loop import Trainer
+from tests.trainer.tiny_run import TINY_OVERLONG
 
-TINY = [
-    "sft.steps=0",
-    "trainer.max_steps=1",
-    "data.num_train=48",
-    "data.num_eval=6",
-    "trainer.prompts_per_step=4",
-    "trainer.minibatches_per_step=1",
-    "rollout.n=4",
-    "rollout.max_new_tokens=8",
-    # Random weights solve nothing: the overlong penalty's length-dependent rewards give the groups advantages.
-    "reward.overlong.enabled=true",
-    "reward.overlong.buffer_tokens=8",
-    "optim.lr=1e-2",
-    "trainer.eval_every=0",
-    "trainer.checkpoint_every=0",
-    "logging.tensorboard=false",
-    "logging.progress=false",
-]
 
 
 def _steps(out, overrides, steps=1):
     """``steps`` RL steps from the same initial state; returns (metrics per step, optimizer steps taken,
     the stages' controller states, updated HF weights)."""
-    with Trainer(compose(overrides=[*TINY, *overrides, f"run.output_dir={out}"])) as trainer:
+    with Trainer(compose(overrides=[*TINY_OVERLONG, *overrides, f"run.output_dir={out}"])) as trainer:
         c = trainer.components
         trainer._enter_rl_phase()
         trainer._push_weights()
@@ -64,7 +47,7 @@ def test_two_passes_double_the_optimizer_steps_and_keep_the_first_pass_signal(tm
 
 def test_each_pass_draws_its_own_minibatches(tmp_path):
     """The passes shuffle the rows anew (a fresh seeded permutation each, pass 0 the single-pass one)."""
-    with Trainer(compose(overrides=[*TINY, "trainer.minibatches_per_step=2", "trainer.epochs_per_batch=3",
+    with Trainer(compose(overrides=[*TINY_OVERLONG, "trainer.minibatches_per_step=2", "trainer.epochs_per_batch=3",
                                     f"run.output_dir={tmp_path}"])) as trainer:
         step = trainer.rl_step
         trainer._push_weights()

@@ -15,6 +15,26 @@ TINY_RUN = [
     "logging.progress=false",
 ]
 
+#: One RL step whose random-weight groups still have advantages: the overlong penalty's length-dependent
+#: rewards vary within a group (for tests of the loss, the behaviour log-probs and multi-pass).
+TINY_OVERLONG = [
+    "sft.steps=0",
+    "trainer.max_steps=1",
+    "data.num_train=48",
+    "data.num_eval=6",
+    "trainer.prompts_per_step=4",
+    "trainer.minibatches_per_step=1",
+    "rollout.n=4",
+    "rollout.max_new_tokens=8",
+    "reward.overlong.enabled=true",
+    "reward.overlong.buffer_tokens=8",
+    "optim.lr=1e-2",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=0",
+    "logging.tensorboard=false",
+    "logging.progress=false",
+]
+
 _HOLDER = textwrap.dedent(
     """
     import sys, time
