@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nemo_gdro.algorithms.bin_index import BinIndex
+from tests.algorithms.bin_pools import pool_in_bins
 
 
 @given(moves=st.lists(st.tuples(st.integers(0, 29), st.integers(0, 4)), max_size=80))
@@ -32,13 +33,6 @@ def test_state_round_trip_and_sampling_within_bin():
     assert other.counts().tolist() == [10, 0, 2]
 
 
-def _index(sizes):
-    index = BinIndex(int(sum(sizes)), len(sizes), 0)
-    start = 0
-    for b, n in enumerate(sizes):
-        index.move(torch.arange(start, start + n), torch.full((n,), b))
-        start += n
-    return index
 
 
 @given(
@@ -48,7 +42,7 @@ def _index(sizes):
     seed=st.integers(0, 2**31),
 )
 def test_sampling_without_replacement_never_repeats_within_a_round(sizes, weights, num, seed):
-    index = _index(sizes)
+    index = pool_in_bins(sizes)
     w = np.array(weights[: len(sizes)])
     eligible = {int(p) for b in range(len(sizes)) if w[b] > 0 for p in index.members(b)}
     if not eligible:
@@ -69,7 +63,7 @@ def test_sampling_without_replacement_never_repeats_within_a_round(sizes, weight
 
 def test_equal_weights_draw_uniform_ordered_samples_over_the_pool():
     """Equal weights: every ordered pair of distinct prompts equally likely (exact uniform without replacement)."""
-    index = _index([1, 3, 0, 1])
+    index = pool_in_bins([1, 3, 0, 1])
     rng = np.random.Generator(np.random.PCG64(3))
     pairs = np.zeros((5, 5))
     for _ in range(8000):
@@ -81,7 +75,7 @@ def test_equal_weights_draw_uniform_ordered_samples_over_the_pool():
 
 
 def test_weighted_draws_and_errors():
-    index = _index([4, 4])
+    index = pool_in_bins([4, 4])
     rng = np.random.Generator(np.random.PCG64(0))
     # Bin 1's prompts weigh 3x: the first draw of a step comes from bin 1 with probability 3/4.
     first = [int(index.sample_without_replacement(np.array([1.0, 3.0]), 3, rng)[1][0]) for _ in range(4000)]
@@ -91,4 +85,4 @@ def test_weighted_draws_and_errors():
     with pytest.raises(ValueError, match=">= 0"):
         index.sample_without_replacement(np.array([1.0, -1.0]), 2, rng)
     with pytest.raises(ValueError, match="positive weight"):
-        _index([0, 4]).sample_without_replacement(np.array([1.0, 0.0]), 2, rng)
+        pool_in_bins([0, 4]).sample_without_replacement(np.array([1.0, 0.0]), 2, rng)

@@ -14,6 +14,7 @@ from nemo_gdro.algorithms.prompt_gdro import (
     learnability_signal,
     surrogate_signal,
 )
+from tests.algorithms.bin_pools import pool_in_bins
 
 
 def test_ema_debiased_scores_hand_computed():
@@ -248,14 +249,6 @@ def test_weight_diagnostics_nan_for_absent_bins_min_max_and_effective_mass():
 
 
 # ------------------------------------------------------------------ resample_base
-def _pool_in_bins(sizes):
-    """A BinIndex whose bin b holds ``sizes[b]`` prompts (ids in order)."""
-    index = BinIndex(int(sum(sizes)), len(sizes), 0)
-    start = 0
-    for b, n in enumerate(sizes):
-        index.move(torch.arange(start, start + n), torch.full((n,), b))
-        start += n
-    return index
 
 
 def test_resample_base_defaults_to_data():
@@ -264,7 +257,7 @@ def test_resample_base_defaults_to_data():
 
 def test_data_base_flat_adversary_is_uniform_sampling_without_replacement():
     """Flat scores: every step's prompts are distinct and every P-subset of the pool equally likely."""
-    index = _pool_in_bins([3, 2, 1, 0])  # unequal bins and an empty one
+    index = pool_in_bins([3, 2, 1, 0])  # unequal bins and an empty one
     ctl = PromptGDRO(PromptGDROConfig(), num_bins=4, seed=5)
     ctl.scores = torch.full((4,), 0.7, dtype=torch.float64)  # flat, not zero
     steps, P = 6000, 3
@@ -290,7 +283,7 @@ def test_data_base_flat_adversary_is_uniform_sampling_without_replacement():
 
 def test_data_base_draw_probabilities_follow_the_spec():
     """p_b = (1 - gamma) share_b omega_b / sum_j share_j omega_j + gamma share_b; the first draw of a step picks b with p_b."""
-    index = _pool_in_bins([60, 30, 10])
+    index = pool_in_bins([60, 30, 10])
     ctl = PromptGDRO(PromptGDROConfig(gamma=0.1), num_bins=3, seed=2)
     ctl.scores = torch.tensor([0.0, math.log(2) / 0.65, math.log(5) / 0.65], dtype=torch.float64)  # omega 1, 2, 5
     share = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
@@ -304,7 +297,7 @@ def test_data_base_draw_probabilities_follow_the_spec():
 
 
 def test_data_base_pool_smaller_than_the_step_repeats_prompts_in_rounds():
-    index = _pool_in_bins([3, 2])
+    index = pool_in_bins([3, 2])
     ctl = PromptGDRO(PromptGDROConfig(), num_bins=2, seed=0)
     ctl.scores = torch.tensor([1.0, -1.0], dtype=torch.float64)
     ids, _, _ = ctl.sample_prompts(index, 12)
@@ -315,7 +308,7 @@ def test_data_base_pool_smaller_than_the_step_repeats_prompts_in_rounds():
 
 def test_importance_weights_data_form_hand_computed():
     """share_b / p_b, capped at w_max, rescaled to mean 1 over the batch's responses."""
-    index = _pool_in_bins([60, 30, 10])
+    index = pool_in_bins([60, 30, 10])
     ctl = PromptGDRO(PromptGDROConfig(gamma=0.0, w_max=15.0, importance_cap=0.5), num_bins=3)
     p = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     rb = torch.tensor([0, 0, 1, 2])
@@ -334,7 +327,7 @@ def test_importance_weights_data_form_hand_computed():
 
 def test_bins_form_is_the_first_form_bit_for_bit():
     """resample_base=bins: the same generator calls, draws and factor as before the data base existed."""
-    index = _pool_in_bins([50, 0, 30, 20])
+    index = pool_in_bins([50, 0, 30, 20])
     ctl = PromptGDRO(PromptGDROConfig(resample_base="bins", importance_cap=3.0), num_bins=4, seed=11)
     ctl.scores = torch.tensor([0.3, 0.0, -0.2, 0.9], dtype=torch.float64)
     ref_rng = np.random.Generator(np.random.PCG64(11))
@@ -351,7 +344,7 @@ def test_bins_form_is_the_first_form_bit_for_bit():
 
 
 def test_data_base_resume_repeats_the_next_draws(tmp_path):
-    index = _pool_in_bins([20, 15, 5])
+    index = pool_in_bins([20, 15, 5])
     a = PromptGDRO(PromptGDROConfig(), num_bins=3, seed=4)
     a.observe(torch.tensor([0, 1, 2, 2]), torch.tensor([0.5, -0.2, 0.1, 0.3]))
     a.sample_prompts(index, 10)
