@@ -170,58 +170,13 @@ class FrozenPolicies:
         self.current = step
 
 
-#: Keys a checkpoint may have been written with that main has since moved, old -> new (same meaning: see
-#: ``RETIRED_KEYS`` in nemo_gdro/stages/setup.py).
-MOVED_KEYS = {
-    "algorithm.r2vpo.replay_ratio": "algorithm.replay.ratio",
-    "algorithm.r2vpo.staleness": "algorithm.replay.staleness",
-}
-
-
-def _config_of_older_checkpoint(ckpt: Path, why: str) -> Any:
-    """The config of a checkpoint written before some ``algorithm`` keys changed: the sections added since
-    filled with their defaults (a stage added since is off by default, as it was in that run) and the keys
-    moved since (:data:`MOVED_KEYS`) under their new names, with their saved values."""
-    from omegaconf import OmegaConf
-
-    from nemo_gdro.trainer.checkpoint import CONFIG_NAME
-    from nemo_gdro.trainer.config import compose, validate
-    from nemo_gdro.trainer.hf_assets import with_assets
-
-    saved = with_assets(OmegaConf.load(ckpt / CONFIG_NAME), ckpt)
-    OmegaConf.set_struct(saved, False)
-    defaults = compose("train", [])
-    changed = []
-    # Only algorithm sections: elsewhere an absent key can be meaningful (model.overrides of an HF model).
-    for key, value in defaults.algorithm.items():
-        if key not in saved.algorithm:
-            saved.algorithm[key] = value
-            changed.append(f"algorithm.{key}")
-    for old, new in MOVED_KEYS.items():
-        value = OmegaConf.select(saved, old, default=None)
-        if value is not None:
-            OmegaConf.update(saved, new, value, force_add=True)
-            section, leaf = old.rsplit(".", 1)
-            OmegaConf.select(saved, section).pop(leaf)
-            changed += [old, new]
-    # The restore compares the config with the checkpoint's: these changes are deliberate.
-    saved.run.allow_config_change = [*list(saved.run.get("allow_config_change") or []), *changed]
-    print(f"[m3] {ckpt}: {why.splitlines()[0]}: read with today's keys ({', '.join(changed)})", flush=True)
-    return validate(saved)
-
-
 @contextmanager
 def frozen_policies(run_dir: Path, step: int) -> Iterator[FrozenPolicies]:
     """:class:`FrozenPolicies` of ``run_dir`` built with the config saved at checkpoint ``step``."""
     from nemo_gdro.trainer.eval_run import _components, _config_for
-    from nemo_gdro.typed_config import ConfigError
 
-    try:
-        cfg, _ = _config_for(_step_dir(run_dir, step), [], "train")
-    except ConfigError as err:
-        if "missing config section" not in str(err) and "was removed" not in str(err):
-            raise
-        cfg = _config_of_older_checkpoint(_step_dir(run_dir, step), str(err))
+    # A checkpoint written before config keys were renamed or added is read with today's keys (one line says which).
+    cfg, _ = _config_for(_step_dir(run_dir, step), [], "train", log=lambda line: print(f"[m3] {line}", flush=True))
     with _components(cfg) as components:
         yield FrozenPolicies(run_dir, components)
 

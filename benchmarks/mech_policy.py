@@ -243,67 +243,16 @@ class FrozenPolicy:
         return torch.cat(parts)
 
 
-def missing_defaults(checkpoint: Path) -> list[str]:
-    """``key=value`` overrides for the config keys this version has and the checkpoint's saved config lacks.
-
-    A checkpoint written before a key was added (e.g. a new ``algorithm`` section) does not validate
-    against today's config; its run never used the key, so today's default (``conf/train.yaml``) fills it in.
-    Only the ``algorithm`` section is completed (other sections depend on the run's choices, e.g. ``model``).
-    """
-    from omegaconf import DictConfig, OmegaConf
-
-    from nemo_gdro.trainer.checkpoint import CONFIG_NAME
-    from nemo_gdro.trainer.config import compose
-
-    saved = OmegaConf.load(Path(checkpoint) / CONFIG_NAME)
-    default = compose("train", [f"data.task={saved.data.task}"] if "data" in saved else [])
-    out: list[str] = []
-
-    def walk(d: DictConfig, s: Any, prefix: str) -> None:
-        for key in d.keys():
-            path = f"{prefix}{key}"
-            value = d[key]
-            if not isinstance(s, DictConfig) or key not in s:
-                plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else (
-                    OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
-                if isinstance(plain, dict):
-                    out.extend(_leaves(plain, path))
-                else:
-                    out.append(f"{path}={json.dumps(plain)}")
-            elif isinstance(value, DictConfig):
-                walk(value, s[key], path + ".")
-
-    if "algorithm" in saved:
-        walk(default.algorithm, saved.algorithm, "algorithm.")
-    return out
-
-
-def _leaves(d: dict, prefix: str) -> list[str]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.extend(_leaves(v, f"{prefix}.{k}"))
-        else:
-            out.append(f"{prefix}.{k}={json.dumps(v)}")
-    return out
-
-
 @contextlib.contextmanager
 def open_policy(checkpoint: Path, log=print) -> Iterator[FrozenPolicy]:
     """Load ``checkpoint`` (a ``step_XXXXXXXX`` dir) like ``nemo-gdro eval`` and push its weights to the engine.
 
-    Keys added to the config after the checkpoint was written take today's defaults (:func:`missing_defaults`).
+    A checkpoint written before config keys were renamed or added is read with today's keys
+    (:func:`nemo_gdro.trainer.config_upgrade.upgrade_saved_config`, one ``log`` line names them).
     """
     from nemo_gdro.trainer import eval_run
 
-    extra = missing_defaults(Path(checkpoint))
-    if extra:
-        keys = [e.split("=")[0] for e in extra]
-        log(f"[mech] the checkpoint's config predates {len(keys)} key(s); their defaults are used: "
-            f"{', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
-        # The resume check compares the saved config with the loaded one: these keys were absent, not changed.
-        extra.append(f"run.allow_config_change=[{','.join(keys)}]")
-    cfg, ckpt = eval_run._config_for(Path(checkpoint), extra, "train")
+    cfg, ckpt = eval_run._config_for(Path(checkpoint), [], "train", log=lambda line: log(f"[mech] {line}"))
     assert ckpt is not None
     with eval_run._components(cfg) as components:
         step = eval_run._load(components, ckpt)

@@ -34,7 +34,7 @@ from nemo_gdro.algorithms.configs import (
 )
 from nemo_gdro.typed_config import ConfigError, build_section
 
-__all__ = ["AlgorithmSetup", "STAGE_KEYS", "RETIRED_KEYS"]
+__all__ = ["AlgorithmSetup", "STAGE_KEYS", "RETIRED_KEYS", "MOVED_KEYS"]
 
 #: The stage-selecting keys of ``algorithm`` and their registry names (see nemo_gdro.registries).
 STAGE_KEYS = ("prompt_scheduler", "rollout_scheduler", "advantage_weighting", "token_modulation", "loss", "group_filter")
@@ -43,6 +43,12 @@ _PROMPT_GDRO_HINT = (
     "choose the stage instead: algorithm.advantage_weighting=prompt_gdro (the paper's advantage weights) "
     "or algorithm.prompt_scheduler=prompt_gdro_resample (resampling by bin)"
 )
+#: Keys renamed since earlier versions: old -> (new, why), written once for RETIRED_KEYS and MOVED_KEYS.
+_MOVES: dict[str, tuple[str, str]] = {
+    # Replay left the R2VPO section when it became available to every loss (issue 19).
+    "algorithm.r2vpo.replay_ratio": ("algorithm.replay.ratio", "replay now works with every loss"),
+    "algorithm.r2vpo.staleness": ("algorithm.replay.staleness", "replay now works with every loss"),
+}
 #: Keys of earlier versions -> what replaced them (full dotted paths).
 RETIRED_KEYS: dict[str, str] = {
     "algorithm.prompt_gdro.enabled": _PROMPT_GDRO_HINT,
@@ -51,10 +57,12 @@ RETIRED_KEYS: dict[str, str] = {
     "algorithm.dynamo.allocation.enabled": "use algorithm.rollout_scheduler=dynamo",
     "algorithm.dynamo.modulation.enabled": "use algorithm.token_modulation=dynamo",
     "algorithm.r2vpo.enabled": "use algorithm.loss=r2vpo",
-    # Replay left the R2VPO section when it became available to every loss (issue 19).
-    "algorithm.r2vpo.replay_ratio": "use algorithm.replay.ratio (same meaning; replay now works with every loss)",
-    "algorithm.r2vpo.staleness": "use algorithm.replay.staleness (same meaning; replay now works with every loss)",
+    # Pure renames: same meaning under the new name (see MOVED_KEYS).
+    **{old: f"use {new} (same meaning; {why})" for old, (new, why) in _MOVES.items()},
 }
+#: Retired keys that are pure renames, old -> new (full dotted paths): a checkpoint's saved config is
+#: upgraded by moving their values (nemo_gdro.trainer.config_upgrade).
+MOVED_KEYS: dict[str, str] = {old: new for old, (new, _) in _MOVES.items()}
 
 
 def _hints(path: str) -> dict[str, str]:

@@ -4,7 +4,8 @@ An HF checkpoint directory (``config.json`` + safetensors) is evaluated with
 ``model=hf model.path=<dir>`` on top of the given config, with its own
 tokenizer and a task it fits (see :func:`_hf_config`); a training run
 directory or one ``checkpoints/step_XXXXXXXX`` directory is evaluated with the
-config saved in the checkpoint (plus the given overrides, e.g. ``eval.k=8``)
+config saved in the checkpoint (upgraded to today's keys if it predates some:
+:mod:`nemo_gdro.trainer.config_upgrade`; plus the given overrides, e.g. ``eval.k=8``)
 and its actor weights (the newest complete checkpoint, read without the
 run's lock: the run may still be training). Nothing is written but ``--out``.
 Prints one row per suite (mean@k, pass@1, pass@k) and the pooled row;
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = ["evaluate_target", "format_table"]
 
@@ -98,12 +99,19 @@ def _hf_config(target: Path, overrides: list[str], config_name: str) -> Any:
     return validate(tree)
 
 
-def _config_for(target: Path, overrides: list[str], config_name: str) -> tuple[Any, Path | None]:
-    """The typed run config to evaluate with, and the checkpoint dir to load (None for an HF dir)."""
+def _config_for(
+    target: Path, overrides: list[str], config_name: str, log: Callable[[str], Any] = print
+) -> tuple[Any, Path | None]:
+    """The typed run config to evaluate with, and the checkpoint dir to load (None for an HF dir).
+
+    A checkpoint's saved config written before keys were renamed or added is upgraded
+    (:func:`~nemo_gdro.trainer.config_upgrade.upgrade_saved_config`), with one ``log`` line naming them.
+    """
     from omegaconf import OmegaConf
 
     from nemo_gdro.trainer.checkpoint import CONFIG_NAME
     from nemo_gdro.trainer.config import validate
+    from nemo_gdro.trainer.config_upgrade import describe, upgrade_saved_config, upgraded_keys
     from nemo_gdro.trainer.hf_assets import with_assets
     from nemo_gdro.typed_config import ConfigError
 
@@ -113,8 +121,15 @@ def _config_for(target: Path, overrides: list[str], config_name: str) -> tuple[A
     if ckpt is not None:
         # The model folder may be gone: its tokenizer and config files are kept with the checkpoint.
         tree = with_assets(OmegaConf.load(ckpt / CONFIG_NAME), ckpt)
+        # A checkpoint written before keys were renamed or added is read with today's keys.
+        tree, notes = upgrade_saved_config(tree)
         # key=value overrides on the saved config (values parsed as YAML, like Hydra's).
         tree = OmegaConf.merge(tree, OmegaConf.from_dotlist([item.lstrip("+") for item in overrides]))
+        if notes:
+            log(describe(notes, str(ckpt)))
+            # The restore compares this config with the saved one (RunState.check): these keys were
+            # renamed or absent, not changed by the user.
+            tree.run.allow_config_change = [*(tree.run.get("allow_config_change") or []), *upgraded_keys(notes)]
         cfg = validate(tree)
     elif (target / "config.json").is_file():
         cfg = _hf_config(target, overrides, config_name)

@@ -199,9 +199,23 @@ def check_resume_config(
             f"run.resume: {where} was written with another configuration ({shown}{more}). These keys change what "
             "the saved state means (prompt ids and statistics, controllers, optimizer, layout): resume with the "
             "checkpoint's values, start a new run (another run.output_dir), or accept the change deliberately "
-            f"with run.allow_config_change=[{keys}]"
+            f"with run.allow_config_change=[{keys}]{_renamed_hint(refused)}"
         )
     return changes
+
+
+def _renamed_hint(refused: list[Change]) -> str:
+    """For keys renamed since the checkpoint was written (MOVED_KEYS): the new key with the saved value,
+    which allowing the change alone would not carry over (the new key would take its default)."""
+    from nemo_gdro.stages.setup import MOVED_KEYS
+
+    moved = [f"{MOVED_KEYS[c.key]}={c.before!r}" for c in refused if c.key in MOVED_KEYS and c.before != _MISSING]
+    if not moved:
+        return ""
+    return (
+        f". Some keys were renamed since the checkpoint was written: to keep their saved values also give "
+        f"{' '.join(moved)}"
+    )
 
 
 # --------------------------------------------------------------------------- data

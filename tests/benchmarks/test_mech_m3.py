@@ -124,7 +124,8 @@ def test_quick_m3_on_a_toy_run(toy_run, tmp_path):
 @pytest.mark.slow
 def test_a_checkpoint_written_before_key_changes_loads_with_todays_keys(toy_run, tmp_path):
     """A run written before algorithm.prompt_skip existed and with replay under algorithm.r2vpo (the subject run
-    of the committed results) is read with the section's defaults and the moved keys' saved values."""
+    of the committed results) is read, as frozen_policies reads it, with the section's defaults and the moved
+    keys' saved values."""
     import shutil
 
     from omegaconf import OmegaConf
@@ -140,7 +141,11 @@ def test_a_checkpoint_written_before_key_changes_loads_with_todays_keys(toy_run,
     tree.algorithm.r2vpo.replay_ratio = 0.5
     tree.algorithm.r2vpo.staleness = 3
     OmegaConf.save(tree, step / CONFIG_NAME)
-    cfg = m3._config_of_older_checkpoint(step, "test")
+    from nemo_gdro.trainer.eval_run import _config_for
+
+    lines: list[str] = []
+    cfg, _ = _config_for(step, [], "train", log=lines.append)
+    assert len(lines) == 1 and "algorithm.r2vpo.replay_ratio -> algorithm.replay.ratio" in lines[0]
     assert cfg.algorithm.replay.ratio == 0.5 and cfg.algorithm.replay.staleness == 3
     assert set(replay) >= {"ratio", "staleness"}
     assert cfg.algorithm.prompt_skip is not None and cfg.algorithm.prompt_scheduler == tree.algorithm.prompt_scheduler
