@@ -226,13 +226,15 @@ def generate(policies: FrozenPolicies, ids: torch.Tensor, n: int, seeds: torch.T
 
 
 # --------------------------------------------------------------------------- gradients
-def loss_gradient(c: Any, batch: Batch, loss: str, lam: float = 0.0, on_policy: bool = False) -> torch.Tensor:
+def loss_gradient(c: Any, batch: Batch, loss: str, lam: float = 0.0, on_policy: bool = False,
+                  modulation: Any = None, modulation_context: Any = None) -> torch.Tensor:
     """The gradient (float64, every actor parameter, flattened) of ``loss`` on ``batch`` at the actor's weights.
 
     Through the trainer's path: :class:`MinibatchLoss` with the loss stage, the
     whole batch as one mini-batch (token-mean over its tokens), the actor's
     ``forward_backward``. ``loss``: ``clipped`` or ``r2vpo`` (at ``lam``).
     ``on_policy``: the behaviour log-probs are the forward's own (ratio 1 exactly).
+    ``modulation`` / ``modulation_context``: a token-modulation stage and its ``prepare`` result (default: none).
     """
     from nemo_gdro.algorithms.losses import informative_token_count
     from nemo_gdro.stages.loss import ClippedLoss, R2VPOLoss
@@ -253,7 +255,7 @@ def loss_gradient(c: Any, batch: Batch, loss: str, lam: float = 0.0, on_policy: 
         raise ValueError(f"loss must be 'clipped' or 'r2vpo', got {loss!r}")
     mask = batch.mask
     fn = MinibatchLoss(
-        policy=setup.policy_loss, loss=stage, loss_context=context, modulation=NoModulation(), modulation_context=None,
+        policy=setup.policy_loss, loss=stage, loss_context=context, modulation=modulation or NoModulation(), modulation_context=modulation_context,
         global_num_tokens=float(mask.sum()), global_num_seqs=float((mask.sum(-1) > 0).sum()),
         global_num_informative_tokens=float(informative_token_count(mask, batch.advantages != 0)),
         behaviour_from_forward=on_policy,

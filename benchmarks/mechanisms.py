@@ -1,6 +1,6 @@
 """Mechanism benchmark (issue 19): what each method does to the gradient, at a frozen policy.
 
-    python benchmarks/mechanisms.py                         # M1, M2, M3 on the default subject (below)
+    python benchmarks/mechanisms.py                         # M1, M2, M3, M4 on the default subject (below)
     python benchmarks/mechanisms.py --parts m1 --step 20    # one part, one checkpoint
     python benchmarks/mechanisms.py --run RUN_DIR           # any run with checkpoints
     python benchmarks/mechanisms.py --quick                 # a toy version (~2 minutes; make test runs it)
@@ -22,12 +22,13 @@ cached under the work directory so the parts re-run in seconds.
   objective (and the worst band), paired against GRPO, per step and per
   generated rollout.
 - M3 (``benchmarks/mech_m3.py``, when present): stale data and reuse.
+- M4 (``benchmarks/mech_m4.py``, when present): DynaMO's token modulation at a frozen policy.
 
 Default checkpoints: step 0 (the warm start, M1 only: M2 needs Adam's state)
 and step 20 of 80, where zero-variance groups and headroom are both present
 (``--quick``: the toy run's second-to-last step only).
 Writes ``mechanisms.json`` / ``.md`` and one PNG per part (``mechanisms_m1.png``,
-``_m2.png``, ``_m3.png``) to ``--results`` and prints each part's table.
+``_m2.png``, ``_m3.png``, ``_m4.png``) to ``--results`` and prints each part's table.
 """
 
 from __future__ import annotations
@@ -52,14 +53,14 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import nemo_gdro
 
 DEFAULT_WORK = ROOT / "outputs" / "mechanisms"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
-PARTS = ("m1", "m2", "m3")
+PARTS = ("m1", "m2", "m3", "m4")
 #: The checkpoint M1 and M2 study by default: a quarter into the testbed's 80 steps.
 DEFAULT_MID_STEP = 20
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mechanisms.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="m1,m2,m3", help="comma-separated parts: m1, m2, m3 (default: all)")
+    p.add_argument("--parts", default="m1,m2,m3,m4", help="comma-separated parts: m1, m2, m3, m4 (default: all)")
     p.add_argument("--run", default=None, help="run directory with checkpoints (default: prepare the GRPO subject)")
     p.add_argument("--step", default=None,
                    help="comma-separated checkpoint steps for M1/M2 (default: 0 and 20, or a quarter of the run)")
@@ -150,18 +151,20 @@ def run_part_m12(part: str, run_dir: Path, steps: list[int], work: Path, results
     return {"markdown": "\n".join(md), "json": out, "plots": plots}
 
 
-def run_part_m3(run_dir: Path, results: Path, args: argparse.Namespace) -> dict[str, Any] | None:
-    """M3 from ``benchmarks/mech_m3.py`` (another module; skipped with a message where it is absent)."""
+def run_part_module(part: str, run_dir: Path, results: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """M3 / M4 from ``benchmarks/mech_<part>.py`` (``run_<part>(run_dir, out_dir, quick, seed)``; another module,
+    imported lazily: the part is skipped with a message where it is absent)."""
+    name = f"benchmarks.mech_{part}"
     try:
-        m3 = importlib.import_module("benchmarks.mech_m3")
+        module = importlib.import_module(name)
     except ModuleNotFoundError as err:
-        if err.name != "benchmarks.mech_m3":
+        if err.name != name:
             raise
-        print("[mech] M3: benchmarks/mech_m3.py is not in this checkout: part skipped", flush=True)
+        print(f"[mech] {part.upper()}: benchmarks/mech_{part}.py is not in this checkout: part skipped", flush=True)
         return None
-    res = m3.run_m3(run_dir, results, args.quick, args.seed)
+    res = getattr(module, f"run_{part}")(run_dir, results, args.quick, args.seed)
     plots = [str(p) for p in res.get("plots", [])]
-    target = results / "mechanisms_m3.png"
+    target = results / f"mechanisms_{part}.png"
     if plots and Path(plots[0]).resolve() != target.resolve():
         shutil.copyfile(plots[0], target)
         plots = [str(target), *plots[1:]]
@@ -236,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     caches: dict[int, dict[str, Any]] = {}
     for part in parts:
         t = time.perf_counter()
-        if part == "m3":
-            res = run_part_m3(run_dir, results, args)
+        if part in ("m3", "m4"):
+            res = run_part_module(part, run_dir, results, args)
             if res is None:
                 continue
         else:
