@@ -47,12 +47,13 @@ training sweep (rollouts to a target pass@1 under reuse and replay) is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -609,53 +610,74 @@ def run_m3(run_dir: Path, out_dir: Path, quick: bool, seed: int, settings: M3Set
     return {"markdown": md, "json": data, "plots": [str(png)]}
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mech_m3.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=None,
-                   help="run directory with a checkpoint every step (checkpoints/step_*); with --quick and no --run, "
-                        "a toy run is made under --out")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where mechanisms_m3.{json,md,png} go")
-    p.add_argument("--quick", action="store_true", help="the toy version (k in {0,1,2}, one replicate)")
+def part_main(
+    part: str,
+    argv: Sequence[str] | None,
+    settings_cls: type,
+    run_part: Callable[..., dict[str, Any]],
+    rebuild: Callable[[dict[str, Any], Any, Path], None],
+    *,
+    doc: str,
+    quick_help: str,
+    run_help: str,
+) -> int:
+    """The command line of one frozen-policy part (M3, M4): run it on ``--run`` (or a toy run with
+    ``--quick``) and write ``mechanisms_<part>.{json,md,png}`` under ``--out``, or with ``--report-only``
+    rebuild the Markdown and plot from the JSON (``rebuild(data, saved_settings, out)``)."""
+    name = f"mechanisms_{part}"
+    p = argparse.ArgumentParser(prog=f"mech_{part}.py", description=doc.split("\n\n")[0])
+    p.add_argument("--run", default=None, help=run_help)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help=f"where {name}.{{json,md,png}} go")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--seed", type=int, default=0, help="seed of the replicate prompts and sampling streams")
-    p.add_argument("--replicates", type=int, default=None, help="replicate batches (default 16; quick 1)")
+    p.add_argument("--replicates", type=int, default=None, help="replicate batches (default: the part's)")
     p.add_argument("--steps", default=None, help="comma-separated current steps t (default 40,20; quick: the last)")
     p.add_argument("--report-only", action="store_true",
-                   help="rebuild mechanisms_m3.md and .png from the mechanisms_m3.json under --out (nothing runs)")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
+                   help=f"rebuild {name}.md and .png from the {name}.json under --out (nothing runs)")
+    args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    settings = M3Settings.quick() if args.quick else M3Settings()
+    settings = settings_cls.quick() if args.quick else settings_cls()
     changes: dict[str, Any] = {}
     if args.replicates is not None:
         changes["replicates"] = args.replicates
     if args.steps is not None:
         changes["current_steps"] = tuple(int(s) for s in args.steps.split(",") if s.strip())
     if changes:
-        settings = M3Settings(**{**asdict(settings), **changes})
+        settings = dataclasses.replace(settings, **changes)
     out = Path(args.out)
     if args.report_only:
-        data = json.loads((out / "mechanisms_m3.json").read_text())
-        meta = data["meta"]
-        saved = M3Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()})
-        (out / "mechanisms_m3.md").write_text(markdown(data["summary"], saved, meta) + "\n")
-        plot(data["summary"], saved, out / "mechanisms_m3.png", meta["delta"])
-        print(f"[m3] rebuilt {out / 'mechanisms_m3.md'} and .png from {out / 'mechanisms_m3.json'}")
+        data = json.loads((out / f"{name}.json").read_text())
+        saved = settings_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["meta"]["settings"].items()})
+        rebuild(data, saved, out)
+        print(f"[{part}] rebuilt {out / (name + '.md')} and .png from {out / (name + '.json')}")
         return 0
     if args.run is None and not args.quick:
-        print("mech_m3.py: give --run RUN_DIR (or --quick for a toy run)", file=sys.stderr)
+        print(f"mech_{part}.py: give --run RUN_DIR (or --quick for a toy run)", file=sys.stderr)
         return 2
-    run = Path(args.run) if args.run else prepare_quick_run(out / "m3_quick_work", args.seed)
-    result = run_m3(run, out, args.quick, args.seed, settings)
+    run = Path(args.run) if args.run else prepare_quick_run(out / f"{part}_quick_work", args.seed)
+    result = run_part(run, out, args.quick, args.seed, settings)
     from benchmarks.efficacy_report import write_json
 
-    write_json(result["json"], out / "mechanisms_m3.json")  # strict JSON: NaN -> null
-    (out / "mechanisms_m3.md").write_text(result["markdown"] + "\n")
+    write_json(result["json"], out / f"{name}.json")  # strict JSON: NaN -> null
+    (out / f"{name}.md").write_text(result["markdown"] + "\n")
     print(result["markdown"])
-    print(f"[m3] wrote {out / 'mechanisms_m3.json'} (+ .md, .png) in {result['json']['meta']['wall_s']:.0f} s")
+    print(f"[{part}] wrote {out / (name + '.json')} (+ .md, .png) in {result['json']['meta']['wall_s']:.0f} s")
     return 0
+
+
+def _rebuild(data: dict[str, Any], saved: M3Settings, out: Path) -> None:
+    meta = data["meta"]
+    (out / "mechanisms_m3.md").write_text(markdown(data["summary"], saved, meta) + "\n")
+    plot(data["summary"], saved, out / "mechanisms_m3.png", meta["delta"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return part_main(
+        "m3", argv, M3Settings, run_m3, _rebuild, doc=__doc__ or "",
+        quick_help="the toy version (k in {0,1,2}, one replicate)",
+        run_help="run directory with a checkpoint every step (checkpoints/step_*); with --quick and no --run, "
+                 "a toy run is made under --out",
+    )
 
 
 if __name__ == "__main__":

@@ -36,11 +36,8 @@ trainer does, through the trainer's :class:`MinibatchLoss`), and paired
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -66,7 +63,7 @@ from benchmarks.mech_m3 import (  # noqa: E402
     frozen_policies,
     generate,
     loss_gradient,
-    prepare_quick_run,
+    part_main,
 )
 
 __all__ = ["M4Settings", "run_m4", "METHODS"]
@@ -432,51 +429,17 @@ def run_m4(run_dir: Path, out_dir: Path, quick: bool, seed: int, settings: M4Set
     return {"markdown": md, "json": data, "plots": [str(png)]}
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mech_m4.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=None, help="run directory with checkpoints (with --quick and no --run: a toy run)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where mechanisms_m4.{json,md,png} go")
-    p.add_argument("--quick", action="store_true", help="the toy version (last step, 2 replicates)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the replicate prompts and sampling streams")
-    p.add_argument("--replicates", type=int, default=None, help="replicate batches (default 16; quick 2)")
-    p.add_argument("--steps", default=None, help="comma-separated current steps t (default 40,20; quick: the last)")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild mechanisms_m4.md and .png from the mechanisms_m4.json under --out (nothing runs)")
-    return p.parse_args(argv)
+def _rebuild(data: dict[str, Any], saved: M4Settings, out: Path) -> None:
+    (out / "mechanisms_m4.md").write_text(markdown(data["summary"], saved, data["meta"]) + "\n")
+    plot(data["summary"], out / "mechanisms_m4.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    settings = M4Settings.quick() if args.quick else M4Settings()
-    changes: dict[str, Any] = {}
-    if args.replicates is not None:
-        changes["replicates"] = args.replicates
-    if args.steps is not None:
-        changes["current_steps"] = tuple(int(s) for s in args.steps.split(",") if s.strip())
-    if changes:
-        settings = dataclasses.replace(settings, **changes)
-    out = Path(args.out)
-    if args.report_only:
-        data = json.loads((out / "mechanisms_m4.json").read_text())
-        meta = data["meta"]
-        saved = M4Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()})
-        (out / "mechanisms_m4.md").write_text(markdown(data["summary"], saved, meta) + "\n")
-        plot(data["summary"], out / "mechanisms_m4.png")
-        print(f"[m4] rebuilt {out / 'mechanisms_m4.md'} and .png from {out / 'mechanisms_m4.json'}")
-        return 0
-    if args.run is None and not args.quick:
-        print("mech_m4.py: give --run RUN_DIR (or --quick for a toy run)", file=sys.stderr)
-        return 2
-    run = Path(args.run) if args.run else prepare_quick_run(out / "m4_quick_work", args.seed)
-    result = run_m4(run, out, args.quick, args.seed, settings)
-    from benchmarks.efficacy_report import write_json
-
-    write_json(result["json"], out / "mechanisms_m4.json")  # strict JSON: NaN -> null
-    (out / "mechanisms_m4.md").write_text(result["markdown"] + "\n")
-    print(result["markdown"])
-    print(f"[m4] wrote {out / 'mechanisms_m4.json'} (+ .md, .png) in {result['json']['meta']['wall_s']:.0f} s")
-    return 0
+    return part_main(
+        "m4", argv, M4Settings, run_m4, _rebuild, doc=__doc__ or "",
+        quick_help="the toy version (last step, 2 replicates)",
+        run_help="run directory with checkpoints (with --quick and no --run: a toy run)",
+    )
 
 
 if __name__ == "__main__":
