@@ -82,9 +82,14 @@ class DataParallel:
         """Python scalars summed over DP ranks, in one all-reduce."""
         return self.sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
+    def owner_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rank that generates each prompt position of a step (or round), int64 like ``positions``."""
+        return positions % self.size
+
     def my_positions(self, num_prompts: int) -> torch.Tensor:
         """The prompt positions this rank generates and trains, int64 ``[P_local]``."""
-        return torch.arange(num_prompts)[self.rank :: self.size]
+        positions = torch.arange(num_prompts)
+        return positions[self.owner_of(positions) == self.rank]
 
 
 @dataclass(frozen=True)

@@ -315,7 +315,7 @@ class RLStep:
                 parts.append(g.batch.select(local_keep))
             kept = torch.nonzero(r.keep).flatten()
             counts.append(r.allocation.counts[kept])
-            owners.append(kept % dp.size)  # the rank that generated the group (DataParallel.my_positions)
+            owners.append(dp.owner_of(kept))  # the rank that generated the group
             ids.append(r.draw.ids[kept])
             bins.append(r.bins[kept])
             rewards.append(g.rewards[global_keep])
