@@ -367,11 +367,11 @@ class RLStep:
     def _advantages(self, gen: Generated, draw: PromptDraw, bins: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """GRPO advantages of this rank's rows (each prompt's rows live on one rank) times the stages' weights."""
         stages, batch, rows = self.c.stages, gen.batch, gen.rows
-        raw = grpo_advantages(batch.rewards, batch.group_index, rows.positions.numel(), self.setup.advantage)
+        # From the global rewards, which every rank holds: no collective; this rank's rows are a gather.
+        raw_global = grpo_advantages(gen.rewards, rows.group_index, rows.num_prompts, self.setup.advantage)
+        raw = raw_global[rows.canon]
         response_bins = bins[rows.group_index]
-        # Rows with a non-zero raw advantage, all ranks, canonical order (normalize_over: informative):
-        # from the global rewards, which every rank holds, so no collective is needed.
-        informative = grpo_advantages(gen.rewards, rows.group_index, rows.num_prompts, self.setup.advantage) != 0
+        informative = raw_global != 0  # [R] canonical order (normalize_over: informative)
         weights = torch.ones(rows.num_rows, dtype=torch.float64)
         with self._clock():
             stage_weights, bin_weights = stages.weighting.weights(response_bins, informative)
